@@ -1,0 +1,139 @@
+"""Process helpers for the local stack: start detached with a pid file, stop by pid, wait for ports.
+
+Services are always stopped by the pid recorded in their pid file, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kmpops.errors import KmpOpsError
+
+
+class StackError(KmpOpsError):
+    """A local-stack component could not be started or stopped."""
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with ``pid`` exists (and is not a zombie we own)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if it names a live process, else None."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def start_process(
+    argv: Sequence[str],
+    *,
+    pid_file: Path,
+    log_file: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> int:
+    """Start ``argv`` detached in its own session, logging to ``log_file``; write its pid file.
+
+    Idempotent: if ``pid_file`` names a live process, that pid is returned and nothing starts.
+    """
+    existing = read_pid(pid_file)
+    if existing:
+        return existing
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+        )
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop_process(pid_file: Path, *, timeout: float = 10.0) -> bool:
+    """Stop the process named by ``pid_file`` (SIGTERM, then SIGKILL); remove the file.
+
+    Returns True if a live process was stopped. The process group is signalled too, so helpers a
+    service forked (sshd session children, server workers) go with it.
+    """
+    pid = read_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            break
+        _reap(pid)
+        time.sleep(0.05)
+    else:
+        _signal(pid, signal.SIGKILL)
+        time.sleep(0.1)
+        _reap(pid)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
+    """True if something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    port: int, *, timeout: float = 30.0, what: str = "service", pid_file: Path | None = None
+) -> None:
+    """Wait until ``port`` accepts connections; raise StackError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if pid_file is not None and read_pid(pid_file) is None and pid_file.exists():
+            raise StackError(f"{what} exited before listening on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
