@@ -1,0 +1,112 @@
+"""The only way values reach a shell: validate names and paths, quote everything else.
+
+A value is either checked against a strict pattern (``validate_name``, ``validate_path``) or
+quoted with :func:`shlex.quote` (``quote``, ``join``, ``render_command``). Every refusal raises
+:class:`~kmpops.errors.UnsafeValueError` naming what the value is for and its ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import string
+from collections.abc import Mapping, Sequence
+
+from kmpops.errors import UnsafeValueError
+
+__all__ = ["join", "quote", "render_command", "validate_name", "validate_path"]
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A path segment: safe characters only, never starting with "-" (it would read as an option).
+_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9._+@,=:%][A-Za-z0-9._+@,=:%-]*")
+_MAX_PATH = 4096
+
+
+def validate_name(value: str, *, what: str) -> str:
+    """Return ``value`` if it is a safe name (``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``).
+
+    Raises UnsafeValueError naming ``what`` and the value otherwise. Names pass through a shell
+    unchanged, but callers still quote them.
+    """
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise UnsafeValueError(
+            f"{what}: {value!r} is not a safe name "
+            "(letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128)"
+        )
+    return value
+
+
+def validate_path(value: str, *, what: str) -> str:
+    """Return ``value`` if it is an absolute or relative path of safe characters.
+
+    Refused (UnsafeValueError naming ``what``): empty, non-string, NUL or newline, ``..``
+    segments, characters outside ``A-Za-z0-9._+@,=:%-/``, a segment starting with ``-``,
+    longer than 4096 characters. ``.`` segments and repeated ``/`` are allowed.
+    """
+    if not isinstance(value, str) or not value:
+        raise UnsafeValueError(f"{what}: {value!r} is not a path")
+    if "\x00" in value or "\n" in value or "\r" in value:
+        raise UnsafeValueError(f"{what}: {value!r} contains a NUL or newline")
+    if len(value) > _MAX_PATH:
+        raise UnsafeValueError(f"{what}: path is longer than {_MAX_PATH} characters")
+    for segment in value.split("/"):
+        if segment == "..":
+            raise UnsafeValueError(f"{what}: {value!r} contains a '..' segment")
+        if segment and not _SEGMENT_PATTERN.fullmatch(segment):
+            raise UnsafeValueError(
+                f"{what}: {value!r} is not a safe path "
+                "(letters, digits, '._+@,=:%-' and '/'; no segment starting with '-')"
+            )
+    return value
+
+
+def quote(value: str | int | os.PathLike[str]) -> str:
+    """Return ``value`` quoted for a POSIX shell (``shlex.quote``); ints and paths become text.
+
+    Raises UnsafeValueError for a NUL byte (no shell can carry it) or an unsupported type.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | os.PathLike):
+        raise UnsafeValueError(f"cannot quote a {type(value).__name__} for a shell: {value!r}")
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if "\x00" in text:
+        raise UnsafeValueError(f"{text!r} contains a NUL byte")
+    return shlex.quote(text)
+
+
+def join(argv: Sequence[str | int | os.PathLike[str]]) -> str:
+    """Return ``argv`` as one shell command line, every word quoted (like ``shlex.join``)."""
+    if isinstance(argv, str | bytes):
+        raise UnsafeValueError("join() takes a sequence of words, not a string")
+    if not argv:
+        raise UnsafeValueError("join() needs at least one word")
+    return " ".join(quote(word) for word in argv)
+
+
+def render_command(template: str, values: Mapping[str, str | int]) -> str:
+    """Fill ``{name}`` placeholders of ``template`` with shell-quoted ``values``.
+
+    The template is code (trusted); only the values are data. ``{{``/``}}`` are literal braces.
+    Raises UnsafeValueError naming the placeholder for an unknown name, a positional ``{}``,
+    attribute/index access, a conversion or format spec, or a value that cannot be quoted.
+    """
+    parts: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UnsafeValueError(f"command template {template!r} is malformed: {exc}") from exc
+    for literal, field, spec, conversion in parsed:
+        parts.append(literal)
+        if field is None:
+            continue
+        if not field or not field.isidentifier():
+            raise UnsafeValueError(f"command template placeholder {{{field}}} is not a plain name")
+        if spec or conversion:
+            raise UnsafeValueError(
+                f"command template placeholder {{{field}}} must not have a format spec "
+                "or conversion"
+            )
+        if field not in values:
+            raise UnsafeValueError(f"command template placeholder {{{field}}} has no value")
+        parts.append(quote(values[field]))
+    return "".join(parts)

@@ -1,0 +1,259 @@
+"""A fleet of real OpenSSH daemons on 127.0.0.1 for tests, demos and benchmarks.
+
+Each host is one ``/usr/sbin/sshd -D`` with its own config, host key, log and pid file under
+``<root>/hosts/<name>/``; that directory is the host's "root" (deploys go below it) and is the
+session's ``HOME``, so no login-shell rc file of the machine's user is read. No users are
+created and nothing of the machine is changed except that ``/run/sshd`` (sshd's privilege
+separation directory) is created if it is missing. Daemons are stopped by pid file only.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kmpops.stack._proc import StackError, read_pid, start_process, stop_process, wait_for_port
+
+__all__ = [
+    "SSHD_BINARY",
+    "SSHHostInfo",
+    "host_info",
+    "start_fleet",
+    "start_host",
+    "stop_fleet",
+    "stop_host",
+]
+
+SSHD_BINARY = "/usr/sbin/sshd"
+ADDRESS = "127.0.0.1"
+_PRIVSEP_DIR = Path("/run/sshd")
+
+
+@dataclass(frozen=True)
+class SSHHostInfo:
+    """One local sshd: where it listens and where its files are.
+
+    ``address`` and ``user`` make it usable wherever a host-like object is expected
+    (``SSHConnection.from_host(info)``, ``Fleet([info, ...])``).
+    """
+
+    name: str
+    port: int
+    root: Path
+    key_file: Path
+    known_hosts: Path
+    pid_file: Path
+
+    @property
+    def address(self) -> str:
+        """The address the daemon listens on (always loopback)."""
+        return ADDRESS
+
+    @property
+    def user(self) -> str:
+        """The user to log in as: the user running the daemons."""
+        return pwd.getpwuid(os.getuid()).pw_name
+
+    @property
+    def host_key_file(self) -> Path:
+        """The daemon's private ed25519 host key."""
+        return self.root / "etc" / "ssh_host_ed25519_key"
+
+    @property
+    def config_file(self) -> Path:
+        """The daemon's sshd_config."""
+        return self.root / "etc" / "sshd_config"
+
+    @property
+    def log_file(self) -> Path:
+        """The daemon's log (``sshd -E``)."""
+        return self.root / "log" / "sshd.log"
+
+
+def host_info(root: Path, name: str, port: int) -> SSHHostInfo:
+    """The :class:`SSHHostInfo` of host ``name`` of the fleet under ``root`` (no I/O)."""
+    root = Path(root).resolve()
+    host_root = root / "hosts" / name
+    return SSHHostInfo(
+        name=name,
+        port=port,
+        root=host_root,
+        key_file=root / "keys" / "id_ed25519",
+        known_hosts=root / "known_hosts",
+        pid_file=host_root / "run" / "sshd.pid",
+    )
+
+
+def _new_ed25519(private_path: Path, comment: str) -> str:
+    """Write a new ed25519 key pair (OpenSSH format, mode 0600) and return the public line."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    line = f"{public.decode()} {comment}"
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = private_path.with_name(private_path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    private_path.with_name(private_path.name + ".pub").write_text(line + "\n")
+    os.replace(tmp, private_path)
+    return line
+
+
+def _ensure_key(private_path: Path, comment: str) -> str:
+    """The public key line of ``private_path``, creating the pair if it is missing."""
+    pub = private_path.with_name(private_path.name + ".pub")
+    if private_path.exists() and pub.exists():
+        return pub.read_text().strip()
+    return _new_ed25519(private_path, comment)
+
+
+def _sshd_config(info: SSHHostInfo, authorized_keys: Path) -> str:
+    return "\n".join(
+        [
+            f"# kmp-ops local sshd for host {info.name}; generated, do not edit",
+            f"Port {info.port}",
+            f"ListenAddress {ADDRESS}",
+            f"HostKey {info.host_key_file}",
+            f"PidFile {info.pid_file}",
+            f"AuthorizedKeysFile {authorized_keys}",
+            "UsePAM no",
+            "StrictModes no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "X11Forwarding no",
+            "AllowAgentForwarding no",
+            "AllowTcpForwarding no",
+            "PermitTunnel no",
+            "MaxStartups 200",
+            "MaxSessions 64",
+            "LogLevel INFO",
+            # The session's HOME is the host root: the machine user's ~/.bashrc is not read and
+            # relative paths in commands resolve the same way on every host.
+            f"SetEnv HOME={info.root} KMPOPS_HOST={info.name} KMPOPS_HOST_ROOT={info.root}",
+            "Subsystem sftp internal-sftp",
+            "",
+        ]
+    )
+
+
+def _prepare_host(info: SSHHostInfo, client_public: str) -> None:
+    """Create the host's directories, host key, authorized_keys and config (idempotent)."""
+    for sub in ("etc", "log", "run", "srv", "tmp"):
+        (info.root / sub).mkdir(parents=True, exist_ok=True)
+    _ensure_key(info.host_key_file, f"kmpops-host-{info.name}")
+    authorized_keys = info.root / "etc" / "authorized_keys"
+    authorized_keys.write_text(client_public + "\n")
+    info.config_file.write_text(_sshd_config(info, authorized_keys))
+
+
+def _write_known_hosts(known_hosts: Path, infos: Sequence[SSHHostInfo]) -> None:
+    """Add or replace the ``[127.0.0.1]:port`` lines of ``infos``; keep other lines."""
+    ours = {f"[{ADDRESS}]:{info.port}": info for info in infos}
+    kept: list[str] = []
+    if known_hosts.exists():
+        for line in known_hosts.read_text().splitlines():
+            pattern = line.split(" ", 1)[0]
+            if line.strip() and pattern not in ours:
+                kept.append(line)
+    for pattern, info in ours.items():
+        public = info.host_key_file.with_name(info.host_key_file.name + ".pub").read_text()
+        key_type, key_b64 = public.split()[:2]
+        kept.append(f"{pattern} {key_type} {key_b64}")
+    tmp = known_hosts.with_name(known_hosts.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    os.replace(tmp, known_hosts)
+
+
+def _launch(info: SSHHostInfo) -> None:
+    start_process(
+        [SSHD_BINARY, "-D", "-f", str(info.config_file), "-E", str(info.log_file)],
+        pid_file=info.pid_file,
+        log_file=info.root / "log" / "sshd.stdout.log",
+        cwd=info.root,
+    )
+
+
+def _wait(info: SSHHostInfo, timeout: float) -> None:
+    try:
+        wait_for_port(info.port, timeout=timeout, what=f"sshd {info.name}", pid_file=info.pid_file)
+    except StackError as exc:
+        tail = ""
+        if info.log_file.exists():
+            tail = " | ".join(info.log_file.read_text(errors="replace").splitlines()[-3:])
+        raise StackError(f"{exc} (log {info.log_file}: {tail})") from exc
+
+
+def start_fleet(
+    root: Path, names: Sequence[str], ports: Sequence[int], *, timeout: float = 30.0
+) -> list[SSHHostInfo]:
+    """Start one sshd per ``(name, port)`` under ``root``; return their infos in order.
+
+    Idempotent: keys are created only if missing and a daemon whose pid file names a live
+    process is left running. All daemons are started first, then waited for, so 50 start in
+    about a second. Raises StackError naming the host (with its log tail) if one does not listen
+    within ``timeout``; the daemons already started keep running (``stop_fleet`` stops them).
+    """
+    if len(names) != len(ports):
+        raise ValueError(f"{len(names)} names but {len(ports)} ports")
+    if len(set(names)) != len(names) or len(set(ports)) != len(ports):
+        raise ValueError("host names and ports must be unique")
+    root = Path(root).resolve()
+    (root / "keys").mkdir(parents=True, exist_ok=True)
+    infos = [host_info(root, name, port) for name, port in zip(names, ports, strict=True)]
+    client_public = _ensure_key(infos[0].key_file, "kmpops-client") if infos else ""
+    _PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for info in infos:
+        _prepare_host(info, client_public)
+    _write_known_hosts(root / "known_hosts", infos)
+    for info in infos:
+        _launch(info)
+    for info in infos:
+        _wait(info, timeout)
+    return infos
+
+
+def start_host(info: SSHHostInfo, *, timeout: float = 30.0) -> None:
+    """Start the (prepared) daemon of ``info`` again, e.g. after :func:`stop_host`; idempotent."""
+    _PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _launch(info)
+    _wait(info, timeout)
+
+
+def stop_host(info: SSHHostInfo) -> bool:
+    """Stop the daemon of ``info`` by its pid file; True if one was running.
+
+    Established sessions live in their own process groups and may outlive the listener; a
+    client's next connection attempt is refused.
+    """
+    return stop_process(info.pid_file)
+
+
+def stop_fleet(root: Path) -> None:
+    """Stop every daemon of the fleet under ``root`` by its pid file (no-op if none run)."""
+    pid_files = sorted(Path(root).resolve().glob("hosts/*/run/sshd.pid"))
+    live = [p for p in pid_files if read_pid(p) is not None]
+    for stale in set(pid_files) - set(live):
+        stale.unlink(missing_ok=True)
+    if not live:
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(live))) as pool:
+        list(pool.map(stop_process, live))
