@@ -1,0 +1,209 @@
+"""Manifests, keys, restore points, RPO and the drill report (kmpops.backup)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from kmpops.backup import (
+    ConfigFileEntry,
+    ConfigurationManifest,
+    DatabaseManifest,
+    DrillOutcome,
+    RestoreCandidate,
+    blob_key,
+    blobs_to_upload,
+    choose_restore_point,
+    config_manifest_key,
+    database_object_keys,
+    new_backup_id,
+    render_drill_report,
+    rpo_of,
+    schedule_period,
+    sha256_hex,
+)
+from kmpops.errors import NotFound
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+H1 = sha256_hex(b"one")
+H2 = sha256_hex(b"two")
+
+
+def entry(path, data, mode=0o640):
+    return ConfigFileEntry(
+        path=path, mode=mode, owner="root", group="root", size=len(data), sha256=sha256_hex(data)
+    )
+
+
+def test_blob_key_layout():
+    assert blob_key(H1) == f"config/blobs/sha256/{H1[:2]}/{H1}"
+
+
+@pytest.mark.parametrize("bad", ["", "abc", H1.upper(), H1 + "0", "../" + H1[3:]])
+def test_blob_key_rejects(bad):
+    with pytest.raises(ValueError, match="sha256"):
+        blob_key(bad)
+
+
+def test_object_keys_and_names():
+    bid = new_backup_id(NOW)
+    assert bid.startswith("20261127T120000Z-")
+    dump, manifest = database_object_keys("app", bid)
+    assert dump == f"database/app/{bid}.dump" and manifest == f"database/app/{bid}.manifest.json"
+    assert config_manifest_key("stg-1", bid) == f"config/manifests/stg-1/{bid}.json"
+    for bad in ("../x", "a/b", "", "-x", "a b"):
+        with pytest.raises(ValueError):
+            database_object_keys(bad, bid)
+        with pytest.raises(ValueError):
+            config_manifest_key(bad, bid)
+
+
+def test_database_manifest_roundtrip_and_validation():
+    m = DatabaseManifest(
+        backup_id="b1",
+        database="app",
+        dbname="app",
+        engine="postgresql",
+        server_version="15.18",
+        started_at=NOW,
+        finished_at=NOW + timedelta(seconds=3),
+        object_key="database/app/b1.dump",
+        size=123,
+        sha256=H1,
+        table_row_counts={"public.t": 5},
+    )
+    again = DatabaseManifest.from_json_bytes(m.to_json_bytes())
+    assert again == m
+    with pytest.raises(ValidationError):
+        DatabaseManifest.model_validate({**m.model_dump(), "sha256": "nothex"})
+    with pytest.raises(ValidationError):
+        DatabaseManifest.model_validate({**m.model_dump(), "size": -1})
+    with pytest.raises(ValidationError):
+        DatabaseManifest.model_validate({**m.model_dump(), "surprise": 1})
+
+
+@pytest.mark.parametrize("bad", ["relative/x", "/a/../b", "/a/\x00b", "/a/.."])
+def test_config_entry_rejects_bad_paths(bad):
+    with pytest.raises(ValidationError):
+        ConfigFileEntry(path=bad, mode=0o644, size=1, sha256=H1)
+
+
+def test_configuration_manifest_blob_keys_and_roundtrip():
+    m = ConfigurationManifest(
+        backup_id="c1",
+        host="stg-1",
+        roots=("/etc/app",),
+        started_at=NOW,
+        finished_at=NOW,
+        files=(
+            entry("/etc/app/a", b"one"),
+            entry("/etc/app/b", b"two"),
+            entry("/etc/app/c", b"one"),
+        ),
+    )
+    assert m.blob_keys == {blob_key(H1), blob_key(H2)}
+    assert m.total_size == 9
+    assert ConfigurationManifest.from_json_bytes(m.to_json_bytes()) == m
+
+
+@pytest.mark.parametrize(
+    ("files", "stored", "expected"),
+    [
+        ([("/a", b"one"), ("/b", b"two")], [], [H1, H2]),
+        ([("/a", b"one"), ("/b", b"two")], [blob_key(H1)], [H2]),
+        ([("/a", b"one"), ("/b", b"one")], [], [H1]),  # same content twice: one upload
+        ([("/a", b"one")], [blob_key(H1), blob_key(H2)], []),
+        ([], [blob_key(H1)], []),
+    ],
+)
+def test_blobs_to_upload(files, stored, expected):
+    assert blobs_to_upload([entry(p, d) for p, d in files], stored) == expected
+
+
+def cand(bid, hours_old, verified=True, complete=True, subject="app"):
+    return RestoreCandidate(
+        backup_id=bid,
+        subject=subject,
+        created_at=NOW - timedelta(hours=hours_old),
+        complete=complete,
+        verified=verified,
+    )
+
+
+CANDS = [
+    cand("v-old", 48),
+    cand("v-new", 24),
+    cand("unverified", 12, verified=None),
+    cand("failed", 6, verified=False),
+    cand("partial", 1, complete=False, verified=None),
+    cand("other-db", 0, subject="billing"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, "v-new"),
+        ({"allow_unverified": True}, "unverified"),
+        ({"at": NOW - timedelta(hours=30)}, "v-old"),
+        ({"backup_id": "failed"}, "failed"),  # by id: caller must refuse unless forced+approved
+        ({"backup_id": "v-old"}, "v-old"),
+    ],
+)
+def test_choose_restore_point(kwargs, expected):
+    assert choose_restore_point(CANDS, subject="app", **kwargs).backup_id == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"backup_id": "partial"},
+        {"backup_id": "nope"},
+        {"backup_id": "other-db"},
+        {"at": NOW - timedelta(days=5)},
+    ],
+)
+def test_choose_restore_point_not_found(kwargs):
+    with pytest.raises(NotFound):
+        choose_restore_point(CANDS, subject="app", **kwargs)
+
+
+def test_rpo_and_schedule_period():
+    assert rpo_of(None, NOW) is None
+    assert rpo_of(NOW - timedelta(hours=5), NOW) == timedelta(hours=5)
+    assert rpo_of(NOW + timedelta(seconds=5), NOW) == timedelta(0)
+    assert schedule_period("0 0 * * *", now=NOW) == timedelta(days=1)
+    assert schedule_period("0 */6 * * *", now=NOW) == timedelta(hours=6)
+    assert schedule_period("0 9 * * 1-5", now=NOW) == timedelta(days=3)
+    with pytest.raises(ValueError, match="cron"):
+        schedule_period("every day")
+
+
+def test_drill_report_trend():
+    def drill(days_ago, rto, passed=True):
+        return DrillOutcome(
+            started_at=NOW - timedelta(days=days_ago),
+            rto_seconds=rto,
+            rpo_seconds=3600.0,
+            rto_target_seconds=600,
+            rpo_target_seconds=90000,
+            passed=passed,
+        )
+
+    current = drill(0, 30.0)
+    text = render_drill_report(current, [drill(14, 50.0), drill(7, 40.0, passed=False), current])
+    assert text.startswith("# DR drill 2026-11-27 12:00:00Z — PASSED")
+    assert "| RTO (time to a verified restore) | 30.0 s | 10.0 min | yes |" in text
+    assert text.index("2026-11-27 12:00") < text.index("2026-11-20") < text.index("2026-11-13")
+    assert "FAIL" in text and "20.0 s faster" in text
+    failed = DrillOutcome(
+        started_at=NOW,
+        rto_seconds=None,
+        rpo_seconds=None,
+        rto_target_seconds=1,
+        rpo_target_seconds=1,
+        passed=False,
+    )
+    assert "**no**" in render_drill_report(failed, [])
