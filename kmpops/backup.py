@@ -16,6 +16,7 @@ beside a dump means the dump was complete at upload time; the catalog (records) 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import secrets
@@ -274,7 +275,7 @@ def schedule_period(cron: str, *, now: datetime | None = None, samples: int = 8)
         times = [next(it) for _ in range(samples + 1)]
     except (CronSimError, StopIteration) as exc:
         raise ValueError(f"invalid cron schedule {cron!r}: {exc}") from exc
-    return max(b - a for a, b in zip(times, times[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(times))
 
 
 class DrillOutcome(BaseModel):

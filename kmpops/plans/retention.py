@@ -132,7 +132,7 @@ def plan_retention(
         groups[(fact.kind, fact.subject)].append(fact)
 
     decisions: list[RetentionDecision] = []
-    for (kind, subject), members in sorted(groups.items()):
+    for (_kind, subject), members in sorted(groups.items()):
         members.sort(key=lambda f: (f.created_at, f.backup_id))
         retention = policy.for_kind(members[0].kind)
         verified = [f for f in members if f.complete and f.verified is True]
