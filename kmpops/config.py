@@ -1,0 +1,510 @@
+"""The ``ops.yaml`` configuration: pydantic models, loading and validation with field paths.
+
+``load_config(path)`` returns an :class:`OpsConfig` or raises :class:`~kmpops.errors.ConfigError`
+whose ``problems`` name each bad field (``environments.production.hosts[2].port: …``). Unknown
+keys are errors. Secrets are references (``env:NAME``, ``file:/path``, ``prefect:block``) or
+literal values kept as :class:`pydantic.SecretStr`; neither is ever echoed.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kmpops.errors import ConfigError, UnsafeValueError
+from kmpops.plans.alerts import parse_duration, parse_threshold
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SECRET_REF_RE = re.compile(r"^(env|file|prefect):(.+)$")
+SEVERITIES = ("critical", "warning", "info")
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, models are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a safe name (letters, digits, '.', '_', '-'; starts with a "
+            "letter or digit; at most 63 characters)"
+        )
+    return value
+
+
+Name = Annotated[str, BeforeValidator(_check_name)]
+
+
+def _to_duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=float(value))
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError(f"expected a duration such as '5m' or '30d', got {value!r}")
+
+
+Duration = Annotated[timedelta, BeforeValidator(_to_duration)]
+
+
+class SecretRef(BaseModel):
+    """A secret: a reference resolved at run time, or a literal value that is never echoed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: Literal["env", "file", "prefect", "literal"]
+    target: str = ""
+    literal: SecretStr | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> SecretRef:
+        """Build from ``env:NAME`` / ``file:/path`` / ``prefect:block`` or a literal string."""
+        if isinstance(value, SecretRef):
+            return value
+        if isinstance(value, SecretStr):
+            return cls(scheme="literal", literal=value)
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a secret reference (env:NAME, file:/path, prefect:block)")
+        match = SECRET_REF_RE.match(value)
+        if match:
+            return cls(scheme=match.group(1), target=match.group(2))  # type: ignore[arg-type]
+        return cls(scheme="literal", literal=SecretStr(value))
+
+    def __str__(self) -> str:
+        return "**********" if self.scheme == "literal" else f"{self.scheme}:{self.target}"
+
+    __repr__ = __str__
+
+
+Secret = Annotated[SecretRef, BeforeValidator(SecretRef.parse)]
+
+
+class Host(Strict):
+    """One machine reached over SSH."""
+
+    name: Name
+    address: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=22, ge=1, le=65535)
+    user: Name = "root"
+    key_file: Path
+    known_hosts: Path
+    vars: dict[str, str | int] = Field(default_factory=dict)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$", value):
+            raise ValueError(f"{value!r} is not a host name or IP address")
+        return value
+
+    @field_validator("vars")
+    @classmethod
+    def _vars(cls, value: dict[str, str | int]) -> dict[str, str | int]:
+        for key in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"variable name {key!r} must be an identifier")
+        return value
+
+    def template_values(self) -> dict[str, str | int]:
+        """Values a service template may use: ``name``, ``address``, ``port`` and ``vars``."""
+        return {"name": self.name, "address": self.address, "ssh_port": self.port, **self.vars}
+
+
+class FreezeWindow(Strict):
+    """A period in which changes are refused: absolute (start/end) or weekly (days + from/to)."""
+
+    name: Name
+    start: datetime | None = None
+    end: datetime | None = None
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=list
+    )
+    from_: time | None = Field(default=None, alias="from")
+    to: time | None = None
+    tz: str = "UTC"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _shape(self) -> FreezeWindow:
+        absolute = self.start is not None or self.end is not None
+        weekly = bool(self.days) or self.from_ is not None or self.to is not None
+        if absolute == weekly:
+            raise ValueError("give either start+end or days+from+to")
+        if absolute and (self.start is None or self.end is None or self.end <= self.start):
+            raise ValueError("start and end are both required and end must be after start")
+        if weekly and (not self.days or self.from_ is None or self.to is None):
+            raise ValueError("a weekly window needs days, from and to")
+        return self
+
+
+class Policy(Strict):
+    """How changes to an environment are approved and rolled out."""
+
+    approval_required: bool = False
+    approvers: list[Name] = Field(default_factory=list)
+    four_eyes: bool = True
+    quorum: int = Field(default=1, ge=1, le=10)
+    approval_timeout: Duration = timedelta(hours=1)
+    timeout_outcome: Literal["reject", "approve"] = "reject"
+    approver_tokens: Secret | None = None
+    batch_size: str | int = "25%"
+    max_failures: int = Field(default=0, ge=0)
+    bake_time: Duration = timedelta(seconds=0)
+    auto_containment: list[Literal["critical", "warning", "info"]] = Field(default_factory=list)
+    freeze_windows: list[FreezeWindow] = Field(default_factory=list)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: str | int) -> str | int:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("batch_size must be at least 1")
+            return value
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)%", value.strip())
+        if not match or not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"{value!r} is not a host count or a percentage in (0%, 100%]")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _approvers(self) -> Policy:
+        if self.approval_required and len(self.approvers) < self.quorum:
+            raise ValueError(
+                f"quorum {self.quorum} needs at least {self.quorum} approvers, "
+                f"{len(self.approvers)} listed"
+            )
+        return self
+
+
+class Environment(Strict):
+    """A set of hosts with one policy (development, staging, production)."""
+
+    hosts: list[Host] = Field(default_factory=list)
+    policy: Policy = Policy()
+
+    @model_validator(mode="after")
+    def _unique_hosts(self) -> Environment:
+        names = [h.name for h in self.hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate host names: {', '.join(dupes)}")
+        return self
+
+
+class HealthCheck(Strict):
+    """How to tell that a service instance is healthy: an HTTP URL or a command."""
+
+    url: str | None = None
+    command: str | None = None
+    retries: int = Field(default=10, ge=1, le=1000)
+    interval: float = Field(default=0.5, ge=0, le=600)
+    timeout: float = Field(default=5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _one(self) -> HealthCheck:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("give exactly one of url or command")
+        return self
+
+
+class MetricsEndpoint(Strict):
+    """Where a service's metrics are: a /metrics URL (scraped directly) and/or a Prometheus job."""
+
+    url: str | None = None
+    prometheus_job: str | None = None
+    error_rate_max: float = Field(default=0.01, ge=0, le=1)
+    latency_p95_max: float | None = Field(default=None, gt=0)
+
+
+class ServiceConfig(Strict):
+    """A service kmp-ops deploys: where it lives on a host and how to restart and check it."""
+
+    deploy_path: str
+    keep_releases: int = Field(default=5, ge=2, le=100)
+    restart: str
+    health_check: HealthCheck
+    metrics: MetricsEndpoint | None = None
+    config_paths: list[str] = Field(default_factory=list)
+    integration_tests: list[HealthCheck] = Field(default_factory=list)
+    smoke_checks: list[HealthCheck] = Field(default_factory=list)
+
+    @field_validator("deploy_path")
+    @classmethod
+    def _deploy_path(cls, value: str) -> str:
+        if ".." in value.split("/") or "\n" in value or "\x00" in value:
+            raise ValueError(f"{value!r} is not an acceptable path")
+        return value
+
+    def render(self, template: str, host: Host, **extra: str | int) -> str:
+        """Fill ``{placeholders}`` from the host (name, address, vars), ``deploy_path`` and extra.
+
+        Raises UnsafeValueError naming an unknown placeholder. Values are inserted as they are:
+        for a shell command use :func:`kmpops.shellsafe.render_command`, which quotes them.
+        """
+        values: dict[str, str | int] = {**host.template_values(), **extra}
+        if "deploy_path" not in values and "{deploy_path}" in template:
+            values["deploy_path"] = self.render(self.deploy_path, host)
+
+        def fill(match: re.Match[str]) -> str:
+            key = match.group(1)
+            if key not in values:
+                raise UnsafeValueError(f"unknown placeholder {{{key}}} in {template!r}")
+            return str(values[key])
+
+        return _PLACEHOLDER_RE.sub(fill, template)
+
+    def deploy_path_for(self, host: Host) -> str:
+        """The service's deploy path on ``host``."""
+        return self.render(self.deploy_path, host)
+
+
+class StorageConfig(Strict):
+    """Where backups and release artifacts are kept: an S3 bucket or a local directory."""
+
+    backend: Literal["s3", "local"] = "local"
+    bucket: Name | None = None
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> StorageConfig:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("backend s3 needs a bucket")
+        if self.backend == "local" and self.path is None:
+            raise ValueError("backend local needs a path")
+        return self
+
+
+class DatabaseConfig(Strict):
+    """A database kmp-ops backs up and restores."""
+
+    kind: Literal["postgresql", "sqlite"] = "postgresql"
+    host: str = "127.0.0.1"
+    port: int = Field(default=5432, ge=1, le=65535)
+    user: Name = "postgres"
+    dbname: Name | None = None
+    password: Secret | None = None
+    path: Path | None = None
+    sanity_queries: list[str] = Field(default_factory=list)
+    rpo: Duration = timedelta(hours=25)
+    rto: Duration = timedelta(minutes=30)
+
+    @model_validator(mode="after")
+    def _kind(self) -> DatabaseConfig:
+        if self.kind == "postgresql" and not self.dbname:
+            raise ValueError("a postgresql database needs dbname")
+        if self.kind == "sqlite" and self.path is None:
+            raise ValueError("a sqlite database needs path")
+        return self
+
+
+class AlertRuleConfig(Strict):
+    """One alert rule, in the guide's schema (``threshold``, ``duration``, ``severity``) + query."""
+
+    threshold: float
+    duration: Duration
+    severity: Literal["critical", "warning", "info"]
+    query: str | None = None
+    comparison: Literal[">", ">=", "<", "<="] = ">"
+    incident: bool | None = None
+    description: str = ""
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError("threshold must be a number or a percentage")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            return parse_threshold(value)
+        raise ValueError(f"expected a number or a percentage such as '80%', got {value!r}")
+
+
+class BackupSchedule(Strict):
+    """One entry of the guide's ``backups:`` block."""
+
+    schedule: str
+    retention: Duration
+    type: Literal["full", "incremental"]
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9*/,\-A-Za-z]+", f) for f in fields):
+            raise ValueError(f"{value!r} is not a five-field cron expression")
+        return value
+
+
+class NotificationConfig(Strict):
+    """Notification routes: severity → apprise URLs (``jsonl:///path`` is the file sink)."""
+
+    routes: dict[Literal["critical", "warning", "info"], list[str]] = Field(default_factory=dict)
+    repeat_interval: Duration = timedelta(hours=4)
+    escalation: dict[Literal["L1", "L2", "L3"], list[str]] = Field(default_factory=dict)
+    ack_timeout: Duration = timedelta(minutes=15)
+
+
+class RecordsConfig(Strict):
+    """Where the records (audit chain, releases, approvals, backups, incidents) live."""
+
+    url: str = "sqlite:///var/records.db"
+
+
+class PrometheusConfig(Strict):
+    """The Prometheus server kmp-ops queries."""
+
+    url: str
+
+
+class OpsConfig(Strict):
+    """The whole ``ops.yaml``."""
+
+    project: Name = "kmp"
+    records: RecordsConfig = RecordsConfig()
+    storage: StorageConfig | None = None
+    prometheus: PrometheusConfig | None = None
+    notifications: NotificationConfig = NotificationConfig()
+    environments: dict[Name, Environment] = Field(default_factory=dict)
+    services: dict[Name, ServiceConfig] = Field(default_factory=dict)
+    databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
+    alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
+    backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _hosts_unique_across_environments(self) -> OpsConfig:
+        seen: dict[str, str] = {}
+        for env_name, env in self.environments.items():
+            for host in env.hosts:
+                if host.name in seen:
+                    raise ValueError(
+                        f"host {host.name!r} is in both {seen[host.name]} and {env_name}"
+                    )
+                seen[host.name] = env_name
+        return self
+
+    def environment(self, name: str) -> Environment:
+        """The environment called ``name``; KeyError names the known ones."""
+        try:
+            return self.environments[name]
+        except KeyError:
+            known = ", ".join(sorted(self.environments)) or "none"
+            raise KeyError(f"unknown environment {name!r} (known: {known})") from None
+
+    def service(self, name: str) -> ServiceConfig:
+        """The service called ``name``; KeyError names the known ones."""
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise KeyError(f"unknown service {name!r} (known: {known})") from None
+
+    def host(self, name: str) -> tuple[str, Host]:
+        """(environment name, host) for a host name; KeyError if no environment has it."""
+        for env_name, env in self.environments.items():
+            for host in env.hosts:
+                if host.name == name:
+                    return env_name, host
+        raise KeyError(f"unknown host {name!r}")
+
+    def secret_values(self) -> list[SecretRef]:
+        """Every secret reference in the config (for the log redactor)."""
+        refs: list[SecretRef] = []
+        if self.storage:
+            refs += [r for r in (self.storage.access_key_id, self.storage.secret_access_key) if r]
+        refs += [db.password for db in self.databases.values() if db.password]
+        refs += [
+            env.policy.approver_tokens
+            for env in self.environments.values()
+            if env.policy.approver_tokens
+        ]
+        return refs
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.startswith(("function-", "constrained-")) or part in (
+            "str",
+            "int",
+            "float",
+            "list[str]",
+        ):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for item in err.errors(include_url=False, include_input=False):
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        problems.append(f"{_loc_to_path(item['loc'])}: {msg}")
+    return problems
+
+
+def parse_config(data: Any, *, source: str | None = None) -> OpsConfig:
+    """Validate already-parsed YAML data; raise ConfigError listing every problem by field path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"], source)
+    try:
+        return OpsConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+
+
+def load_config(path: str | Path) -> OpsConfig:
+    """Read and validate an ``ops.yaml``; raise ConfigError (never a traceback) on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"(file): cannot read {path}: {err.strerror}"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"(yaml): malformed YAML{where}: {problem}"], str(path)) from None
+    return parse_config(data, source=str(path))
+
+
+def summary(config: OpsConfig) -> str:
+    """A one-line summary of a valid config."""
+    hosts = sum(len(e.hosts) for e in config.environments.values())
+    return (
+        f"{len(config.environments)} environments, {hosts} hosts, "
+        f"{len(config.services)} services, {len(config.databases)} databases, "
+        f"{len(config.alerts)} alert rules, {len(config.backups)} backup schedules"
+    )

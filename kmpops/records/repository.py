@@ -1,0 +1,558 @@
+"""The records repository: one small API over the SQLAlchemy models.
+
+``Records(url)`` is lazy; ``migrate()`` brings the schema to the newest Alembic revision. Every
+write is one transaction; audit events are appended with a retry if another writer took the same
+sequence number, so the chain never forks. Details written to the audit chain pass through the log
+redactor: secrets never land there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from kmpops.errors import NotFound
+from kmpops.records.audit import GENESIS, ChainReport, event_hash, export_lines, verify_chain
+from kmpops.records.models import (
+    AlertStateRecord,
+    Approval,
+    AuditEvent,
+    Backup,
+    ChangeRequest,
+    Drill,
+    Incident,
+    IncidentEvent,
+    Release,
+    Verification,
+    utcnow,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _redact_details(details: dict[str, Any]) -> dict[str, Any]:
+    try:
+        from kmpops.redact import get_redactor
+    except ImportError:
+        return details
+    redactor = get_redactor()
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return redactor.redact(value)
+        if isinstance(value, dict):
+            return {str(k): walk(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(details)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Records:
+    """The records store at ``url`` (``sqlite:///path`` or ``postgresql+psycopg://…``)."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self._echo = echo
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created on first use."""
+        if self._engine is None:
+            if self.url.startswith("sqlite:///"):
+                db_path = Path(self.url.removeprefix("sqlite:///"))
+                if str(db_path) not in ("", ":memory:"):
+                    db_path.parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(self.url, echo=self._echo, pool_pre_ping=True)
+            if engine.dialect.name == "sqlite":
+
+                @event.listens_for(engine, "connect")
+                def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA busy_timeout=30000")
+                    cur.execute("PRAGMA foreign_keys=ON")
+                    cur.close()
+
+            self._engine = engine
+            self._sessions = sessionmaker(engine, expire_on_commit=False)
+        return self._engine
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        _ = self.engine
+        assert self._sessions is not None
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest Alembic revision (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # -- audit chain ----------------------------------------------------------------------------
+
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        details: dict[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> AuditEvent:
+        """Append one event to the chain (secrets redacted) and return it."""
+        clean = _redact_details(_jsonable(details or {}))
+        for attempt in range(50):
+            try:
+                with self.session() as s:
+                    last = s.execute(
+                        select(AuditEvent.seq, AuditEvent.hash)
+                        .order_by(AuditEvent.seq.desc())
+                        .limit(1)
+                    ).first()
+                    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+                    ts = utcnow()
+                    ev = AuditEvent(
+                        seq=seq,
+                        ts=ts,
+                        actor=actor,
+                        action=action,
+                        subject=subject,
+                        details=clean,
+                        run_id=run_id,
+                        prev_hash=prev,
+                        hash=event_hash(
+                            seq=seq,
+                            ts=ts,
+                            actor=actor,
+                            action=action,
+                            subject=subject,
+                            details=clean,
+                            run_id=run_id,
+                            prev_hash=prev,
+                        ),
+                    )
+                    s.add(ev)
+                return ev
+            except (SAIntegrityError, OperationalError):
+                # another writer appended first (or SQLite was busy): re-read the head and retry
+                time.sleep(0.01 * (attempt + 1))
+        raise RuntimeError("could not append to the audit chain after 50 attempts")
+
+    def audit_events(
+        self, *, subject: str | None = None, action: str | None = None, run_id: str | None = None
+    ) -> list[AuditEvent]:
+        """Audit events in chain order, optionally filtered."""
+        q = select(AuditEvent).order_by(AuditEvent.seq)
+        if subject is not None:
+            q = q.where(AuditEvent.subject == subject)
+        if action is not None:
+            q = q.where(AuditEvent.action == action)
+        if run_id is not None:
+            q = q.where(AuditEvent.run_id == run_id)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def verify_audit(self) -> ChainReport:
+        """Verify the whole chain; the report names the first broken entry."""
+        with self.session() as s:
+            return verify_chain(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+
+    def export_audit(self) -> Iterator[str]:
+        """The chain as JSON Lines."""
+        with self.session() as s:
+            events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+        return export_lines(events)
+
+    # -- releases -------------------------------------------------------------------------------
+
+    def record_release(
+        self,
+        *,
+        service: str,
+        environment: str,
+        host: str,
+        version: str,
+        sha256: str | None = None,
+        deployed_by: str = "",
+        run_id: str | None = None,
+    ) -> Release:
+        """Make ``version`` current on a host: the old current becomes previous, older retired."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Release).where(
+                    Release.service == service,
+                    Release.environment == environment,
+                    Release.host == host,
+                    Release.state.in_(("current", "previous")),
+                )
+            ).all()
+            for row in rows:
+                if row.state == "previous":
+                    row.state = "retired"
+            for row in rows:
+                if row.state == "current":
+                    row.state = "previous" if row.version != version else "retired"
+            rel = Release(
+                service=service,
+                environment=environment,
+                host=host,
+                version=version,
+                sha256=sha256,
+                state="current",
+                deployed_by=deployed_by,
+                run_id=run_id,
+            )
+            s.add(rel)
+        return rel
+
+    def current_release(self, service: str, environment: str, host: str) -> Release | None:
+        """The current release of ``service`` on ``host``, or None for a first install."""
+        return self._release(service, environment, host, "current")
+
+    def previous_release(self, service: str, environment: str, host: str) -> Release | None:
+        """The release before the current one, or None."""
+        return self._release(service, environment, host, "previous")
+
+    def _release(self, service: str, environment: str, host: str, state: str) -> Release | None:
+        with self.session() as s:
+            return s.scalars(
+                select(Release)
+                .where(
+                    Release.service == service,
+                    Release.environment == environment,
+                    Release.host == host,
+                    Release.state == state,
+                )
+                .order_by(Release.id.desc())
+                .limit(1)
+            ).first()
+
+    def releases(self, service: str, environment: str | None = None) -> list[Release]:
+        """Every release record of a service (newest first)."""
+        q = select(Release).where(Release.service == service).order_by(Release.id.desc())
+        if environment is not None:
+            q = q.where(Release.environment == environment)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- approvals --------------------------------------------------------------------------
+
+    def add_approval(self, **fields: Any) -> Approval:
+        """Record an approval request or answer; returns the stored row."""
+        with self.session() as s:
+            row = Approval(**fields)
+            s.add(row)
+        return row
+
+    def update_approval(self, approval_id: int, **fields: Any) -> Approval:
+        """Record the answer to an approval request."""
+        with self.session() as s:
+            row = s.get(Approval, approval_id)
+            if row is None:
+                raise NotFound(f"approval #{approval_id}")
+            for key, value in fields.items():
+                setattr(row, key, value)
+        return row
+
+    def approvals(self, *, subject: str | None = None, run_id: str | None = None) -> list[Approval]:
+        """Approvals in the order they were asked for."""
+        q = select(Approval).order_by(Approval.id)
+        if subject is not None:
+            q = q.where(Approval.subject == subject)
+        if run_id is not None:
+            q = q.where(Approval.run_id == run_id)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- change requests ------------------------------------------------------------------
+
+    def add_change_request(self, **fields: Any) -> ChangeRequest:
+        """Open a change request."""
+        with self.session() as s:
+            row = ChangeRequest(**fields)
+            s.add(row)
+        return row
+
+    def update_change_request(self, cr_id: int, **fields: Any) -> ChangeRequest:
+        """Change a change request's state/outcome."""
+        with self.session() as s:
+            row = s.get(ChangeRequest, cr_id)
+            if row is None:
+                raise NotFound(f"change request #{cr_id}")
+            for key, value in fields.items():
+                setattr(row, key, value)
+        return row
+
+    def change_request(self, cr_id: int) -> ChangeRequest:
+        """The change request ``cr_id``; NotFound otherwise."""
+        with self.session() as s:
+            row = s.get(ChangeRequest, cr_id)
+        if row is None:
+            raise NotFound(f"change request #{cr_id}")
+        return row
+
+    # -- backups ----------------------------------------------------------------------------
+
+    def start_backup(self, *, kind: str, name: str, key: str, run_id: str | None = None) -> Backup:
+        """Catalog a backup as running (never complete before its upload is confirmed)."""
+        with self.session() as s:
+            row = Backup(kind=kind, name=name, key=key, state="running", run_id=run_id)
+            s.add(row)
+        return row
+
+    def finish_backup(
+        self,
+        backup_id: int,
+        *,
+        state: str,
+        size: int | None = None,
+        sha256: str | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> Backup:
+        """Mark a backup complete (after confirmed upload) or failed."""
+        with self.session() as s:
+            row = s.get(Backup, backup_id)
+            if row is None:
+                raise NotFound(f"backup #{backup_id}")
+            row.state = state
+            row.finished_at = utcnow()
+            if size is not None:
+                row.size = size
+            if sha256 is not None:
+                row.sha256 = sha256
+            if manifest is not None:
+                row.manifest = _jsonable(manifest)
+        return row
+
+    def update_backup(self, backup_id: int, **fields: Any) -> Backup:
+        """Change fields of a backup record."""
+        with self.session() as s:
+            row = s.get(Backup, backup_id)
+            if row is None:
+                raise NotFound(f"backup #{backup_id}")
+            for key, value in fields.items():
+                setattr(row, key, value)
+        return row
+
+    def backup(self, backup_id: int) -> Backup:
+        """The backup ``backup_id``; NotFound otherwise."""
+        with self.session() as s:
+            row = s.get(Backup, backup_id)
+        if row is None:
+            raise NotFound(f"backup #{backup_id}")
+        return row
+
+    def backups(
+        self, *, kind: str | None = None, name: str | None = None, states: Sequence[str] = ()
+    ) -> list[Backup]:
+        """Backups, newest first."""
+        q = select(Backup).order_by(Backup.started_at.desc(), Backup.id.desc())
+        if kind is not None:
+            q = q.where(Backup.kind == kind)
+        if name is not None:
+            q = q.where(Backup.name == name)
+        if states:
+            q = q.where(Backup.state.in_(tuple(states)))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def add_verification(
+        self, backup_id: int, *, ok: bool, checks: dict[str, Any], run_id: str | None = None
+    ) -> Verification:
+        """Record a verification and stamp the backup verified/failed."""
+        with self.session() as s:
+            row = Verification(backup_id=backup_id, ok=ok, checks=_jsonable(checks), run_id=run_id)
+            s.add(row)
+            backup = s.get(Backup, backup_id)
+            if backup is None:
+                raise NotFound(f"backup #{backup_id}")
+            backup.verification = "verified" if ok else "failed"
+            backup.verified_at = utcnow()
+        return row
+
+    def add_drill(self, **fields: Any) -> Drill:
+        """Record a DR drill."""
+        with self.session() as s:
+            row = Drill(**fields)
+            s.add(row)
+        return row
+
+    def drills(self, limit: int = 20) -> list[Drill]:
+        """The newest drills first."""
+        with self.session() as s:
+            return list(s.scalars(select(Drill).order_by(Drill.id.desc()).limit(limit)))
+
+    # -- incidents ------------------------------------------------------------------------
+
+    def open_incident(
+        self,
+        *,
+        title: str,
+        severity: str,
+        alert_key: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> tuple[Incident, bool]:
+        """Open an incident, or return the open one already attached to ``alert_key``.
+
+        Returns (incident, created). A duplicate alert adds a line to the existing timeline.
+        """
+        with self.session() as s:
+            if alert_key is not None:
+                existing = s.scalars(
+                    select(Incident)
+                    .where(Incident.alert_key == alert_key, Incident.state != "closed")
+                    .order_by(Incident.id.desc())
+                    .limit(1)
+                ).first()
+                if existing is not None:
+                    s.add(
+                        IncidentEvent(
+                            incident_id=existing.id,
+                            phase="detection",
+                            message=f"duplicate alert {alert_key} attached",
+                            details=_jsonable(details or {}),
+                        )
+                    )
+                    return existing, False
+            row = Incident(
+                title=title,
+                severity=severity,
+                alert_key=alert_key,
+                detected_at=utcnow(),
+                details=_jsonable(details or {}),
+            )
+            s.add(row)
+            s.flush()
+            s.add(IncidentEvent(incident_id=row.id, phase="detection", message=f"opened: {title}"))
+        return row, True
+
+    def incident_event(
+        self, incident_id: int, *, phase: str, message: str, details: dict[str, Any] | None = None
+    ) -> IncidentEvent:
+        """Add a line to an incident's timeline."""
+        with self.session() as s:
+            row = IncidentEvent(
+                incident_id=incident_id,
+                phase=phase,
+                message=message,
+                details=_jsonable(details or {}),
+            )
+            s.add(row)
+        return row
+
+    def update_incident(self, incident_id: int, **fields: Any) -> Incident:
+        """Change an incident's state or timestamps."""
+        with self.session() as s:
+            row = s.get(Incident, incident_id)
+            if row is None:
+                raise NotFound(f"incident #{incident_id}")
+            for key, value in fields.items():
+                setattr(row, key, value)
+        return row
+
+    def incident(self, incident_id: int) -> tuple[Incident, list[IncidentEvent]]:
+        """An incident and its timeline."""
+        with self.session() as s:
+            row = s.get(Incident, incident_id)
+            if row is None:
+                raise NotFound(f"incident #{incident_id}")
+            events = list(
+                s.scalars(
+                    select(IncidentEvent)
+                    .where(IncidentEvent.incident_id == incident_id)
+                    .order_by(IncidentEvent.id)
+                )
+            )
+        return row, events
+
+    def incidents(self, *, states: Sequence[str] = ()) -> list[Incident]:
+        """Incidents, newest first."""
+        q = select(Incident).order_by(Incident.id.desc())
+        if states:
+            q = q.where(Incident.state.in_(tuple(states)))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- alert states ------------------------------------------------------------------------
+
+    def alert_states(self, rule: str | None = None) -> list[AlertStateRecord]:
+        """Stored alert states (all rules, or one)."""
+        q = select(AlertStateRecord).order_by(AlertStateRecord.id)
+        if rule is not None:
+            q = q.where(AlertStateRecord.rule == rule)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def save_alert_state(
+        self,
+        *,
+        rule: str,
+        labels_key: str,
+        state: str,
+        data: dict[str, Any],
+        notified: bool = False,
+    ) -> AlertStateRecord:
+        """Insert or update the state of one alert; ``notified`` stamps last_notified_at."""
+        with self.session() as s:
+            row = s.scalars(
+                select(AlertStateRecord).where(
+                    AlertStateRecord.rule == rule, AlertStateRecord.labels_key == labels_key
+                )
+            ).first()
+            if row is None:
+                row = AlertStateRecord(rule=rule, labels_key=labels_key, state=state)
+                s.add(row)
+            row.state = state
+            row.data = _jsonable(data)
+            row.updated_at = utcnow()
+            if notified:
+                row.last_notified_at = utcnow()
+        return row
