@@ -1,0 +1,401 @@
+"""The local stack: everything kmp-ops needs on one machine, as processes on 127.0.0.1.
+
+``up(spec)`` starts (idempotently) an sshd fleet split into staging and production hosts, a
+SeaweedFS S3 server, a private PostgreSQL cluster, a Prefect server (SQLite or PostgreSQL-backed),
+and Prometheus scraping the sample service's port on every host; it writes ``<root>/stack.json``
+and a complete, valid ``<root>/ops.yaml``. ``down(root)`` stops every process by its pid file.
+Ports are ``port_base + offset`` (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kmpops.stack._proc import StackError, read_pid
+
+__all__ = ["StackError", "StackHost", "StackInfo", "StackSpec", "down", "load", "status", "up"]
+
+COMPONENTS = ("sshd", "s3", "postgres", "prefect", "prometheus")
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """What to start and where."""
+
+    root: Path
+    port_base: int = 17000
+    production_hosts: int = 4
+    staging_hosts: int = 2
+    prefect_db: Literal["sqlite", "postgres"] = "sqlite"
+    components: tuple[str, ...] = COMPONENTS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise StackError(f"unknown stack components: {', '.join(sorted(unknown))}")
+        if not 1024 <= self.port_base <= 64000:
+            raise StackError(f"port base {self.port_base} must be between 1024 and 64000")
+        if self.production_hosts + self.staging_hosts > 99:
+            raise StackError("at most 99 hosts fit in the port layout")
+
+
+@dataclass(frozen=True)
+class StackHost:
+    """One sshd host of the stack and the environment it belongs to."""
+
+    name: str
+    environment: str
+    port: int
+    root: str
+    web_port: int
+
+
+@dataclass
+class StackInfo:
+    """What runs: written to ``<root>/stack.json``, read back by :func:`load`."""
+
+    root: str
+    port_base: int
+    ops_yaml: str
+    hosts: list[StackHost] = field(default_factory=list)
+    key_file: str = ""
+    known_hosts: str = ""
+    s3: dict[str, Any] | None = None
+    postgres: dict[str, Any] | None = None
+    prefect: dict[str, Any] | None = None
+    prometheus: dict[str, Any] | None = None
+    notifications: str = ""
+    records_url: str = ""
+    started_s: float = 0.0
+
+    def host(self, name: str) -> StackHost:
+        """The stack host called ``name``."""
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+
+def _host_names(spec: StackSpec) -> list[tuple[str, str]]:
+    names = [(f"stg-{i}", "staging") for i in range(1, spec.staging_hosts + 1)]
+    names += [(f"prd-{i}", "production") for i in range(1, spec.production_hosts + 1)]
+    return names
+
+
+def up(spec: StackSpec) -> StackInfo:
+    """Start every component of ``spec`` (those already running are left as they are).
+
+    Raises StackError naming the component that failed; components already started stay up so
+    ``down`` can stop them.
+    """
+    t0 = time.monotonic()
+    root = spec.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    base = spec.port_base
+    names = _host_names(spec)
+    hosts = [
+        StackHost(
+            name=name,
+            environment=env,
+            port=base + 1 + i,
+            root=str(root / "hosts" / name),
+            web_port=base + 501 + i,
+        )
+        for i, (name, env) in enumerate(names)
+    ]
+    info = StackInfo(
+        root=str(root),
+        port_base=base,
+        ops_yaml=str(root / "ops.yaml"),
+        hosts=hosts,
+        notifications=str(root / "notifications.jsonl"),
+        records_url=f"sqlite:///{root / 'records.db'}",
+    )
+
+    def start_sshd() -> None:
+        from kmpops.stack import sshd
+
+        started = sshd.start_fleet(root, [h.name for h in hosts], [h.port for h in hosts])
+        info.key_file = str(started[0].key_file)
+        info.known_hosts = str(started[0].known_hosts)
+        for host in hosts:
+            _seed_host_config(Path(host.root), host)
+
+    def start_s3() -> None:
+        from kmpops.stack import seaweed
+
+        info.s3 = _plain(seaweed.start(root, base + 100))
+
+    def start_postgres() -> None:
+        from kmpops.stack import postgres
+
+        info.postgres = _plain(postgres.start(root, base + 200))
+
+    jobs = {"sshd": start_sshd, "s3": start_s3, "postgres": start_postgres}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(fn) for name, fn in jobs.items() if name in spec.components}
+        errors = []
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as err:
+                errors.append(f"{name}: {err}")
+        if errors:
+            _write(info)
+            raise StackError("; ".join(errors))
+
+    if info.postgres:
+        _ensure_databases(base + 200)
+
+    if "prometheus" in spec.components:
+        from kmpops.stack import prometheus
+
+        targets = {"web": [f"127.0.0.1:{h.web_port}" for h in hosts]}
+        info.prometheus = _plain(prometheus.start(root, base + 300, scrape_targets=targets))
+    if "prefect" in spec.components:
+        from kmpops.stack import prefect_server
+
+        db_url = None
+        if spec.prefect_db == "postgres":
+            if info.postgres is None:
+                raise StackError("prefect_db=postgres needs the postgres component")
+            db_url = f"postgresql+asyncpg://postgres@127.0.0.1:{base + 200}/prefect"
+        info.prefect = _plain(prefect_server.start(root, base + 400, database_url=db_url))
+
+    _write_ops_yaml(info)
+    info.started_s = round(time.monotonic() - t0, 2)
+    _write(info)
+    return info
+
+
+def _ensure_databases(port: int) -> None:
+    """Create the ``prefect`` and ``app`` databases; seed ``app`` with a small sample schema."""
+    import psycopg
+
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+        for name in ("prefect", "app"):
+            if name not in existing:
+                conn.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=app") as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS customers (id serial PRIMARY KEY, name text NOT NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY,"
+            " customer_id int REFERENCES customers(id), amount numeric(10,2) NOT NULL)"
+        )
+        (count,) = conn.execute("SELECT count(*) FROM customers").fetchone() or (0,)
+        if count == 0:
+            conn.execute(
+                "INSERT INTO customers (name)"
+                " SELECT 'customer ' || g FROM generate_series(1, 500) g"
+            )
+            conn.execute(
+                "INSERT INTO orders (customer_id, amount)"
+                " SELECT 1 + (g % 500), (g % 997) / 10.0 FROM generate_series(1, 3000) g"
+            )
+
+
+def _seed_host_config(host_root: Path, host: StackHost) -> None:
+    """Give each host the configuration files backup-configuration collects."""
+    etc = host_root / "etc" / "web"
+    etc.mkdir(parents=True, exist_ok=True)
+    conf = etc / "app.conf"
+    if not conf.exists():
+        conf.write_text(f"# web service on {host.name}\nlisten_port = {host.web_port}\n")
+        (etc / "features.yaml").write_text("features:\n  new_checkout: false\n")
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    data = asdict(value) if hasattr(value, "__dataclass_fields__") else dict(value)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _write(info: StackInfo) -> None:
+    path = Path(info.root) / "stack.json"
+    path.write_text(json.dumps(asdict(info), indent=2) + "\n")
+
+
+def load(root: Path) -> StackInfo:
+    """Read ``<root>/stack.json``; StackError if the stack was never started there."""
+    path = root / "stack.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StackError(f"no stack at {root} ({err})") from None
+    data["hosts"] = [StackHost(**h) for h in data.get("hosts", [])]
+    return StackInfo(**data)
+
+
+def _write_ops_yaml(info: StackInfo) -> None:
+    root = Path(info.root)
+    sink = f"jsonl://{info.notifications}"
+
+    def host_entry(h: StackHost) -> dict[str, Any]:
+        return {
+            "name": h.name,
+            "address": "127.0.0.1",
+            "port": h.port,
+            "user": "root",
+            "key_file": info.key_file,
+            "known_hosts": info.known_hosts,
+            "vars": {"root": h.root, "web_port": h.web_port},
+        }
+
+    def env_hosts(env: str) -> list[dict[str, Any]]:
+        return [host_entry(h) for h in info.hosts if h.environment == env]
+
+    cfg: dict[str, Any] = {
+        "project": "kmp",
+        "records": {"url": info.records_url},
+        "notifications": {
+            "routes": {"critical": [sink], "warning": [sink], "info": [sink]},
+            "escalation": {"L1": [sink], "L2": [sink], "L3": [sink]},
+            "ack_timeout": "15m",
+        },
+        "environments": {
+            "staging": {
+                "hosts": env_hosts("staging"),
+                "policy": {
+                    "approval_required": False,
+                    "approvers": ["alice", "bob", "carol"],
+                    "batch_size": "50%",
+                    "max_failures": 0,
+                },
+            },
+            "production": {
+                "hosts": env_hosts("production"),
+                "policy": {
+                    "approval_required": True,
+                    "approvers": ["alice", "bob", "carol"],
+                    "four_eyes": True,
+                    "quorum": 1,
+                    "approval_timeout": "10m",
+                    "timeout_outcome": "reject",
+                    "batch_size": "50%",
+                    "max_failures": 0,
+                    "bake_time": "5s",
+                },
+            },
+        },
+        "services": {
+            "web": {
+                "deploy_path": "{root}/srv/web",
+                "keep_releases": 3,
+                "restart": "{deploy_path}/current/control restart --port {web_port}",
+                "health_check": {
+                    "url": "http://{address}:{web_port}/health",
+                    "retries": 20,
+                    "interval": 0.25,
+                },
+                "metrics": {
+                    "url": "http://{address}:{web_port}/metrics",
+                    "prometheus_job": "web",
+                    "error_rate_max": 0.01,
+                },
+                "config_paths": ["{root}/etc/web"],
+                "integration_tests": [{"url": "http://{address}:{web_port}/work", "retries": 3}],
+                "smoke_checks": [{"url": "http://{address}:{web_port}/version", "retries": 3}],
+            }
+        },
+        "alerts": {
+            "high_cpu": {"threshold": "80%", "duration": "5m", "severity": "warning"},
+            "error_rate": {
+                "threshold": "1%",
+                "duration": "1m",
+                "severity": "critical",
+                "query": (
+                    "sum by (instance) (rate(web_errors_total[30s]))"
+                    " / sum by (instance) (rate(web_requests_total[30s]))"
+                ),
+            },
+        },
+        "backups": {
+            "database": {"schedule": "0 0 * * *", "retention": "30d", "type": "full"},
+            "configuration": {"schedule": "0 */6 * * *", "retention": "7d", "type": "incremental"},
+        },
+    }
+    if info.s3:
+        cfg["storage"] = {
+            "backend": "s3",
+            "bucket": info.s3.get("bucket", "kmp-ops"),
+            "endpoint_url": info.s3["endpoint_url"],
+            "region": "us-east-1",
+            "access_key_id": f"file:{root / 'secrets' / 's3_access_key'}",
+            "secret_access_key": f"file:{root / 'secrets' / 's3_secret_key'}",
+        }
+    else:
+        cfg["storage"] = {"backend": "local", "path": str(root / "objects")}
+    if info.postgres:
+        cfg["databases"] = {
+            "app": {
+                "kind": "postgresql",
+                "host": "127.0.0.1",
+                "port": info.port_base + 200,
+                "user": "postgres",
+                "dbname": "app",
+                "sanity_queries": ["SELECT count(*) FROM pg_catalog.pg_tables"],
+                "rpo": "25h",
+                "rto": "10m",
+            }
+        }
+    if info.prometheus:
+        cfg["prometheus"] = {"url": info.prometheus["url"]}
+    Path(info.ops_yaml).write_text(
+        "# Generated by `kmpops stack up` for the local stack. Valid kmp-ops configuration.\n"
+        + yaml.safe_dump(cfg, sort_keys=False)
+    )
+
+
+def down(root: Path) -> list[str]:
+    """Stop every component under ``root`` by pid file; returns the names of what was stopped."""
+    root = root.resolve()
+    stopped: list[str] = []
+    modules = (
+        ("prefect", "prefect_server"),
+        ("prometheus", "prometheus"),
+        ("s3", "seaweed"),
+        ("postgres", "postgres"),
+    )
+    import importlib
+
+    for label, module in modules:
+        try:
+            mod = importlib.import_module(f"kmpops.stack.{module}")
+        except ImportError:
+            continue
+        mod.stop(root)
+        stopped.append(label)
+    from kmpops.stack import sshd
+
+    sshd.stop_fleet(root)
+    stopped.append("sshd")
+    _stop_sample_services(root)
+    return stopped
+
+
+def _stop_sample_services(root: Path) -> None:
+    """Stop sample-service instances the deploy pipeline started on the stack's hosts."""
+    from kmpops.stack._proc import stop_process
+
+    for pid_file in (root / "hosts").glob("*/srv/*/shared/run/*.pid"):
+        stop_process(pid_file, timeout=5)
+
+
+def status(root: Path) -> dict[str, Any]:
+    """Which processes of the stack under ``root`` are alive, by pid file."""
+    root = root.resolve()
+    alive: dict[str, Any] = {}
+    for pid_file in sorted(root.rglob("*.pid")):
+        rel = str(pid_file.relative_to(root))
+        alive[rel] = read_pid(pid_file) is not None
+    return alive
