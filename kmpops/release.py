@@ -1,0 +1,331 @@
+"""Host-side release operations over one SSH connection (the Capistrano layout).
+
+Layout under a service's ``deploy_path`` on a host::
+
+    releases/<version>/     one directory per release, complete or absent (never half-extracted)
+    current -> releases/<version>   switched atomically (symlink created aside, then renamed)
+    .incoming/              uploads and extractions in progress (never pointed at)
+    shared/                 state that outlives releases (run, log, config)
+
+Every function validates the names that reach the shell (:func:`validate_version`) and quotes all
+values. ``stage_release`` is idempotent (a release already staged with the same sha256 is left
+alone); ``switch_current`` returns what ``current`` pointed at before, which is how a rollback
+finds its way back; ``prune_releases`` never removes the current or the previous release.
+Errors: UnsafeValueError (bad version/path), IntegrityError (checksum mismatch, a release
+directory with other content), NotFound (release not staged), CommandFailed (restart), and the
+connection's HostUnreachable / CommandTimeout (transient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from kmpops import shellsafe
+from kmpops.errors import CommandFailed, IntegrityError, NotFound, UnsafeValueError
+
+__all__ = [
+    "HealthResult",
+    "RemoteHost",
+    "check_health_command",
+    "check_health_url",
+    "current_release",
+    "file_sha256",
+    "list_releases",
+    "prune_releases",
+    "remove_current",
+    "restart_service",
+    "stage_release",
+    "switch_current",
+    "validate_version",
+]
+
+MARKER = ".kmpops-sha256"
+
+
+class _Result(Protocol):
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class RemoteHost(Protocol):
+    """What release operations need of a connection (``kmpops.connectors.ssh.SSHConnection``)."""
+
+    name: str
+
+    def run(
+        self, command: Sequence[str] | str, *, timeout: float = ..., check: bool = ...
+    ) -> _Result: ...
+
+    def put(self, local: Path | IO[bytes], remote: str, *, mode: int | None = ...) -> int: ...
+
+
+def validate_version(version: str) -> str:
+    """Return ``version`` if it is a safe release name (no ``..``, spaces, ``;``, ``/``...).
+
+    Raises UnsafeValueError naming the value otherwise.
+    """
+    shellsafe.validate_name(version, what="release version")
+    if ".." in version:
+        raise UnsafeValueError(f"release version: {version!r} must not contain '..'")
+    return version
+
+
+def _deploy_path(deploy_path: str) -> str:
+    shellsafe.validate_path(deploy_path, what="deploy path")
+    if not deploy_path.startswith("/"):
+        raise UnsafeValueError(f"deploy path: {deploy_path!r} must be absolute")
+    return deploy_path.rstrip("/") or "/"
+
+
+def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a local file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_STAGE_SCRIPT = r"""
+set -eu
+cd "$1"; v=$2; sha=$3; tgz=$4
+mkdir -p releases .incoming shared
+if [ -e "releases/$v" ]; then
+    rm -f "$tgz"
+    have=$(cat "releases/$v/{marker}" 2>/dev/null || true)
+    if [ "$have" = "$sha" ]; then echo present; exit 0; fi
+    echo "releases/$v exists with other content" >&2; exit 3
+fi
+if ! echo "$sha  $tgz" | sha256sum -c --status; then rm -f "$tgz"; echo checksum >&2; exit 4; fi
+tmp=$(mktemp -d ".incoming/$v.XXXXXX")
+if ! tar -xzf "$tgz" -C "$tmp" --no-same-owner; then rm -rf "$tmp" "$tgz"; exit 5; fi
+printf '%s\n' "$sha" > "$tmp/{marker}"
+chmod 755 "$tmp"
+mv -T "$tmp" "releases/$v"
+rm -f "$tgz"
+echo staged
+""".replace("{marker}", MARKER)
+
+
+def stage_release(
+    conn: RemoteHost,
+    deploy_path: str,
+    version: str,
+    artifact: Path | IO[bytes],
+    sha256: str,
+    *,
+    timeout: float = 300.0,
+) -> bool:
+    """Upload ``artifact`` (a .tar.gz) and extract it into ``releases/<version>``.
+
+    The tarball is uploaded to ``.incoming/``, its sha256 verified on the host, extracted into
+    a temporary directory there and renamed to ``releases/<version>`` only when complete, so a
+    crash or a lost connection leaves no half-extracted release where ``current`` could point.
+    Returns True if staged now, False if the same release (same sha256) was already there.
+    Raises IntegrityError on a checksum mismatch or a same-named release with other content.
+    Rollback: none needed (a staged release is not live; ``prune_releases`` removes it).
+    """
+    root = _deploy_path(deploy_path)
+    validate_version(version)
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise UnsafeValueError("sha256: expected 64 lowercase hex digits")
+    conn.run(["mkdir", "-p", f"{root}/.incoming"], timeout=30, check=True)
+    incoming = f"{root}/.incoming/{version}.{uuid.uuid4().hex[:10]}.tar.gz"
+    conn.put(artifact, incoming)
+    result = conn.run(
+        ["sh", "-c", _STAGE_SCRIPT, "stage", root, version, sha256, incoming], timeout=timeout
+    )
+    if result.exit_status in (3, 4):
+        what = "checksum mismatch" if result.exit_status == 4 else "exists with other content"
+        raise IntegrityError(f"host {conn.name}: release {version}: {what}")
+    if result.exit_status != 0:
+        raise CommandFailed(
+            f"host {conn.name}: staging release {version} failed "
+            f"(exit {result.exit_status}): {result.stderr.strip()[-300:]}",
+            result,
+        )
+    return result.stdout.strip().endswith("staged")
+
+
+def _release_of(link_target: str) -> str | None:
+    target = link_target.strip().rstrip("/")
+    return target.rsplit("/", 1)[-1] if target else None
+
+
+def current_release(conn: RemoteHost, deploy_path: str) -> str | None:
+    """The release ``current`` points at, or None if there is no ``current``."""
+    root = _deploy_path(deploy_path)
+    result = conn.run(["readlink", f"{root}/current"], timeout=30)
+    return _release_of(result.stdout) if result.exit_status == 0 else None
+
+
+_SWITCH_SCRIPT = r"""
+set -eu
+cd "$1"; v=$2
+[ -d "releases/$v" ] || { echo "releases/$v is not staged" >&2; exit 6; }
+prev=$(readlink current 2>/dev/null || true)
+tmp=".current.$$"
+ln -sfn "releases/$v" "$tmp"
+mv -T "$tmp" current
+echo "prev=$prev"
+"""
+
+
+def switch_current(conn: RemoteHost, deploy_path: str, version: str) -> str | None:
+    """Point ``current`` at ``releases/<version>`` atomically; return the previous release.
+
+    The new link is created beside ``current`` and renamed over it (rename(2) is atomic), so
+    ``current`` always names a complete release. Raises NotFound if the release is not staged.
+    Rollback: ``switch_current(conn, deploy_path, previous)`` (or ``remove_current`` when the
+    previous release is None, i.e. a first install).
+    """
+    root = _deploy_path(deploy_path)
+    validate_version(version)
+    result = conn.run(["sh", "-c", _SWITCH_SCRIPT, "switch", root, version], timeout=30)
+    if result.exit_status == 6:
+        raise NotFound(f"host {conn.name}: release {version} is not staged in {root}")
+    if result.exit_status != 0:
+        raise CommandFailed(
+            f"host {conn.name}: switching to {version} failed: {result.stderr.strip()[-300:]}",
+            result,
+        )
+    line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "prev="
+    return _release_of(line.removeprefix("prev="))
+
+
+def remove_current(conn: RemoteHost, deploy_path: str) -> None:
+    """Remove ``current`` (rollback of a first install). Idempotent."""
+    root = _deploy_path(deploy_path)
+    conn.run(["rm", "-f", f"{root}/current"], timeout=30, check=True)
+
+
+def restart_service(conn: RemoteHost, command: str, *, timeout: float = 60.0) -> str:
+    """Run the service's rendered restart ``command`` (from ``shellsafe.render_command``).
+
+    Returns its output; raises CommandFailed (with the output tail) on a non-zero exit.
+    """
+    result = conn.run(command, timeout=timeout)
+    if result.exit_status != 0:
+        tail = (result.stderr or result.stdout).strip()[-300:]
+        raise CommandFailed(
+            f"host {conn.name}: restart failed (exit {result.exit_status}): {tail}", result
+        )
+    return result.stdout.strip()
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """A health check's verdict: attempts made, last status/output, seconds spent."""
+
+    healthy: bool
+    attempts: int
+    detail: str
+    seconds: float
+
+
+def _retry(
+    probe: Callable[[], tuple[bool, str]],
+    retries: int,
+    interval: float,
+    sleep: Callable[[float], None],
+) -> HealthResult:
+    started = time.monotonic()
+    detail = ""
+    for attempt in range(1, retries + 1):
+        ok, detail = probe()
+        if ok:
+            return HealthResult(True, attempt, detail, time.monotonic() - started)
+        if attempt < retries:
+            sleep(interval)
+    return HealthResult(False, retries, detail, time.monotonic() - started)
+
+
+def check_health_url(
+    url: str,
+    *,
+    retries: int = 10,
+    interval: float = 0.5,
+    timeout: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> HealthResult:
+    """GET ``url`` until it answers 200, at most ``retries`` times ``interval`` s apart.
+
+    Never raises for an unhealthy service: the verdict is in the result.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise UnsafeValueError(f"health check URL {url!r} must be http(s)")
+
+    def probe() -> tuple[bool, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+                return response.status == 200, f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            return False, f"HTTP {exc.code}"
+        except OSError as exc:
+            return False, f"no answer: {getattr(exc, 'reason', exc)}"
+
+    return _retry(probe, retries, interval, sleep)
+
+
+def check_health_command(
+    conn: RemoteHost,
+    command: str,
+    *,
+    retries: int = 10,
+    interval: float = 0.5,
+    timeout: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> HealthResult:
+    """Run the rendered health ``command`` on the host until it exits 0 (same retry rule)."""
+
+    def probe() -> tuple[bool, str]:
+        result = conn.run(command, timeout=timeout)
+        out = (result.stdout or result.stderr).strip().splitlines()
+        return result.exit_status == 0, f"exit {result.exit_status}" + (
+            f": {out[-1][:200]}" if out else ""
+        )
+
+    return _retry(probe, retries, interval, sleep)
+
+
+def list_releases(conn: RemoteHost, deploy_path: str) -> list[str]:
+    """Staged releases, newest first (by directory mtime)."""
+    root = _deploy_path(deploy_path)
+    result = conn.run(
+        ["sh", "-c", 'cd "$1/releases" 2>/dev/null && ls -1t', "ls", root], timeout=30
+    )
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def prune_releases(
+    conn: RemoteHost, deploy_path: str, *, keep: int, protect: Sequence[str | None] = ()
+) -> list[str]:
+    """Remove releases beyond the ``keep`` newest; never ``current`` nor anything in ``protect``
+    (pass the previous release). Also clears leftovers in ``.incoming``. Returns removed names."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    root = _deploy_path(deploy_path)
+    releases = list_releases(conn, deploy_path)
+    keep_set = {p for p in protect if p} | {current_release(conn, deploy_path)}
+    doomed = [r for r in releases[keep:] if r not in keep_set]
+    for name in doomed:
+        validate_version(name)
+    if doomed:
+        conn.run(["rm", "-rf", *[f"{root}/releases/{n}" for n in doomed]], timeout=120, check=True)
+    return doomed
+
+
+def render_values(
+    template_values: Mapping[str, str | int], deploy_path: str
+) -> dict[str, str | int]:
+    """Template values for a host's commands: host values plus ``deploy_path``."""
+    return {**template_values, "deploy_path": deploy_path}
