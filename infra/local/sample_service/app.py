@@ -158,6 +158,7 @@ class Handler(BaseHTTPRequestHandler):
                 "status": "ok" if healthy else "unhealthy",
                 "version": self.version,
                 "variant": self.variant,
+                "pid": os.getpid(),
             }
             self._send(200 if healthy else 503, json.dumps(body) + "\n")
         elif path == "/version":
