@@ -181,6 +181,8 @@ class AlertRule:
             )
         if isinstance(self.threshold, bool) or not math.isfinite(self.threshold):
             raise ValueError(f"alert rule {self.name!r}: threshold must be a finite number")
+        # Normalise so comparisons and serialisation see one type (frozen: set via object).
+        object.__setattr__(self, "threshold", float(self.threshold))
         if self.duration < timedelta(0) or self.keep_firing_for < timedelta(0):
             raise ValueError(f"alert rule {self.name!r}: durations must not be negative")
 
@@ -424,7 +426,7 @@ def evaluate_series(
         raise ValueError("alert replay: end is before start")
     n_evals = (t_end - t0) // step + 1
     hold, keep, back = _ms(rule.duration), _ms(rule.keep_firing_for), _ms(lookback)
-    threshold, comparison = rule.threshold, rule.comparison
+    threshold, comparison = float(rule.threshold), rule.comparison
     # passes(v) for a float v; NaN fails every comparison, like PromQL's filter.
     passes = {
         ">": threshold.__lt__,

@@ -299,3 +299,10 @@ def test_evaluate_series_rejects_bad_window():
         evaluate_series(rule(), {}, start=0.0, end=1.0, interval=timedelta(0))
     with pytest.raises(ValueError, match="end"):
         evaluate_series(rule(), {}, start=10.0, end=1.0, interval=timedelta(seconds=1))
+
+
+def test_evaluate_series_int_threshold_and_int_times():
+    r = AlertRule(name="errors", query="errors", threshold=5, duration=timedelta(0))
+    series = {WEB1: [(0, 3), (60, 7), (120, 5)]}
+    got = evaluate_series(r, series, start=0, end=180, interval=timedelta(minutes=1))
+    assert got == [(60.0, WEB1, "pending"), (60.0, WEB1, "firing"), (120.0, WEB1, "resolved")]
