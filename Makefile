@@ -1,0 +1,55 @@
+# kmp-ops: the two commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_DEBS := openssh-server openssh-client postgresql prometheus
+TEST_DEBS := $(DEMO_DEBS) chromium
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format system-deps test-system-deps venv stack-up stack-down bench clean
+
+demo: system-deps $(BIN)/kmpops
+	$(BIN)/python -m deployments.demo
+
+test: test-system-deps $(BIN)/kmpops
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/kmpops
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/kmpops
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Debian packages: installed only when missing; none of their services is started or enabled.
+system-deps:
+	@./infra/install-debs.sh $(DEMO_DEBS)
+
+test-system-deps:
+	@./infra/install-debs.sh $(TEST_DEBS)
+
+venv: $(BIN)/kmpops
+
+$(BIN)/kmpops: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $(BIN)/kmpops
+
+stack-up: system-deps $(BIN)/kmpops
+	$(BIN)/kmpops stack up
+
+stack-down: $(BIN)/kmpops
+	$(BIN)/kmpops stack down
+
+bench: system-deps $(BIN)/kmpops
+	$(BIN)/python bench/bench_fleet.py --hosts 50
+
+clean: stack-down
+	rm -rf var

@@ -1,0 +1,62 @@
+"""Test session set-up: one local stack for the whole session, never one per test.
+
+The stack (sshd fleet, SeaweedFS, PostgreSQL, Prometheus, a PostgreSQL-backed Prefect server) is
+started lazily by the first test that asks for ``stack`` and stopped at the end of the session.
+Its ports are fixed (``KMPOPS_TEST_PORT_BASE``, default 27000), so the Prefect client settings are
+set before Prefect is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PORT_BASE = int(os.environ.get("KMPOPS_TEST_PORT_BASE", "27000"))
+STACK_ROOT = Path(os.environ.get("KMPOPS_TEST_STACK_ROOT", REPO / "var" / "test-stack")).resolve()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point Prefect and kmp-ops at the session stack before anything imports Prefect."""
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PORT_BASE + 400}/api"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_HOME"] = str(STACK_ROOT / "prefect-client")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "false"
+    os.environ["KMPOPS_CONFIG"] = str(STACK_ROOT / "ops.yaml")
+    os.environ.setdefault("KMPOPS_ACTOR", "pytest")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[object]:
+    """The whole local stack, started once per session (fresh state), stopped at the end."""
+    from kmpops import stack as local_stack
+
+    if (STACK_ROOT / "stack.json").exists():
+        local_stack.down(STACK_ROOT)
+    shutil.rmtree(STACK_ROOT, ignore_errors=True)
+    info = local_stack.up(
+        local_stack.StackSpec(
+            root=STACK_ROOT,
+            port_base=PORT_BASE,
+            production_hosts=4,
+            staging_hosts=2,
+            prefect_db="postgres",
+        )
+    )
+    try:
+        yield info
+    finally:
+        local_stack.down(STACK_ROOT)
+
+
+@pytest.fixture(scope="session")
+def ops_config(stack: object):
+    """The stack's validated ops.yaml."""
+    from kmpops.config import load_config
+
+    return load_config(Path(stack.ops_yaml))  # type: ignore[attr-defined]

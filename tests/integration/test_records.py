@@ -1,0 +1,146 @@
+"""The records store on SQLite and on PostgreSQL: releases, approvals, backups, incidents, and the
+tamper-evident audit chain (edit or delete any row → `kmpops audit verify` names the entry)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import text
+
+from kmpops.records import Records
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Records]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'records.db'}"
+    else:
+        stack = request.getfixturevalue("stack")
+        import psycopg
+
+        name = f"rec_{uuid.uuid4().hex[:8]}"
+        port = stack.port_base + 200
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+    rec = Records(url)
+    rec.migrate()
+    rec.migrate()  # idempotent
+    yield rec
+    rec.close()
+
+
+def test_release_current_and_previous(records: Records) -> None:
+    assert records.current_release("web", "production", "prd-1") is None
+    records.record_release(service="web", environment="production", host="prd-1", version="1.0.0")
+    records.record_release(service="web", environment="production", host="prd-1", version="1.1.0")
+    records.record_release(service="web", environment="production", host="prd-2", version="1.1.0")
+    cur = records.current_release("web", "production", "prd-1")
+    prev = records.previous_release("web", "production", "prd-1")
+    assert cur is not None and cur.version == "1.1.0"
+    assert prev is not None and prev.version == "1.0.0"
+    records.record_release(service="web", environment="production", host="prd-1", version="1.2.0")
+    prev = records.previous_release("web", "production", "prd-1")
+    assert prev is not None and prev.version == "1.1.0"
+    states = sorted(
+        (r.version, r.state) for r in records.releases("web", "production") if r.host == "prd-1"
+    )
+    assert states == [("1.0.0", "retired"), ("1.1.0", "previous"), ("1.2.0", "current")]
+
+
+def test_incident_deduplicates_alerts(records: Records) -> None:
+    first, created = records.open_incident(
+        title="error rate", severity="critical", alert_key="error_rate/web"
+    )
+    again, created_again = records.open_incident(
+        title="error rate", severity="critical", alert_key="error_rate/web"
+    )
+    assert created and not created_again and again.id == first.id
+    _, timeline = records.incident(first.id)
+    assert [e.phase for e in timeline] == ["detection", "detection"]
+    assert "duplicate" in timeline[1].message
+
+
+def test_backup_complete_only_when_finished(records: Records) -> None:
+    b = records.start_backup(kind="database", name="app", key="db/app/1.dump")
+    assert records.backups(states=["complete"]) == []
+    records.finish_backup(
+        b.id, state="complete", size=10, sha256="ab" * 32, manifest={"tables": {"t": 3}}
+    )
+    records.add_verification(b.id, ok=True, checks={"integrity": "ok"})
+    done = records.backup(b.id)
+    assert done.state == "complete" and done.verification == "verified"
+    assert done.manifest == {"tables": {"t": 3}}
+
+
+def _write_config(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump({"records": {"url": url}}))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmpops.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_audit_chain_detects_edit_and_delete(records: Records, tmp_path: Path) -> None:
+    for i in range(5):
+        records.audit(actor="alice", action="deploy.step", subject="web", details={"i": i})
+    cfg = _write_config(tmp_path, records.url)
+    ok = _cli("audit", "verify", "--config", str(cfg))
+    assert ok.returncode == 0, ok.stderr
+    assert "intact: 5 events" in ok.stdout
+
+    exported = _cli("audit", "export", "--config", str(cfg))
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [e["seq"] for e in lines] == [1, 2, 3, 4, 5]
+    assert lines[1]["prev_hash"] == lines[0]["hash"]
+
+    with records.engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = 3"))
+    edited = _cli("audit", "verify", "--config", str(cfg))
+    assert edited.returncode == 1
+    assert "audit event #3: content was modified" in edited.stderr
+
+    with records.engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET actor = 'alice' WHERE seq = 3"))
+        conn.execute(text("DELETE FROM audit_events WHERE seq = 2"))
+    deleted = _cli("audit", "verify", "--config", str(cfg))
+    assert deleted.returncode == 1
+    assert "audit event #2: missing" in deleted.stderr
+
+
+def test_audit_details_are_redacted(records: Records) -> None:
+    from kmpops.redact import get_redactor
+
+    get_redactor().add("hunter2-topsecret")
+    records.audit(
+        actor="a",
+        action="x",
+        subject="s",
+        details={"note": "password is hunter2-topsecret", "url": "postgres://u:pw1234@h/db"},
+    )
+    ev = records.audit_events(action="x")[-1]
+    dumped = json.dumps(ev.details)
+    assert "hunter2-topsecret" not in dumped and "pw1234" not in dumped
+    assert records.verify_audit().ok
+
+
+def test_concurrent_appends_never_fork(records: Records) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: records.audit(actor="t", action="c", subject=str(i)), range(40)))
+    report = records.verify_audit()
+    assert report.ok and report.events == 40
