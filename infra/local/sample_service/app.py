@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pid_file.write_text(f"{os.getpid()}\n")
 
     def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        raise SystemExit(0)  # leaves serve_forever at once; no wait for its poll interval
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         server.serve_forever(poll_interval=0.2)
+    except (SystemExit, KeyboardInterrupt):
+        pass
     finally:
         server.server_close()
     print(f"web {version} stopped", file=sys.stderr, flush=True)
