@@ -22,7 +22,7 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -340,3 +340,187 @@ def render_drill_report(current: DrillOutcome, history: Sequence[DrillOutcome]) 
             f"{direction} than the oldest shown.",
         ]
     return "\n".join(lines) + "\n"
+
+
+# -- configuration backups over SSH -----------------------------------------------------------
+#
+# The I/O below takes live connector objects (an SSHConnection, an ObjectStore) and is called by
+# tasks; it never builds them itself.
+
+_SHA_MARK = "\x00--kmpops-sha256--\x00"
+_MISSING_MARK = "\x00--kmpops-missing--\x00"
+
+
+def _listing_command(roots: Sequence[str]) -> str:
+    """One remote shell command listing regular files (mode, owner, group, size, path) and hashes.
+
+    Roots are validated (``shellsafe.validate_path``) and quoted; the output is NUL-separated so
+    any file name parses. Symlinks and special files are not followed or collected.
+    """
+    from kmpops import shellsafe
+
+    if not roots:
+        raise ValueError("no configuration paths to collect")
+    quoted = []
+    for root in roots:
+        if not root.startswith("/"):
+            raise ValueError(f"configuration path {root!r} must be absolute")
+        quoted.append(shellsafe.quote(shellsafe.validate_path(root, what="configuration path")))
+    existing = " ".join(quoted)
+    check = "; ".join(f"[ -e {q} ] || printf '%s\\0' {q}" for q in quoted)
+    return (
+        f"{check}; printf '\\0--kmpops-missing--\\0'; "
+        f'for r in {existing}; do [ -e "$r" ] && find "$r" -xdev -type f '
+        "-printf '%m\\t%u\\t%g\\t%s\\t%p\\0'; done; "
+        "printf '\\0--kmpops-sha256--\\0'; "
+        f'for r in {existing}; do [ -e "$r" ] && find "$r" -xdev -type f -print0; done '
+        "| xargs -0 -r sha256sum -z; true"
+    )
+
+
+def parse_listing(output: str) -> tuple[list[ConfigFileEntry], list[str]]:
+    """Parse the output of the listing command into (file entries sorted by path, missing roots).
+
+    Raises ValueError if the output is not in the expected shape.
+    """
+    if _MISSING_MARK not in output or _SHA_MARK not in output:
+        raise ValueError("unexpected output from the configuration listing command")
+    missing_part, rest = output.split(_MISSING_MARK, 1)
+    stat_part, sha_part = rest.split(_SHA_MARK, 1)
+    missing = [m for m in missing_part.split("\x00") if m]
+    hashes: dict[str, str] = {}
+    for item in sha_part.split("\x00"):
+        if item:
+            digest, _, path = item.partition("  ")
+            hashes[path] = digest
+    entries: dict[str, ConfigFileEntry] = {}
+    for item in stat_part.split("\x00"):
+        if not item:
+            continue
+        mode, owner, group, size, path = item.split("\t", 4)
+        if path not in hashes:
+            continue  # vanished between the two listings
+        entries[path] = ConfigFileEntry(
+            path=path,
+            mode=int(mode, 8),
+            owner=owner,
+            group=group,
+            size=int(size),
+            sha256=hashes[path],
+        )
+    return [entries[p] for p in sorted(entries)], missing
+
+
+def download_bytes(store: Any, key: str, *, expected_sha256: str | None) -> bytes:
+    """An object's content, checked against ``expected_sha256`` (or its recorded sha256).
+
+    Raises IntegrityError on a mismatch, NotFound if the object does not exist.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    store.download(key, buffer, expected_sha256=expected_sha256)
+    return buffer.getvalue()
+
+
+def collect_configuration(
+    conn: Any,
+    store: Any,
+    *,
+    host: str,
+    roots: Sequence[str],
+    backup_id: str,
+    known_blobs: Iterable[str] = (),
+    timeout: float = 120.0,
+) -> ConfigurationManifest:
+    """Back up the files under ``roots`` on one host into content-addressed blobs.
+
+    Lists the files and their sha256 on the host (one command), uploads only the blobs not in
+    ``known_blobs`` and not already in the store, then returns the manifest (the caller stores
+    it: a manifest written last means every blob it references was uploaded first). A file whose
+    content changed between listing and reading is stored with the content actually read.
+    Raises ConnectorError / TransientError from the connectors; nothing is left half-written
+    that a manifest refers to.
+    """
+    started = datetime.now(UTC)
+    result = conn.run(_listing_command(roots), timeout=timeout, check=True)
+    entries, missing = parse_listing(result.stdout)
+    stored = set(known_blobs)
+    uploaded: list[str] = []
+    final: list[ConfigFileEntry] = []
+    for entry in entries:
+        key = entry.blob_key
+        if key in stored:
+            final.append(entry)
+            continue
+        if store.exists(key):
+            stored.add(key)
+            final.append(entry)
+            continue
+        data = conn.read_bytes(entry.path)
+        digest = sha256_hex(data)
+        if digest != entry.sha256:
+            entry = entry.model_copy(update={"sha256": digest, "size": len(data)})
+            key = entry.blob_key
+        if key not in stored:
+            store.put_bytes(key, data)
+            stored.add(key)
+            uploaded.append(key)
+        final.append(entry)
+    return ConfigurationManifest(
+        backup_id=backup_id,
+        host=host,
+        roots=tuple(roots),
+        missing_roots=tuple(missing),
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        files=tuple(final),
+        uploaded_blobs=tuple(uploaded),
+    )
+
+
+def restore_configuration_files(
+    conn: Any,
+    store: Any,
+    manifest: ConfigurationManifest,
+    *,
+    prune: bool = True,
+    timeout: float = 120.0,
+) -> dict[str, list[str]]:
+    """Put one host's configuration files back exactly as ``manifest`` lists them.
+
+    Every blob is downloaded and checked against its sha256 *before* any file on the host is
+    touched (IntegrityError / NotFound otherwise, nothing changed). Then each file is written
+    atomically with its mode; with ``prune``, files under the manifest's roots that the manifest
+    does not list are removed. Returns ``{"written": [...], "unchanged": [...], "removed": [...]}``.
+    Rollback: the caller takes a configuration backup first and restores that on failure.
+    """
+    blobs: dict[str, bytes] = {}
+    for entry in manifest.files:
+        if entry.sha256 not in blobs:
+            blobs[entry.sha256] = download_bytes(
+                store, entry.blob_key, expected_sha256=entry.sha256
+            )
+    present_roots = [r for r in manifest.roots if r not in manifest.missing_roots]
+    current: dict[str, ConfigFileEntry] = {}
+    if present_roots:
+        listing = conn.run(_listing_command(present_roots), timeout=timeout, check=True)
+        current = {e.path: e for e in parse_listing(listing.stdout)[0]}
+    outcome: dict[str, list[str]] = {"written": [], "unchanged": [], "removed": []}
+    dirs = sorted({e.path.rsplit("/", 1)[0] or "/" for e in manifest.files})
+    if dirs:
+        conn.run(["mkdir", "-p", "--", *dirs], timeout=timeout, check=True)
+    for entry in manifest.files:
+        now = current.get(entry.path)
+        if now is not None and now.sha256 == entry.sha256 and now.mode == entry.mode:
+            outcome["unchanged"].append(entry.path)
+            continue
+        conn.put_bytes(blobs[entry.sha256], entry.path, mode=entry.mode)
+        outcome["written"].append(entry.path)
+    if prune:
+        wanted = {e.path for e in manifest.files}
+        extra = sorted(p for p in current if p not in wanted)
+        if extra:
+            conn.run(["rm", "-f", "--", *extra], timeout=timeout, check=True)
+        outcome["removed"] = extra
+    return outcome
