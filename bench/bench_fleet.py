@@ -116,6 +116,9 @@ def run_kmpops(
 # -- (b)/(c) plain paramiko -----------------------------------------------------------------
 
 
+FLOOR_OPTIONS: dict[str, object] = {}
+
+
 def paramiko_release(
     host: SSHHostInfo, tarball: Path, data: bytes, version: str, upload: str
 ) -> None:
@@ -130,6 +133,7 @@ def paramiko_release(
         look_for_keys=False,
         allow_agent=False,
         timeout=10,
+        **FLOOR_OPTIONS,
     )
     try:
         if upload == "stdin":
@@ -195,9 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=5.0)
     parser.add_argument("--upload", choices=["sftp", "stdin"], default="stdin")
     parser.add_argument("--no-serial", action="store_true")
+    parser.add_argument(
+        "--floor-gcm",
+        action="store_true",
+        help="let the floor use AES-GCM too (kmp-ops prefers it; paramiko's default is CTR)",
+    )
     parser.add_argument("--root", type=Path, default=None, help="fleet dir (default: a temp dir)")
     args = parser.parse_args(argv)
     floor_workers = args.floor_workers or args.workers
+    if args.floor_gcm:
+        non_aead = [c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c]
+        FLOOR_OPTIONS["disabled_algorithms"] = {"ciphers": non_aead}
 
     with tempfile.TemporaryDirectory(prefix="kmpops-bench-") as tmp:
         root = args.root or Path(tmp) / "fleet"
@@ -210,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"started {len(hosts)} sshd in {time.perf_counter() - started:.2f} s; "
                 f"tarball {tarball.stat().st_size / 1e6:.1f} MB; upload={args.upload}; "
-                f"workers kmp-ops={args.workers} floor={floor_workers}",
+                f"workers kmp-ops={args.workers} floor={floor_workers}"
+                f"{' floor-gcm' if args.floor_gcm else ''}",
                 flush=True,
             )
             kmp, floor = [], []

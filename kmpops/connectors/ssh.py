@@ -59,6 +59,9 @@ _READ_CHUNK = 1 << 16
 _STDERR_TAIL = 600
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _known_hosts_lock = threading.Lock()
+# AEAD ciphers first: one cryptography call per packet instead of AES-CTR + HMAC; about 1.7x the
+# throughput of paramiko's default (aes128-ctr + hmac-sha2-256) on bulk uploads (bench/README.md).
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 class HostLike(Protocol):
@@ -238,8 +241,10 @@ class SSHConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
         try:
+            options = transport.get_security_options()
+            fast = [c for c in _PREFERRED_CIPHERS if c in options.ciphers]
+            options.ciphers = [*fast, *(c for c in options.ciphers if c not in fast)]
             if ours is not None and len(ours):
-                options = transport.get_security_options()
                 first = ours.keys()[0]
                 options.key_types = [first, *(k for k in options.key_types if k != first)]
             try:
