@@ -79,6 +79,7 @@ def _load_prefect_secret(name: str) -> str:
 
 def secret(ref: SecretRef | str) -> str:
     """Resolve a secret reference inside a task (registered with the redactor, never logged)."""
+    install_redaction()
     return resolve_secret(ref, block_loader=_load_prefect_secret)
 
 

@@ -1,0 +1,119 @@
+"""Serve every kmp-ops flow as a deployment, with its schedule or event trigger.
+
+Run from the repository root with ``KMPOPS_CONFIG`` and ``PREFECT_API_URL`` set::
+
+    python -m deployments.serve            # all flows
+    python -m deployments.serve --list     # what would be served, with schedules
+
+Backup schedules come from the guide's ``backups:`` block in ops.yaml. A critical alert firing
+(event ``kmpops.alert.firing``) starts ``incident-response``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import Flow, serve
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+import flows
+
+ALERT_EVENT = "kmpops.alert.firing"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one flow is run when served."""
+
+    cron: str | None = None
+    interval: float | None = None
+    trigger: bool = False
+
+
+def schedules(config: Any | None) -> dict[str, Plan]:
+    """Flow name → how it runs; backup crons come from ops.yaml's ``backups:`` block."""
+    backups = getattr(config, "backups", {}) if config is not None else {}
+    db_cron = backups["database"].schedule if "database" in backups else "0 0 * * *"
+    cfg_cron = backups["configuration"].schedule if "configuration" in backups else "0 */6 * * *"
+    return {
+        "backup-database": Plan(cron=db_cron),
+        "backup-configuration": Plan(cron=cfg_cron),
+        "verify-backups": Plan(cron="30 0 * * *"),
+        "backup-retention": Plan(cron="0 2 * * *"),
+        "dr-drill": Plan(cron="0 3 * * 0"),
+        "evaluate-alerts": Plan(interval=60),
+        "incident-response": Plan(trigger=True),
+        "maintenance-daily": Plan(cron="0 6 * * *"),
+        "maintenance-weekly": Plan(cron="0 7 * * 1"),
+        "maintenance-monthly": Plan(cron="0 8 1 * *"),
+        "compliance-audit": Plan(cron="0 9 1 * *"),
+        "capacity-report": Plan(cron="0 7 * * 1"),
+        "cost-report": Plan(cron="0 8 1 * *"),
+        "access-review": Plan(cron="0 9 1 * *"),
+    }
+
+
+def discover() -> list[Flow[Any, Any]]:
+    """Every Prefect flow defined in the ``flows`` package, by module."""
+    found: dict[str, Flow[Any, Any]] = {}
+    for mod in pkgutil.iter_modules(flows.__path__):
+        module = importlib.import_module(f"flows.{mod.name}")
+        for value in vars(module).values():
+            if isinstance(value, Flow) and value.__module__ == module.__name__:
+                found[value.name] = value
+    return [found[name] for name in sorted(found)]
+
+
+def alert_trigger() -> DeploymentEventTrigger:
+    """Start incident-response when evaluate-alerts (or the Alertmanager receiver) emits."""
+    return DeploymentEventTrigger(
+        expect={ALERT_EVENT},
+        parameters={"alert": "{{ event.payload }}"},
+    )
+
+
+def build(config: Any | None) -> list[Any]:
+    """One runner deployment per flow, named after the flow."""
+    plans = schedules(config)
+    deployments = []
+    for fl in discover():
+        plan = plans.get(fl.name, Plan())
+        kwargs: dict[str, Any] = {"name": fl.name, "tags": ["kmp-ops"]}
+        if plan.cron:
+            kwargs["cron"] = plan.cron
+        if plan.interval:
+            kwargs["interval"] = plan.interval
+        if plan.trigger:
+            kwargs["triggers"] = [alert_trigger()]
+        deployments.append(fl.to_deployment(**kwargs))
+    return deployments
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve (or list) the deployments."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print what would be served and exit")
+    args = parser.parse_args(argv)
+    config = None
+    if os.environ.get("KMPOPS_CONFIG"):
+        from tasks.common import ops_config
+
+        config = ops_config()
+    plans = schedules(config)
+    if args.list:
+        for fl in discover():
+            plan = plans.get(fl.name, Plan())
+            how = plan.cron or (f"every {plan.interval:g}s" if plan.interval else None)
+            how = how or (f"on {ALERT_EVENT}" if plan.trigger else "manual")
+            print(f"{fl.name:28s} {how}")
+        return
+    serve(*build(config))
+
+
+if __name__ == "__main__":
+    main()
