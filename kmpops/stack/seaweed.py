@@ -12,14 +12,21 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmpops.stack._proc import StackError, read_pid, start_process, stop_process, wait_for_port
+from kmpops.stack._proc import (
+    StackError,
+    read_pid,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
 
-__all__ = ["S3Info", "find_weed", "start", "stop"]
+__all__ = ["S3Info", "find_weed", "ports_bindable", "start", "stop"]
 
 _HOST = "127.0.0.1"
 
@@ -141,6 +148,7 @@ def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60
         pid_file=pid_file,
     )
     if read_pid(pid_file) is None:
+        _wait_ports_free(port, timeout=10.0)
         start_process(
             _argv(find_weed(), base, port, s3_config), pid_file=pid_file, log_file=log_file
         )
@@ -148,6 +156,35 @@ def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60
     wait_for_port(port, timeout=timeout, what="SeaweedFS S3", pid_file=pid_file)
     _ensure_bucket_works(info, deadline, log_file)
     return info
+
+
+def ports_bindable(port: int, count: int = 8) -> list[int]:
+    """The ports of ``port..port+count-1`` that cannot be bound on 127.0.0.1 right now.
+
+    Binding without SO_REUSEADDR also catches ports held in TIME_WAIT by other programs'
+    connections (ports above 32767 are in Linux's ephemeral range), which weed's gRPC
+    listeners cannot take over.
+    """
+    busy = []
+    for candidate in range(port, port + count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, candidate))
+            except OSError:
+                busy.append(candidate)
+    return busy
+
+
+def _wait_ports_free(port: int, *, timeout: float) -> None:
+    """Wait until ``port..port+7`` are free (a previous server may still be closing them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = ports_bindable(port)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"SeaweedFS ports busy on 127.0.0.1: {busy}")
+        time.sleep(0.1)
 
 
 def _ensure_bucket_works(info: S3Info, deadline: float, log_file: Path) -> None:
