@@ -20,7 +20,18 @@ import yaml
 
 from kmpops.stack._proc import StackError, read_pid
 
-__all__ = ["StackError", "StackHost", "StackInfo", "StackSpec", "down", "load", "status", "up"]
+__all__ = [
+    "COMPONENTS",
+    "StackError",
+    "StackHost",
+    "StackInfo",
+    "StackSpec",
+    "approver_token",
+    "down",
+    "load",
+    "status",
+    "up",
+]
 
 COMPONENTS = ("sshd", "s3", "postgres", "prefect", "prometheus")
 
@@ -169,10 +180,45 @@ def up(spec: StackSpec) -> StackInfo:
             db_url = f"postgresql+asyncpg://postgres@127.0.0.1:{base + 200}/prefect"
         info.prefect = _plain(prefect_server.start(root, base + 400, database_url=db_url))
 
+    _write_approver_tokens(root)
     _write_ops_yaml(info)
     info.started_s = round(time.monotonic() - t0, 2)
     _write(info)
     return info
+
+
+APPROVERS = ("alice", "bob", "carol")
+
+
+def _write_approver_tokens(root: Path) -> None:
+    """Give each local approver a random token; the config references only their digests.
+
+    ``secrets/approver-<name>.token`` holds the plain token (what that person would keep to
+    themselves), ``secrets/approver_tokens`` the ``name:sha256`` book the policy checks against.
+    """
+    import hashlib
+    import os
+    import secrets as pysecrets
+
+    folder = root / "secrets"
+    folder.mkdir(parents=True, exist_ok=True)
+    book = folder / "approver_tokens"
+    if book.exists():
+        return
+    lines = []
+    for name in APPROVERS:
+        token = pysecrets.token_urlsafe(24)
+        token_file = folder / f"approver-{name}.token"
+        token_file.write_text(token + "\n")
+        os.chmod(token_file, 0o600)
+        lines.append(f"{name}:{hashlib.sha256(token.encode()).hexdigest()}")
+    book.write_text("\n".join(lines) + "\n")
+    os.chmod(book, 0o600)
+
+
+def approver_token(root: Path, name: str) -> str:
+    """The local stack's token of approver ``name`` (for the demo and the tests)."""
+    return (root / "secrets" / f"approver-{name}.token").read_text().strip()
 
 
 def _ensure_databases(port: int) -> None:
@@ -239,6 +285,7 @@ def load(root: Path) -> StackInfo:
 def _write_ops_yaml(info: StackInfo) -> None:
     root = Path(info.root)
     sink = f"jsonl://{info.notifications}"
+    tokens = f"file:{root / 'secrets' / 'approver_tokens'}"
 
     def host_entry(h: StackHost) -> dict[str, Any]:
         return {
@@ -268,6 +315,7 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 "policy": {
                     "approval_required": False,
                     "approvers": ["alice", "bob", "carol"],
+                    "approver_tokens": tokens,
                     "batch_size": "50%",
                     "max_failures": 0,
                 },
@@ -277,6 +325,7 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 "policy": {
                     "approval_required": True,
                     "approvers": ["alice", "bob", "carol"],
+                    "approver_tokens": tokens,
                     "four_eyes": True,
                     "quorum": 1,
                     "approval_timeout": "10m",
