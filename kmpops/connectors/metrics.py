@@ -160,9 +160,11 @@ def _parse_sample(line: str) -> Sample:
     pos = _skip_ws(line, match.end())
     if line[pos : pos + 1] == "{":
         pos = _parse_labels(line, pos + 1, labels)
-    rest = line[pos:].split()
-    if pos < len(line) and line[pos] not in " \t":
+        if pos < len(line) and line[pos] not in " \t":
+            raise ValueError("expected whitespace before the value")
+    elif pos == match.end() and pos < len(line):
         raise ValueError("expected whitespace before the value")
+    rest = line[pos:].split()
     if len(rest) not in (1, 2):
         raise ValueError("expected a value and an optional timestamp")
     value = _parse_float(rest[0])
