@@ -352,7 +352,8 @@ class SSHConnection:
         server's AcceptEnv; values are visible in the remote process list, so pass secrets on
         ``stdin``); names must be identifiers. ``result.command`` never contains the env.
 
-        Raises CommandTimeout if the command runs past ``timeout`` seconds (the channel is
+        ``exit_status`` is -1 if the session ended without one (the command was killed by a
+        signal). Raises CommandTimeout if the command runs past ``timeout`` seconds (the channel is
         closed; the remote process may linger), CommandFailed if ``check`` and the exit status
         is not 0, HostUnreachable if the transport is lost, plus the connect errors.
         """
