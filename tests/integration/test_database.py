@@ -1,0 +1,221 @@
+"""PostgresDatabase against a real PostgreSQL 15 cluster; SQLiteDatabase on a real file."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
+from kmpops.connectors.storage import LocalStore, PutResult
+from kmpops.errors import CommandFailed, ConnectorError, HostUnreachable, UnsafeValueError
+from kmpops.stack import postgres
+
+PG_PORT = int(os.environ.get("KMPOPS_TEST_PG_PORT", "33200"))
+EXPECTED = {"app.orders": 3000, "public.customers": 1500, "public.events": 4000}
+
+
+@pytest.fixture(scope="module")
+def pg():
+    # not under pytest's 0700 tmp dir: the postgres system user must be able to traverse it
+    root = Path(tempfile.mkdtemp(prefix="kmpops-pg-"))
+    os.chmod(root, 0o755)
+    info = postgres.start(root, PG_PORT)
+    yield info
+    postgres.stop(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app_db(pg):
+    admin = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="postgres")
+    admin.drop_database("app")
+    admin.create_database("app")
+    db = PostgresDatabase(
+        host=pg.host, port=pg.port, user=pg.user, dbname="app", bin_dir=pg.bin_dir
+    )
+    for stmt in (
+        "CREATE SCHEMA app",
+        "CREATE TABLE public.customers (id int PRIMARY KEY, name text NOT NULL)",
+        "INSERT INTO public.customers SELECT g, 'customer ' || g FROM generate_series(1, 1500) g",
+        "CREATE TABLE app.orders (id int PRIMARY KEY, customer int REFERENCES public.customers,"
+        " amount numeric)",
+        "INSERT INTO app.orders SELECT g, 1 + g % 1500, g * 1.5 FROM generate_series(1, 3000) g",
+        "CREATE TABLE public.events (id bigserial PRIMARY KEY, payload bytea)",
+        "INSERT INTO public.events (payload) SELECT decode(md5(g::text), 'hex')"
+        " FROM generate_series(1, 4000) g",
+        "CREATE INDEX events_payload ON public.events (payload)",
+    ):
+        db.run_sql(stmt)
+    return db
+
+
+def _pg_restore(pg, dbname: str, dump_path) -> None:
+    """Restore with the plain PostgreSQL tools, as an operator would without kmp-ops."""
+    subprocess.run(
+        [str(pg.bin_dir / "createdb"), "-h", pg.host, "-p", str(pg.port), "-U", pg.user, dbname],
+        check=True,
+    )
+    subprocess.run(
+        [
+            str(pg.bin_dir / "pg_restore"),
+            "-h",
+            pg.host,
+            "-p",
+            str(pg.port),
+            "-U",
+            pg.user,
+            "-d",
+            dbname,
+            str(dump_path),
+        ],
+        check=True,
+    )
+
+
+def test_row_counts_and_version(app_db):
+    assert app_db.table_row_counts() == EXPECTED
+    assert app_db.server_version().startswith("15.")
+    assert app_db.database_exists("app") and not app_db.database_exists("nope")
+
+
+def test_dump_stream_into_store_restores_with_plain_pg_restore(pg, app_db, tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    with app_db.dump_stream() as stream:
+        put = store.put_stream("db/app.dump", stream)
+    assert put.size > 10_000
+    dump_file = tmp_path / "app.dump"
+    store.download("db/app.dump", dump_file, expected_sha256=put.sha256)
+    app_db.drop_database("app_plain")
+    _pg_restore(pg, "app_plain", dump_file)
+    assert app_db.table_row_counts("app_plain") == EXPECTED
+    app_db.drop_database("app_plain")
+
+
+def test_restore_from_file_parallel_and_from_stream(app_db, tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    put = app_db.dump_to_store(store, "db/app.dump")
+    dump_file = tmp_path / "app.dump"
+    store.download("db/app.dump", dump_file, expected_sha256=put.sha256)
+    for name in ("app_r1", "app_r2"):
+        app_db.drop_database(name)
+    app_db.restore_from_file(dump_file, "app_r1", jobs=2)
+    assert app_db.table_row_counts("app_r1") == EXPECTED
+    with open(dump_file, "rb") as fh:
+        app_db.restore_from_stream(fh, "app_r2")
+    assert app_db.table_row_counts("app_r2") == EXPECTED
+    # restoring over an existing database is refused and changes nothing
+    with pytest.raises(ConnectorError, match="already exists"):
+        app_db.restore_from_file(dump_file, "app_r1")
+    assert app_db.table_row_counts("app_r1") == EXPECTED
+    for name in ("app_r1", "app_r2"):
+        app_db.drop_database(name)
+
+
+def test_zstd_dump_round_trip(app_db, tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    put = app_db.dump_to_store(store, "db/app.dump.zst", compress="zstd")
+    assert store.head("db/app.dump.zst").metadata["compression"] == "zstd"
+    buf = io.BytesIO()
+    store.download("db/app.dump.zst", buf, expected_sha256=put.sha256)
+    buf.seek(0)
+    app_db.drop_database("app_z")
+    app_db.restore_from_stream(buf, "app_z", compression="zstd")
+    assert app_db.table_row_counts("app_z") == EXPECTED
+    app_db.drop_database("app_z")
+
+
+def test_snapshot_counts_match_dump_while_writes_continue(app_db, tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    import threading
+
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 100_000
+        while not stop.is_set():
+            app_db.run_sql("INSERT INTO public.events (payload) VALUES ('\\x00')")
+            n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        snap = app_db.snapshot_row_counts_and_dump(store, "db/snap.dump")
+    finally:
+        stop.set()
+        thread.join()
+    assert isinstance(snap.put, PutResult) and snap.server_version.startswith("15.")
+    assert snap.row_counts["public.customers"] == 1500
+    dump_file = tmp_path / "snap.dump"
+    store.download("db/snap.dump", dump_file, expected_sha256=snap.put.sha256)
+    app_db.drop_database("app_snap")
+    app_db.restore_from_file(dump_file, "app_snap", jobs=2)
+    assert app_db.table_row_counts("app_snap") == snap.row_counts
+    app_db.drop_database("app_snap")
+    app_db.run_sql("DELETE FROM public.events WHERE id > 4000")
+
+
+def test_failed_dump_leaves_no_object(pg, tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    missing = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="does_not_exist")
+    with pytest.raises(CommandFailed, match="does_not_exist"):
+        missing.dump_to_store(store, "db/missing.dump")
+    assert not store.exists("db/missing.dump")
+    with pytest.raises(CommandFailed), missing.dump_stream() as stream:
+        stream.read()
+
+
+def test_bad_restore_drops_created_database(app_db, tmp_path):
+    junk = tmp_path / "junk.dump"
+    junk.write_bytes(b"this is not a dump")
+    with pytest.raises(CommandFailed, match="pg_restore exited"):
+        app_db.restore_from_file(junk, "app_junk")
+    assert not app_db.database_exists("app_junk")
+
+
+def test_names_are_validated_and_password_stays_out_of_errors(pg):
+    with pytest.raises(UnsafeValueError):
+        PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="app; DROP")
+    with pytest.raises(UnsafeValueError):
+        PostgresDatabase(host="-oProxyCommand", port=pg.port, user=pg.user, dbname="app")
+    db = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="app")
+    with pytest.raises(UnsafeValueError):
+        db.restore_from_file(__file__, "--clean")
+    down = PostgresDatabase(
+        host="127.0.0.1",
+        port=33299,
+        user="postgres",
+        dbname="app",
+        password="pw-s3cret",
+        connect_timeout=2,
+    )
+    with pytest.raises(HostUnreachable) as err:
+        down.server_version()
+    assert "pw-s3cret" not in str(err.value) and "33299" in str(err.value)
+    assert "pw-s3cret" not in repr(down)
+
+
+def test_sqlite_online_backup(tmp_path):
+    src = tmp_path / "records.db"
+    conn = sqlite3.connect(src)
+    conn.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY, entry TEXT)")
+    conn.executemany("INSERT INTO audit (entry) VALUES (?)", [(f"e{i}",) for i in range(2500)])
+    conn.execute('CREATE TABLE "odd ""name""" (x)')
+    conn.execute('INSERT INTO "odd ""name""" VALUES (1)')
+    conn.commit()
+    db = SQLiteDatabase(src)
+    dest = db.backup_to(tmp_path / "backup" / "records.db")
+    conn.execute("INSERT INTO audit (entry) VALUES ('after')")
+    conn.commit()
+    conn.close()
+    assert SQLiteDatabase(dest).table_row_counts() == {"audit": 2500, 'odd "name"': 1}
+    assert db.table_row_counts()["audit"] == 2501
+    assert [p.name for p in dest.parent.iterdir()] == ["records.db"]
+    with pytest.raises(ConnectorError):
+        SQLiteDatabase(tmp_path / "missing.db").backup_to(tmp_path / "x.db")
