@@ -1,0 +1,268 @@
+"""Incident steps: open/record, escalate, diagnostics, rollback target, health check.
+
+Every step writes to the incident's timeline (records store) and to the audit chain. Diagnostics
+run fixed commands from code over SSH (paths shell-quoted), and their output passes the log
+redactor before it is stored or rendered. :func:`wait_for_ack` pauses the flow run (it must be
+called from the flow, not from a task) with an :class:`AckForm`; its pause key
+``ack-<incident>-<level>`` tells an operator or a test which question the run is asking.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from kmpops import release as rel
+from kmpops import shellsafe
+from kmpops.config import Host, OpsConfig
+from kmpops.connectors.notify import Notifier
+from kmpops.connectors.ssh import SSHConnection
+from kmpops.errors import NotFound
+from kmpops.plans.incident import instance_of
+from kmpops.redact import redact
+from tasks.common import audit, ops_config, records, retry_on_transient
+
+__all__ = [
+    "AckForm",
+    "check_service_health",
+    "gather_diagnostics",
+    "host_environment",
+    "instances_of",
+    "notify_level",
+    "open_incident",
+    "recent_history",
+    "record_phase",
+    "rollback_target",
+    "wait_for_ack",
+]
+
+ACK_POLL_S = 1
+_OUTPUT_MAX = 4000
+
+
+class AckForm(RunInput):
+    """The acknowledgement form of an escalation step."""
+
+    responder: str = Field(default="", description="who takes the incident")
+    note: str = Field(default="", description="anything the next responder should know")
+
+
+def instances_of(cfg: OpsConfig, service: str) -> dict[str, str]:
+    """``address:port`` of the service's metrics URL on each host -> host name (how a
+    Prometheus ``instance`` label finds its host)."""
+    svc = cfg.services.get(service)
+    if svc is None or svc.metrics is None or not svc.metrics.url:
+        return {}
+    out = {}
+    for env in cfg.environments.values():
+        for host in env.hosts:
+            out[instance_of(svc.render(svc.metrics.url, host))] = host.name
+    return out
+
+
+def host_environment(cfg: OpsConfig, host_name: str) -> tuple[str, Host]:
+    """(environment, host) of a host name; NotFound if no environment has it."""
+    try:
+        return cfg.host(host_name)
+    except KeyError:
+        raise NotFound(f"unknown host {host_name!r}") from None
+
+
+@task(name="open-incident", cache_policy=NO_CACHE)
+def open_incident(
+    title: str, severity: str, alert_key: str | None, details: dict[str, Any]
+) -> tuple[int, bool]:
+    """Open an incident, or attach the alert to the open incident that already has its key.
+
+    Returns (incident id, created). Audited either way."""
+    row, created = records().open_incident(
+        title=title, severity=severity, alert_key=alert_key, details=details
+    )
+    audit(
+        "incident.opened" if created else "incident.duplicate",
+        f"incident/{row.id}",
+        title=title,
+        severity=severity,
+        alert_key=alert_key,
+    )
+    return row.id, created
+
+
+@task(name="incident-phase", cache_policy=NO_CACHE, task_run_name="{phase}: {message}")
+def record_phase(
+    incident_id: int, phase: str, message: str, details: dict[str, Any] | None = None
+) -> None:
+    """Add a line to the incident timeline and the audit chain (``incident.<phase>``)."""
+    records().incident_event(incident_id, phase=phase, message=message, details=details or {})
+    audit(f"incident.{phase}", f"incident/{incident_id}", message=message, **(details or {}))
+
+
+@task(name="notify-escalation", cache_policy=NO_CACHE, task_run_name="notify-{level}")
+def notify_level(incident_id: int, level: str, title: str, body: str) -> int:
+    """Page support level ``level`` on ``notifications.escalation[level]`` (falling back to the
+    critical route). Returns how many deliveries succeeded."""
+    cfg = ops_config()
+    urls = cfg.notifications.escalation.get(level) or cfg.notifications.routes.get("critical", [])  # type: ignore[call-overload]
+    deliveries = Notifier({"critical": urls}).send(
+        severity="critical",
+        title=f"[{level}] incident #{incident_id}: {title}",
+        body=body,
+        tags=[level, "escalation", f"incident-{incident_id}"],
+        dedup_key=f"incident-{incident_id}-{level}",
+    )
+    return sum(1 for d in deliveries if d.ok)
+
+
+def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -> AckForm | None:
+    """Pause the flow run until someone acknowledges at ``level`` or ``timeout_s`` passes.
+
+    Returns the form (responder named) or None on timeout. An answer without a responder does
+    not count: the run pauses again for the time left. Call from the flow, not a task."""
+    deadline = datetime.now(UTC).timestamp() + timeout_s
+    while True:
+        remaining = deadline - datetime.now(UTC).timestamp()
+        if remaining <= 0:
+            return None
+        try:
+            form = pause_flow_run(
+                wait_for_input=AckForm.with_initial_data(
+                    description=f"**{level}: acknowledge incident #{incident_id}**\n\n{summary}"
+                ),
+                timeout=max(1, round(remaining)),
+                poll_interval=ACK_POLL_S,
+                key=f"ack-{incident_id}-{level}-{round(remaining * 1000)}",
+            )
+        except FlowPauseTimeout:
+            return None
+        if form.responder.strip():
+            return form
+        get_run_logger().warning("acknowledgement without a responder ignored")
+
+
+_PROBES = {
+    "uptime and load": "uptime; cat /proc/loadavg",
+    "top processes by CPU": "ps -eo pid,user,pcpu,pmem,etime,comm --sort=-pcpu | head -n 8",
+    "memory": "free -m",
+}
+
+
+@task(
+    name="gather-diagnostics",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="diagnostics-{host_name}",
+)
+def gather_diagnostics(service: str, host_name: str, log_lines: int = 40) -> dict[str, str]:
+    """Load, top processes, memory, disk, the service log tail and the current release of one
+    host, over SSH. Read-only; output redacted and truncated. A probe that fails reports its
+    exit status instead of raising; an unreachable host raises HostUnreachable (retried)."""
+    cfg = ops_config()
+    _, host = host_environment(cfg, host_name)
+    svc = cfg.services.get(service)
+    out: dict[str, str] = {}
+    with SSHConnection.from_host(host, connect_timeout=5) as conn:
+        probes = dict(_PROBES)
+        if svc is not None:
+            path = shellsafe.validate_path(svc.deploy_path_for(host), what="deploy path")
+            log = f"{path}/shared/log/{service}.log"
+            probes["disk"] = f"df -h {shellsafe.quote(path)}"
+            probes["service log"] = (
+                f"tail -n {int(log_lines)} {shellsafe.quote(log)} 2>&1; "
+                f"echo; echo \"5xx lines in log: $(grep -c ' 50[0-9] ' {shellsafe.quote(log)})\""
+            )
+        else:
+            probes["disk"] = "df -h /"
+        for name, command in probes.items():
+            result = conn.run(command, timeout=15)
+            text = result.stdout if result.ok else f"(exit {result.exit_status}) {result.stderr}"
+            if name == "service log":
+                text = result.stdout or result.stderr
+            out[name] = redact(text)[-_OUTPUT_MAX:]
+        if svc is not None:
+            out["current release"] = rel.current_release(conn, svc.deploy_path_for(host)) or "none"
+    return out
+
+
+@task(name="recent-history", cache_policy=NO_CACHE)
+def recent_history(
+    service: str, hosts: list[str], limit: int = 10
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Recent releases of ``service`` on ``hosts`` and recent deploy/change audit events, newest
+    first, as plain dicts."""
+    rec = records()
+    releases = [
+        {
+            "host": r.host,
+            "environment": r.environment,
+            "version": r.version,
+            "state": r.state,
+            "deployed_at": r.deployed_at.isoformat() if r.deployed_at else "",
+            "deployed_by": r.deployed_by,
+        }
+        for r in rec.releases(service)
+        if not hosts or r.host in hosts
+    ][:limit]
+    changes = [
+        {"ts": e.ts.isoformat(), "action": e.action, "subject": e.subject}
+        for e in reversed(rec.audit_events())
+        if e.action.startswith(("deploy.", "change.", "release.", "update."))
+    ][:limit]
+    return releases, changes
+
+
+@task(name="rollback-target", cache_policy=NO_CACHE, task_run_name="rollback-target-{host_name}")
+def rollback_target(service: str, host_name: str) -> tuple[str, str | None, str | None]:
+    """(environment, current version, version to roll back to) for the service on a host.
+
+    The current version is read from the host; the target is the recorded previous release,
+    else the newest other release staged on the host, else None (nothing to roll back to)."""
+    cfg = ops_config()
+    env, host = host_environment(cfg, host_name)
+    svc = cfg.service(service)
+    path = svc.deploy_path_for(host)
+    with SSHConnection.from_host(host, connect_timeout=5) as conn:
+        current = rel.current_release(conn, path)
+        previous = records().previous_release(service, env, host_name)
+        target = previous.version if previous is not None else None
+        if target is None or target == current:
+            staged = [v for v in rel.list_releases(conn, path) if v != current]
+            target = staged[0] if staged else None
+    return env, current, target
+
+
+@task(name="check-service-health", cache_policy=NO_CACHE, task_run_name="health-{host_name}")
+def check_service_health(service: str, host_name: str) -> tuple[bool, str]:
+    """The service's health check on one host: (healthy, detail). Never raises for unhealthy."""
+    cfg = ops_config()
+    _, host = host_environment(cfg, host_name)
+    svc = cfg.service(service)
+    check = svc.health_check
+    if check.url is None:
+        with SSHConnection.from_host(host, connect_timeout=5) as conn:
+            result = rel.check_health_command(
+                conn,
+                shellsafe.render_command(
+                    check.command or "true",
+                    {**host.template_values(), "deploy_path": svc.deploy_path_for(host)},
+                ),
+                retries=check.retries,
+                interval=check.interval,
+                timeout=check.timeout,
+            )
+    else:
+        result = rel.check_health_url(
+            svc.render(check.url, host),
+            retries=check.retries,
+            interval=check.interval,
+            timeout=check.timeout,
+        )
+    return result.healthy, result.detail
