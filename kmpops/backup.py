@@ -15,33 +15,50 @@ beside a dump means the dump was complete at upload time; the catalog (records) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
 import re
 import secrets
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kmpops.errors import NotFound
+from kmpops.errors import CommandFailed, HostUnreachable, IntegrityError, NotFound
 
 __all__ = [
     "BLOB_PREFIX",
     "ConfigFileEntry",
     "ConfigurationManifest",
+    "DatabaseEndpoint",
     "DatabaseManifest",
     "DrillOutcome",
     "RestoreCandidate",
+    "backup_database",
     "blob_key",
     "blobs_to_upload",
     "choose_restore_point",
+    "collect_configuration",
     "config_manifest_key",
+    "database_exists",
     "database_object_keys",
+    "download_bytes",
     "new_backup_id",
+    "parse_listing",
+    "pg_table_row_counts",
     "render_drill_report",
+    "restore_configuration_files",
+    "restore_into",
+    "restore_test",
     "rpo_of",
     "schedule_period",
     "sha256_hex",
@@ -524,3 +541,448 @@ def restore_configuration_files(
             conn.run(["rm", "-f", "--", *extra], timeout=timeout, check=True)
         outcome["removed"] = extra
     return outcome
+
+
+# -- database backups -------------------------------------------------------------------------
+#
+# PostgreSQL through the plain client tools (pg_dump -Fc / pg_restore) and psycopg; SQLite through
+# the online backup API. Passwords go to the tools through the environment (PGPASSWORD), never argv.
+
+_PG_MAX_IDENT = 63
+
+
+@dataclass(frozen=True)
+class DatabaseEndpoint:
+    """How to reach one configured database (a PostgreSQL server + dbname, or a SQLite file)."""
+
+    engine: Literal["postgresql", "sqlite"]
+    dbname: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = field(default=None, repr=False)
+    path: Path | None = None
+
+    @classmethod
+    def from_config(cls, dbcfg: Any, password: str | None = None) -> DatabaseEndpoint:
+        """Build from a ``kmpops.config.DatabaseConfig`` and its resolved password."""
+        return cls(
+            engine=dbcfg.kind,
+            dbname=dbcfg.dbname or (Path(dbcfg.path).stem if dbcfg.path else ""),
+            host=dbcfg.host,
+            port=dbcfg.port,
+            user=dbcfg.user,
+            password=password,
+            path=Path(dbcfg.path) if dbcfg.path else None,
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment for pg_dump / pg_restore (PGPASSWORD only when there is one)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    def conninfo(self, dbname: str | None = None) -> dict[str, Any]:
+        """psycopg connection keywords for ``dbname`` (default: this endpoint's)."""
+        info: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "dbname": dbname or self.dbname,
+            "connect_timeout": 10,
+        }
+        if self.password:
+            info["password"] = self.password
+        return info
+
+    def tool_args(self, dbname: str) -> list[str]:
+        """Connection options for the PostgreSQL client tools."""
+        return ["-h", self.host, "-p", str(self.port), "-U", self.user, "-d", dbname, "-w"]
+
+
+def _pg_connect(endpoint: DatabaseEndpoint, dbname: str | None = None, **kw: Any) -> Any:
+    import psycopg
+
+    try:
+        return psycopg.connect(**endpoint.conninfo(dbname), **kw)
+    except psycopg.OperationalError as exc:
+        raise HostUnreachable(
+            f"PostgreSQL {endpoint.host}:{endpoint.port}/{dbname or endpoint.dbname}: "
+            f"cannot connect ({type(exc).__name__})"
+        ) from exc
+
+
+def _checked_dbname(name: str) -> str:
+    if len(name) > _PG_MAX_IDENT or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"database name {name!r} is not acceptable")
+    return name
+
+
+def pg_table_row_counts(conn: Any) -> dict[str, int]:
+    """Exact ``count(*)`` of every user table (``schema.table``) as the connection sees it."""
+    from psycopg import sql
+
+    tables = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        " AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2"
+    ).fetchall()
+    counts: dict[str, int] = {}
+    for schema, table in tables:
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(table)
+        )
+        counts[f"{schema}.{table}"] = int(conn.execute(query).fetchone()[0])
+    return counts
+
+
+def database_exists(endpoint: DatabaseEndpoint, name: str) -> bool:
+    """True if database ``name`` exists on the endpoint's server (or the SQLite file exists)."""
+    if endpoint.engine == "sqlite":
+        return endpoint.path is not None and endpoint.path.exists()
+    with _pg_connect(endpoint, "postgres") as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return row is not None
+
+
+def backup_database(
+    endpoint: DatabaseEndpoint,
+    store: Any,
+    *,
+    database: str,
+    backup_id: str,
+    dump_key: str,
+    manifest_key: str,
+) -> DatabaseManifest:
+    """Stream a backup of ``endpoint`` into ``store`` at ``dump_key`` and write its manifest.
+
+    PostgreSQL: ``pg_dump -Fc`` reads an exported snapshot in which the per-table row counts are
+    taken, so counts and dump agree; its stdout goes straight into a multipart upload (no temp
+    file) and the object is committed only if pg_dump exited 0. The upload is then confirmed by
+    ``head`` (size) before the manifest is written beside it. SQLite: the online backup API into
+    a private temp file, then uploaded. Raises ConnectorError (pg_dump failed), TransientError
+    (store/database unreachable), IntegrityError (stored size differs); the caller deletes
+    partial objects and marks the backup failed.
+    """
+    if endpoint.engine == "sqlite":
+        return _backup_sqlite(
+            endpoint,
+            store,
+            database=database,
+            backup_id=backup_id,
+            dump_key=dump_key,
+            manifest_key=manifest_key,
+        )
+    started = datetime.now(UTC)
+    with _pg_connect(endpoint) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        server_version = conn.execute("SHOW server_version").fetchone()[0]
+        counts = pg_table_row_counts(conn)
+        argv = ["pg_dump", "-Fc", f"--snapshot={snapshot}", *endpoint.tool_args(endpoint.dbname)]
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, env=endpoint.env())
+            assert proc.stdout is not None
+
+            def dump_succeeded(_result: Any) -> None:
+                status = proc.wait(timeout=600)
+                if status != 0:
+                    errors.seek(0)
+                    tail = errors.read()[-600:].decode(errors="replace").strip()
+                    raise CommandFailed(f"pg_dump of {database} exited {status}: {tail}")
+
+            try:
+                put = store.put_stream(
+                    dump_key,
+                    proc.stdout,
+                    metadata={"backup-id": backup_id, "database": database},
+                    before_commit=dump_succeeded,
+                )
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                proc.stdout.close()
+        conn.rollback()
+    return _finish_manifest(
+        store,
+        put,
+        manifest_key=manifest_key,
+        fields={
+            "backup_id": backup_id,
+            "database": database,
+            "dbname": endpoint.dbname,
+            "engine": "postgresql",
+            "server_version": server_version,
+            "dump_format": "pg_dump-custom",
+            "started_at": started,
+            "table_row_counts": counts,
+        },
+    )
+
+
+def _finish_manifest(
+    store: Any, put: Any, *, manifest_key: str, fields: dict[str, Any]
+) -> DatabaseManifest:
+    info = store.head(put.key)
+    if info is None or info.size != put.size:
+        found = "missing" if info is None else f"{info.size} bytes"
+        raise IntegrityError(f"upload of {put.key} not confirmed: {found}, sent {put.size}")
+    manifest = DatabaseManifest(
+        **fields,
+        finished_at=datetime.now(UTC),
+        object_key=put.key,
+        size=put.size,
+        sha256=put.sha256,
+    )
+    store.put_bytes(manifest_key, manifest.to_json_bytes())
+    return manifest
+
+
+def _sqlite_counts(path: Path) -> dict[str, int]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                " ORDER BY name"
+            )
+        ]
+        return {
+            f"main.{n}": int(
+                conn.execute(f'SELECT count(*) FROM "{n.replace(chr(34), "")}"').fetchone()[0]
+            )
+            for n in names
+        }
+
+
+def _backup_sqlite(
+    endpoint: DatabaseEndpoint,
+    store: Any,
+    *,
+    database: str,
+    backup_id: str,
+    dump_key: str,
+    manifest_key: str,
+) -> DatabaseManifest:
+    import sqlite3
+
+    if endpoint.path is None or not endpoint.path.exists():
+        raise NotFound(f"SQLite database {database} has no file at {endpoint.path}")
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="kmpops-sqlite-") as tmp:
+        copy = Path(tmp) / "backup.sqlite"
+        with (
+            contextlib.closing(sqlite3.connect(endpoint.path)) as src,
+            contextlib.closing(sqlite3.connect(copy)) as dst,
+        ):
+            src.backup(dst)
+        counts = _sqlite_counts(copy)
+        with open(copy, "rb") as fh:
+            put = store.put_stream(dump_key, fh, metadata={"backup-id": backup_id})
+    return _finish_manifest(
+        store,
+        put,
+        manifest_key=manifest_key,
+        fields={
+            "backup_id": backup_id,
+            "database": database,
+            "dbname": endpoint.dbname,
+            "engine": "sqlite",
+            "server_version": sqlite3.sqlite_version,
+            "dump_format": "sqlite-file",
+            "started_at": started,
+            "table_row_counts": counts,
+        },
+    )
+
+
+def _pg_restore(endpoint: DatabaseEndpoint, local: Path, dbname: str, *, jobs: int = 2) -> None:
+    argv = [
+        "pg_restore",
+        "--no-owner",
+        "--no-privileges",
+        "--exit-on-error",
+        "-j",
+        str(jobs),
+        *endpoint.tool_args(dbname),
+        str(local),
+    ]
+    result = subprocess.run(
+        argv, capture_output=True, env=endpoint.env(), timeout=3600, check=False
+    )
+    if result.returncode != 0:
+        tail = result.stderr[-600:].decode(errors="replace").strip()
+        raise CommandFailed(f"pg_restore into {dbname} exited {result.returncode}: {tail}")
+
+
+def _create_db(endpoint: DatabaseEndpoint, name: str) -> None:
+    from psycopg import sql
+
+    with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_checked_dbname(name))))
+
+
+def _drop_db(endpoint: DatabaseEndpoint, name: str) -> None:
+    from psycopg import sql
+
+    with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(_checked_dbname(name))
+            )
+        )
+
+
+def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
+    problems = []
+    for table in sorted(set(expected) | set(actual)):
+        want, got = expected.get(table), actual.get(table)
+        if want != got:
+            problems.append(f"{table}: manifest {want}, restored {got}")
+    return problems
+
+
+def restore_test(
+    endpoint: DatabaseEndpoint,
+    local: Path,
+    *,
+    manifest: DatabaseManifest,
+    scratch_name: str,
+    sanity_queries: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Restore ``local`` into scratch database ``scratch_name``, compare row counts with the
+    manifest, run ``sanity_queries`` (each must return a row whose first value is truthy), and
+    always drop the scratch database. Returns a check dict ``{"ok", "detail", ...}``; a failure
+    of the restore itself is reported in it, not raised (TransientError is raised).
+    """
+    started = time.monotonic()
+    if manifest.engine == "sqlite":
+        return _sqlite_restore_test(local, manifest, sanity_queries)
+    _create_db(endpoint, scratch_name)
+    try:
+        try:
+            _pg_restore(endpoint, local, scratch_name)
+        except CommandFailed as exc:
+            return {"ok": False, "detail": str(exc), "seconds": time.monotonic() - started}
+        with _pg_connect(endpoint, scratch_name) as conn:
+            counts = pg_table_row_counts(conn)
+            sanity = _run_sanity(conn, sanity_queries)
+    finally:
+        _drop_db(endpoint, scratch_name)
+    problems = _compare_counts(manifest.table_row_counts, counts) + [
+        f"sanity query failed: {q}" for q, ok in sanity.items() if not ok
+    ]
+    return {
+        "ok": not problems,
+        "detail": "; ".join(problems[:5])
+        if problems
+        else (
+            f"{len(counts)} tables, {sum(counts.values())} rows match; "
+            f"{len(sanity)} sanity queries ok"
+        ),
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _run_sanity(conn: Any, queries: Sequence[str]) -> dict[str, bool]:
+    results: dict[str, bool] = {}
+    for query in queries:
+        try:
+            row = conn.execute(query).fetchone()
+            results[query] = bool(row and row[0])
+        except Exception:  # a failing query is a failed check, recorded as such
+            conn.rollback()
+            results[query] = False
+    return results
+
+
+def _sqlite_restore_test(
+    local: Path, manifest: DatabaseManifest, sanity_queries: Sequence[str]
+) -> dict[str, Any]:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{local}?mode=ro", uri=True)) as conn:
+            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            sanity = _run_sanity(conn, sanity_queries)
+        counts = _sqlite_counts(local)
+    except sqlite3.DatabaseError as exc:
+        return {"ok": False, "detail": f"not a readable SQLite database: {exc}"}
+    problems = _compare_counts(manifest.table_row_counts, counts)
+    if check != "ok":
+        problems.append(f"integrity_check: {check}")
+    problems += [f"sanity query failed: {q}" for q, ok in sanity.items() if not ok]
+    return {
+        "ok": not problems,
+        "detail": "; ".join(problems[:5]) or "integrity ok, counts match",
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+    }
+
+
+def restore_into(
+    endpoint: DatabaseEndpoint,
+    local: Path,
+    *,
+    manifest: DatabaseManifest,
+    target_dbname: str,
+    replace: bool,
+) -> dict[str, Any]:
+    """Restore ``local`` into ``target_dbname``, replacing it only once the restore succeeded.
+
+    The dump goes into a fresh staging database; its row counts are compared with the manifest.
+    Then (``replace``) the target's connections are ended, the target is renamed to
+    ``<target>__pre_<time>`` (kept: renaming it back undoes the restore) and the staging
+    database takes the target's name. Raises ValueError if the target exists and ``replace`` is
+    False, CommandFailed if pg_restore fails (staging dropped, target untouched).
+    """
+    from psycopg import sql
+
+    if endpoint.engine == "sqlite":
+        raise NotImplementedError("restore of SQLite backups: copy the verified file in place")
+    target = _checked_dbname(target_dbname)
+    exists = database_exists(endpoint, target)
+    if exists and not replace:
+        raise ValueError(f"database {target} exists; replacing it was not allowed")
+    stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}"
+    staging = _checked_dbname(f"{target[:40]}__restoring_{stamp}")
+    previous = _checked_dbname(f"{target[:44]}__pre_{stamp}") if exists else None
+    _create_db(endpoint, staging)
+    try:
+        _pg_restore(endpoint, local, staging)
+        with _pg_connect(endpoint, staging) as conn:
+            counts = pg_table_row_counts(conn)
+        with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
+            if previous:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                    " AND pid <> pg_backend_pid()",
+                    (target,),
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(target), sql.Identifier(previous)
+                    )
+                )
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(staging), sql.Identifier(target)
+                )
+            )
+    except BaseException:
+        _drop_db(endpoint, staging)
+        raise
+    problems = _compare_counts(manifest.table_row_counts, counts)
+    return {
+        "target": target,
+        "previous_dbname": previous,
+        "row_counts": counts,
+        "row_counts_match": not problems,
+        "problems": problems,
+    }

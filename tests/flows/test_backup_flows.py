@@ -1,0 +1,319 @@
+"""Backup → verify → restore and retention, end to end on the real stack.
+
+Real PostgreSQL, real SeaweedFS S3, real sshd hosts, real Prefect server; ``pg_restore`` and
+boto3 are used by the tests themselves as independent witnesses.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.flows.backup_fixtures import (
+    TABLES,
+    api_url,
+    drop_env,
+    make_env,
+    run_in_thread,
+    seed_database,
+    sha256,
+    tree,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+OWN_S3_PORT = 37800  # a test-owned SeaweedFS, stopped mid-upload
+
+
+@pytest.fixture
+def bk(stack, tmp_path, monkeypatch):
+    env = make_env(stack, tmp_path)
+    seed_database(env)
+    monkeypatch.setenv("KMPOPS_CONFIG", str(env.ops_yaml))
+    yield env
+    drop_env(env)
+
+
+def _completed(rec, kind="database"):
+    return [b for b in rec.backups(kind=kind) if b.state == "complete"]
+
+
+def test_backup_matches_manifest_and_plain_pg_restore(bk):
+    from flows.backup_database import backup_database
+
+    [manifest] = backup_database(["shop"])
+    data = bk.object_bytes(manifest["object_key"])
+    assert sha256(data) == manifest["sha256"] and len(data) == manifest["size"]
+    assert manifest["table_row_counts"] == {f"public.{t}": n for t, n in TABLES.items()}
+    # the manifest is stored beside the dump and in the catalog
+    stored = bk.object_bytes(manifest["object_key"].removesuffix(".dump") + ".manifest.json")
+    assert f'"sha256": "{manifest["sha256"]}"' in stored.decode()
+    [row] = _completed(bk.records())
+    assert row.sha256 == manifest["sha256"] and row.size == manifest["size"]
+
+    # plain pg_restore, run by the test, restores it with the same row counts
+    dump = bk.root / "witness.dump"
+    dump.write_bytes(data)
+    restored = bk.dbname + "_witness"
+    with bk.pg("postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{restored}"')
+    subprocess.run(
+        [
+            "pg_restore",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(bk.pg_port),
+            "-U",
+            "postgres",
+            "-d",
+            restored,
+            "--no-owner",
+            str(dump),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert bk.counts(restored) == bk.counts(bk.dbname) == TABLES
+
+
+def _flip_one_byte(bk, key: str, dbname: str) -> bytes:
+    """Flip one byte inside the archive header's database name (pg_restore ignores it)."""
+    data = bytearray(bk.object_bytes(key))
+    pos = bytes(data[:512]).index(dbname.encode()) + 3
+    data[pos] ^= 0x20
+    bk.s3.put_object(Bucket=bk.bucket, Key=key, Body=bytes(data))
+    return bytes(data)
+
+
+def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk):
+    from flows.backup_database import backup_database
+    from flows.restore_database import restore_database
+    from flows.verify_backups import verify_backups
+    from kmpops.approve import approve_run
+    from kmpops.connectors.notify import read_sink
+    from kmpops.errors import IntegrityError, PolicyViolation
+
+    [good] = backup_database(["shop"])
+    summary = verify_backups(databases=["shop"], hosts=[])
+    assert summary["verified"] == [good["record_id"]] and summary["failed"] == []
+    [bad] = backup_database(["shop"])
+    _flip_one_byte(bk, bad["object_key"], bk.dbname)
+
+    with pytest.raises(IntegrityError, match="1 backup"):
+        verify_backups(databases=["shop"], hosts=[])
+    rec = bk.records()
+    assert rec.backup(bad["record_id"]).verification == "failed"
+    assert rec.backup(good["record_id"]).verification == "verified"
+    [verification] = rec.backup(bad["record_id"]).verifications
+    assert not verification.checks["integrity"]["ok"]
+    notes = read_sink(bk.notifications)
+    assert any(n["severity"] == "critical" and "verification failed" in n["title"] for n in notes)
+    assert rec.audit_events(action="backup.verification_failed")
+
+    # default restore picks the newest *verified* backup, never the failed one
+    target = bk.dbname + "_copy"
+    result = restore_database("shop", target_dbname=target, environment="development")
+    assert result["backup"] == good["record_id"] and result["row_counts_match"]
+
+    # asking for the failed one is refused, and refused again if the approver says no
+    with pytest.raises(PolicyViolation, match="failed verification"):
+        restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_x")
+
+    def answer(decision: str):
+        thread, box = run_in_thread(
+            restore_database,
+            "shop",
+            backup_id=bad["record_id"],
+            target_dbname=bk.dbname + "_forced",
+            environment="staging",
+            force=True,
+            requested_by="dave",
+        )
+        request = wait_for(
+            lambda: [
+                a
+                for a in bk.records().approvals()
+                if a.details.get("kind") == "request" and a.outcome == "pending"
+            ],
+            timeout=90,
+        )
+        wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+        approve_run(
+            api_url(),
+            request[-1].run_id,
+            decision=decision,
+            approver="alice",
+            reason="test",
+            token="",
+        )
+        thread.join(120)
+        return box
+
+    box = answer("reject")
+    assert isinstance(box.get("error"), PolicyViolation)
+    box = answer("approve")
+    assert "error" not in box, box.get("error")
+    assert box["result"]["backup"] == bad["record_id"]
+    assert bk.counts(bk.dbname + "_forced") == TABLES
+
+
+def _paused(flow_run_id: str) -> bool:
+    import httpx
+
+    state = httpx.get(f"{api_url()}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
+    return state["type"] == "PAUSED"
+
+
+def test_s3_stopped_mid_upload_records_nothing_complete(stack, tmp_path, monkeypatch):
+    from flows.backup_database import backup_database
+    from kmpops.stack import seaweed
+    from kmpops.stack._proc import stop_process
+
+    s3_root = tmp_path / "own-s3"
+    info = seaweed.start(s3_root, OWN_S3_PORT)
+    env = make_env(stack, tmp_path, s3_endpoint=info.endpoint_url, s3_root=s3_root)
+    try:
+        seed_database(env, big_rows=800)  # ~26 MB of incompressible rows
+        monkeypatch.setenv("KMPOPS_CONFIG", str(env.ops_yaml))
+        thread, box = run_in_thread(backup_database, ["shop"])
+        wait_for(
+            lambda: [b for b in env.records().backups() if b.state == "running"],
+            timeout=60,
+            interval=0.02,
+        )
+        time.sleep(0.3)  # pg_dump is streaming into the multipart upload now
+        stop_process(info.pid_file)
+        thread.join(180)
+        assert isinstance(box.get("error"), Exception), box
+        rows = env.records().backups()
+        assert rows and all(r.state == "failed" for r in rows), [(r.id, r.state) for r in rows]
+        assert len(rows) >= 2  # the transient failure was retried
+        seaweed.start(s3_root, OWN_S3_PORT)
+        assert env.keys("database/") == []
+    finally:
+        seaweed.stop(s3_root)
+        drop_env(env)
+
+
+def test_incremental_configuration_and_point_in_time_restore(bk):
+    from flows.backup_configuration import backup_configuration
+    from flows.restore_configuration import restore_configuration
+
+    host = "stg-1"
+    conf = bk.config_dirs[host]
+    (conf / "sub").mkdir(parents=True)
+    (conf / "app.conf").write_text("listen = 8080\n")
+    (conf / "secrets.env").write_text("TOKEN_FILE=/run/token\n")
+    (conf / "sub" / "features.yaml").write_text("new_checkout: false\n")
+    (conf / "secrets.env").chmod(0o600)
+
+    [run1] = backup_configuration(hosts=[host])
+    assert (run1["files"], run1["uploaded"]) == (3, 3)
+    before = tree(conf)
+
+    (conf / "sub" / "features.yaml").write_text("new_checkout: true\n")
+    [run2] = backup_configuration(hosts=[host])
+    assert (run2["files"], run2["uploaded"]) == (3, 1)
+    rec = bk.records()
+    manifest2 = rec.backup(run2["record_id"]).manifest
+    assert manifest2["uploaded_blobs"] == [
+        f"config/blobs/sha256/{h[:2]}/{h}" for h in [sha256(b"new_checkout: true\n")]
+    ]
+    after = tree(conf)
+
+    (conf / "stray.conf").write_text("not in any backup\n")
+    restore_configuration(host, backup_id=run1["record_id"], requested_by="dave")
+    assert tree(conf) == before
+    restore_configuration(host, backup_id=run2["record_id"], requested_by="dave")
+    assert tree(conf) == after
+    # each restore took a safety backup of what was there first
+    assert len(_completed(rec, "configuration")) == 4
+
+
+def test_retention_deletes_expired_and_keeps_last_verified(bk):
+    from flows.backup_configuration import backup_configuration
+    from flows.backup_database import backup_database
+    from flows.backup_retention import backup_retention
+    from flows.verify_backups import verify_backups
+
+    first = backup_database(["shop"])[0]
+    second = backup_database(["shop"])[0]
+    verify_backups(databases=["shop"], hosts=[])
+    third = backup_database(["shop"])[0]  # newest, not verified yet
+
+    conf = bk.config_dirs["stg-1"]
+    conf.mkdir(parents=True)
+    (conf / "a.conf").write_text("a = 1\n")
+    (conf / "b.conf").write_text("b = 1\n")
+    cfg1 = backup_configuration(hosts=["stg-1"])[0]
+    (conf / "b.conf").write_text("b = 2\n")
+    cfg2 = backup_configuration(hosts=["stg-1"])[0]
+    verify_backups(databases=[], hosts=["stg-1"])
+
+    later = datetime.now(UTC) + timedelta(days=31)  # everything is expired by then
+    plan = backup_retention(dry_run=True, as_of=later)
+    assert plan["delete"] == sorted([first["record_id"], cfg1["record_id"]])
+    assert plan["deleted"] == {"backups": 0, "blobs": 0}
+
+    done = backup_retention(as_of=later)
+    assert done["deleted"] == {"backups": 2, "blobs": 1}  # b.conf's old content only
+    rec = bk.records()
+    assert rec.backup(first["record_id"]).state == "deleted"
+    for kept in (second, third):
+        assert rec.backup(kept["record_id"]).state == "complete"
+    assert first["object_key"] not in bk.keys("database/")
+    assert second["object_key"] in bk.keys("database/")
+    blobs = bk.keys("config/blobs/")
+    assert blobs == sorted(
+        f"config/blobs/sha256/{h[:2]}/{h}" for h in (sha256(b"a = 1\n"), sha256(b"b = 2\n"))
+    )
+    assert rec.backup(cfg2["record_id"]).state == "complete"
+
+    # once the newest is verified, the previously last verified one may go
+    verify_backups(databases=["shop"], hosts=[], apply_retention=False)
+    done = backup_retention(as_of=later)
+    assert done["delete"] == [second["record_id"]]
+    assert rec.backup(third["record_id"]).state == "complete"
+
+
+def test_restore_over_existing_production_database_needs_approval_and_takes_safety_backup(bk):
+    from flows.backup_database import backup_database
+    from flows.restore_database import restore_database
+    from flows.verify_backups import verify_backups
+    from kmpops.approve import approve_run
+
+    [good] = backup_database(["shop"])
+    verify_backups(databases=["shop"], hosts=[])
+    with bk.pg() as conn:
+        conn.execute("DELETE FROM order_lines")  # the accident the restore repairs
+
+    thread, box = run_in_thread(
+        restore_database, "shop", environment="production", requested_by="dave"
+    )
+    request = wait_for(
+        lambda: [a for a in bk.records().approvals() if a.details.get("kind") == "request"],
+        timeout=90,
+    )
+    wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+    approve_run(
+        api_url(),
+        request[-1].run_id,
+        decision="approve",
+        approver="bob",
+        reason="restore after accidental delete",
+        token="",
+    )
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    assert result["backup"] == good["record_id"] and result["row_counts_match"]
+    assert bk.counts(bk.dbname) == TABLES
+    assert bk.counts(result["previous_dbname"])["order_lines"] == 0  # kept, renamed
+    safety = bk.records().backup(result["safety_backup"])
+    assert safety.state == "complete"
+    assert safety.manifest["table_row_counts"]["public.order_lines"] == 0
