@@ -118,6 +118,32 @@ def test_restore_from_file_parallel_and_from_stream(app_db, tmp_path):
         app_db.drop_database(name)
 
 
+def test_dump_to_s3_and_restore(app_db, tmp_path):
+    from kmpops.connectors.storage import S3Store
+    from kmpops.stack import seaweed
+
+    port = next(p for p in range(33120, 33300, 10) if not seaweed.ports_bindable(p))
+    root = tmp_path / "s3stack"
+    info = seaweed.start(root, port)
+    try:
+        with S3Store(
+            bucket=info.bucket,
+            endpoint_url=info.endpoint_url,
+            access_key_id=info.access_key_id,
+            secret_access_key=info.secret_access_key,
+        ) as store:
+            snap = app_db.snapshot_row_counts_and_dump(store, "db/app.dump")
+            assert store.head("db/app.dump").sha256 == snap.put.sha256
+            dump_file = tmp_path / "app.dump"
+            store.download("db/app.dump", dump_file, expected_sha256=snap.put.sha256)
+    finally:
+        seaweed.stop(root)
+    app_db.drop_database("app_s3")
+    app_db.restore_from_file(dump_file, "app_s3", jobs=2)
+    assert app_db.table_row_counts("app_s3") == snap.row_counts == EXPECTED
+    app_db.drop_database("app_s3")
+
+
 def test_zstd_dump_round_trip(app_db, tmp_path):
     store = LocalStore(tmp_path / "objects")
     put = app_db.dump_to_store(store, "db/app.dump.zst", compress="zstd")
