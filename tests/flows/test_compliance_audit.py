@@ -1,0 +1,128 @@
+"""compliance-audit on the real stack: sshd probes, records, ops.yaml variants."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.compliance_audit import CompliancePolicy, compliance_audit, find_secret_literals
+from kmpops.errors import PolicyViolation
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+
+def by_check(result: dict) -> dict[tuple[str, str], dict]:
+    return {(c["check"], c["subject"]): c for c in result["checks"]}
+
+
+@pytest.fixture
+def variant(monkeypatch, stack, tmp_path):
+    """Run against a mutated copy of the stack's ops.yaml (same records, same hosts)."""
+
+    def apply(mutate) -> Path:
+        data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+        mutate(data)
+        path = tmp_path / "ops.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+        return path
+
+    return apply
+
+
+def test_find_secret_literals_names_fields_not_values() -> None:
+    data = {
+        "storage": {"access_key_id": "file:/x", "secret_access_key": "AKIA-literal"},
+        "databases": {"app": {"password": "env:PW"}},
+        "notifications": {"routes": {"critical": ["mailto://ops:hunter2@example.org"]}},
+        "environments": {"p": {"hosts": [{"key_file": "/k", "known_hosts": "/kh"}]}},
+    }
+    found = find_secret_literals(data)
+    assert found == ["storage.secret_access_key", "notifications.routes.critical[0]"]
+    assert "hunter2" not in " ".join(found)
+
+
+def test_stack_passes_host_checks_and_flags_missing_backup(stack) -> None:
+    from tasks.common import records
+
+    before = len(records().audit_events(action="compliance.audit"))
+    result = compliance_audit()
+    checks = by_check(result)
+    hosts = [h.name for h in stack.hosts]
+    for name in hosts:
+        assert checks[("host key pinned", name)]["ok"], checks[("host key pinned", name)]
+        key_only = checks[("sshd key-only auth", name)]
+        assert key_only["ok"] and key_only["evidence"] == "server offers: publickey"
+    assert checks[("audit chain intact", "")]["ok"]
+    assert checks[("production approval policy", "production")]["ok"]
+    assert checks[("secrets are references", "")]["ok"]
+    rpo = checks[("backup within RPO", "app")]
+    assert not rpo["ok"] and "no verified backup" in rpo["evidence"]
+    assert not result["passed"]
+    events = records().audit_events(action="compliance.audit")
+    assert len(events) == before + 1
+    assert events[-1].details["passed"] is False
+    assert "backup within RPO app" in events[-1].details["failed"]
+
+
+def test_fail_on_critical_raises_after_publishing(stack) -> None:
+    with pytest.raises(PolicyViolation, match="backup within RPO app"):
+        compliance_audit(CompliancePolicy(fail_on_critical=True, check_hosts=False))
+
+
+def test_verified_backup_within_rpo_passes(stack) -> None:
+    from tasks.common import records
+
+    rec = records()
+    row = rec.start_backup(kind="database", name="app", key="test/compliance/app.dump")
+    rec.finish_backup(row.id, state="complete", size=1, sha256="0" * 64)
+    rec.add_verification(row.id, ok=True, checks={"test": "compliance"})
+    try:
+        result = compliance_audit(CompliancePolicy(check_hosts=False))
+        rpo = by_check(result)[("backup within RPO", "app")]
+        assert rpo["ok"], rpo
+    finally:
+        # an old timestamp takes it out of every later RPO computation by other tests
+        rec.update_backup(
+            row.id, state="failed", started_at=datetime.now(UTC) - timedelta(days=400)
+        )
+
+
+def test_weak_production_policy_and_literal_secret_fail(stack, variant) -> None:
+    def weaken(data: dict) -> None:
+        policy = data["environments"]["production"]["policy"]
+        policy["four_eyes"] = False
+        policy["approvers"] = ["alice"]
+        data["databases"]["app"]["password"] = "plain-text-pw"
+
+    variant(weaken)
+    result = compliance_audit(CompliancePolicy(check_hosts=False))
+    checks = by_check(result)
+    prod = checks[("production approval policy", "production")]
+    assert not prod["ok"]
+    assert "four_eyes is off" in prod["evidence"] and "1 approvers listed" in prod["evidence"]
+    secrets = checks[("secrets are references", "")]
+    assert not secrets["ok"] and secrets["evidence"] == "literal secret in: databases.app.password"
+    assert "plain-text-pw" not in str(result)
+
+
+def test_unpinned_host_key_fails(stack, variant, tmp_path) -> None:
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+
+    def unpin(data: dict) -> None:
+        for host in data["environments"]["staging"]["hosts"]:
+            host["known_hosts"] = str(empty)
+
+    variant(unpin)
+    result = compliance_audit()
+    checks = by_check(result)
+    staging = [h.name for h in stack.hosts if h.environment == "staging"]
+    for name in staging:
+        assert not checks[("host key pinned", name)]["ok"]
+        assert "no entry" in checks[("host key pinned", name)]["evidence"]
+    prod = [h.name for h in stack.hosts if h.environment == "production"]
+    assert all(checks[("host key pinned", n)]["ok"] for n in prod)
