@@ -40,7 +40,7 @@ def receiver() -> Iterator[list[dict]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", RECEIVER_PORT), Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield received
     server.shutdown()

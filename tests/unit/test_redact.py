@@ -120,3 +120,31 @@ def test_install_covers_propagated_records_and_is_idempotent() -> None:
         parent.removeHandler(handler)
         get_redactor().clear()
     assert records == [f"v={MASK}"]
+
+
+def test_record_factory_masks_records_on_any_logger() -> None:
+    logger = logging.getLogger("kmpops.test.redact.factory.unfiltered")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Capture()
+    logger.addHandler(handler)
+    try:
+        install([], record_factory=True)
+        install([], record_factory=True)
+        get_redactor().add("facto-secret")
+        try:
+            raise ValueError("facto-secret inside")
+        except ValueError:
+            logger.error("token=%s", "abc123", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+        get_redactor().clear()
+    [record] = records
+    assert record.getMessage() == f"token={MASK}"
+    assert record.exc_info is None and "facto-secret" not in (record.exc_text or "")
+    assert "ValueError" in (record.exc_text or "")
