@@ -119,6 +119,21 @@ def _chown_tree(path: Path, ids: tuple[int, int] | None) -> None:
                 os.chown(os.path.join(dirpath, name), *ids, follow_symlinks=False)
 
 
+def _check_traversable(path: Path, ids: tuple[int, int] | None) -> None:
+    """Raise StackError if the ``postgres`` user cannot reach ``path`` (e.g. a 0700 tmp dir)."""
+    if ids is None:
+        return
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        if st.st_uid == ids[0]:
+            continue
+        if not st.st_mode & 0o001:
+            raise StackError(
+                f"the postgres system user cannot traverse {directory} (mode "
+                f"{st.st_mode & 0o777:o}); put the stack root under a world-traversable directory"
+            )
+
+
 def _configure(data: Path, run: Path, port: int) -> None:
     conf = data / "postgresql.conf"
     text = conf.read_text()
@@ -163,6 +178,7 @@ def start(root: Path, port: int, *, timeout: float = 60.0) -> PGInfo:
     )
     if read_pid(paths["pid"]) is None:
         paths["base"].mkdir(parents=True, exist_ok=True)
+        _check_traversable(paths["base"].parent, ids)
         paths["run"].mkdir(exist_ok=True)
         _chown_tree(paths["base"], ids)
         if not (paths["data"] / "PG_VERSION").exists():
