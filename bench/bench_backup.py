@@ -205,7 +205,13 @@ def main() -> None:
     os.chmod(root, 0o755)  # the postgres system user must traverse it
     try:
         t0 = time.monotonic()
-        s3 = seaweed.start(root, args.port_base)
+        # ports above 32767 can be held in TIME_WAIT by other programs: take a free block
+        s3_port = next(
+            p
+            for p in range(args.port_base, args.port_base + 50, 10)
+            if not seaweed.ports_bindable(p)
+        )
+        s3 = seaweed.start(root, s3_port)
         t_s3 = time.monotonic() - t0
         t0 = time.monotonic()
         pg = postgres.start(root, args.port_base + 50)
