@@ -152,21 +152,33 @@ def _scrape_values(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | No
             for host in env.hosts:
                 url = svc.render(svc.metrics.url, host)
                 urls[instance_of(url)] = url
+
+    def safe_scrape(url: str) -> list[metrics.Sample] | None:
+        try:
+            return metrics.scrape(url)
+        except metrics.MetricsUnavailable:
+            return None  # a target that is down has no sample, as in Prometheus
+
     if "web_errors_total" in rule.query:
-        before = {i: metrics.scrape(u) for i, u in urls.items()}
+        before = {i: safe_scrape(u) for i, u in urls.items()}
         time.sleep(SCRAPE_WINDOW_S)
-        return {
-            labelset(instance=i): metrics.error_rate_from_scrape(before[i], metrics.scrape(u))
-            for i, u in urls.items()
-        }
+        values: dict[LabelSet, float | None] = {}
+        for i, u in urls.items():
+            after = safe_scrape(u) if before[i] is not None else None
+            if after is not None:
+                values[labelset(instance=i)] = metrics.error_rate_from_scrape(before[i], after)
+        return values
     name = rule.query.strip()
     if not name.replace("_", "").replace(":", "").isalnum():
         raise ConfigError(
             [f"alerts.{rule.name}.query: without prometheus only a metric name can be scraped"]
         )
-    return {
-        labelset(instance=i): metrics.sum_values(metrics.scrape(u), name) for i, u in urls.items()
-    }
+    out: dict[LabelSet, float | None] = {}
+    for i, u in urls.items():
+        samples = safe_scrape(u)
+        if samples is not None:
+            out[labelset(instance=i)] = metrics.sum_values(samples, name)
+    return out
 
 
 @task(

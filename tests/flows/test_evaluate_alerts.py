@@ -1,0 +1,199 @@
+"""evaluate-alerts on the real stack: Prometheus queries, state in the records store, notifications.
+
+Rules query Prometheus with constant vectors (``vector(0.5)``) so the value is under the test's
+control, and the flow is given explicit evaluation times (``at``) so ``for:`` durations, repeat
+intervals and silences are checked without waiting. Every flow run is a fresh evaluator: the
+``for:`` clock survives only through the records store. The event path is checked end to end: a
+served incident-response deployment with the trigger starts on the emitted event.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def alert_env(stack, tmp_path, monkeypatch):
+    """A variant of the stack's ops.yaml with its own records store and sink; returns a
+    function ``configure(alerts, **notifications)`` that (re)writes it."""
+    base = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    sink = tmp_path / "notifications.jsonl"
+    path = tmp_path / "ops.yaml"
+
+    def configure(alerts: dict, **notifications) -> Path:
+        data = dict(base)
+        data["records"] = {"url": f"sqlite:///{tmp_path / 'records.db'}"}
+        routes = [f"jsonl://{sink}"]
+        data["notifications"] = {
+            "routes": {"critical": routes, "warning": routes, "info": routes},
+            "escalation": {"L1": routes, "L2": routes, "L3": routes},
+            "ack_timeout": "1s",
+            "repeat_interval": "1m",
+            **notifications,
+        }
+        data["alerts"] = alerts
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        # the config cache is keyed by mtime: make sure a rewrite is seen
+        stamp = time.time_ns() + 1_000_000
+        os.utime(path, ns=(stamp, stamp))
+        return path
+
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+    configure({})
+    configure.sink = sink  # type: ignore[attr-defined]
+    return configure
+
+
+def messages(sink: Path) -> list[str]:
+    from kmpops.connectors.notify import read_sink
+
+    return [m["title"] for m in read_sink(sink)]
+
+
+def test_pending_firing_reminder_resolved(alert_env):
+    from flows.evaluate_alerts import evaluate_alerts
+    from tasks.common import records
+
+    rule = {"threshold": 0.1, "duration": "3s", "severity": "warning", "query": "vector(0.5)"}
+    alert_env({"probe": rule})
+    t0 = datetime.now(UTC).replace(microsecond=0)
+
+    def run(offset_s: float) -> dict:
+        (summary,) = evaluate_alerts(
+            rules=["probe"], at=t0 + timedelta(seconds=offset_s), start_incidents="none"
+        )
+        return summary
+
+    assert run(0)["changes"] == ["probe{}: inactive -> pending"]
+    assert run(1)["changes"] == []
+    assert records().alert_states("probe")[0].state == "pending"
+    fired = run(3)  # a new flow run: the for: clock came from the records store
+    assert fired["changes"] == ["probe{}: pending -> firing"]
+    assert len(fired["notified"]) == 1
+    assert run(4)["notified"] == []  # one message per state change
+    assert len(run(64)["notified"]) == 1  # reminder after repeat_interval (1m)
+    alert_env({"probe": {**rule, "query": "vector(0)"}})
+    resolved = run(65)
+    assert resolved["changes"] == ["probe{}: firing -> resolved"]
+    titles = messages(alert_env.sink)
+    assert [t.split("]")[0] for t in titles] == ["[FIRING", "[STILL FIRING", "[RESOLVED"]
+    state = records().alert_states("probe")[0]
+    assert state.state == "resolved" and state.data["notified"]["state"] == "resolved"
+    actions = [e.action for e in records().audit_events(subject="probe{}")]
+    assert actions == ["alert.pending", "alert.firing", "alert.resolved"]
+
+
+def test_silence_holds_notifications_until_it_ends(alert_env):
+    from flows.evaluate_alerts import evaluate_alerts
+    from kmpops.records.alerting import add_silence
+    from tasks.common import records
+
+    alert_env(
+        {"noisy": {"threshold": 0.1, "duration": "0s", "severity": "info", "query": "vector(1)"}}
+    )
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    add_silence(
+        records(),
+        matchers={"alertname": "noisy"},
+        starts_at=t0 - timedelta(seconds=1),
+        ends_at=t0 + timedelta(seconds=10),
+        created_by="maintenance notice",
+    )
+    (first,) = evaluate_alerts(rules=["noisy"], at=t0, start_incidents="none")
+    assert first["changes"] == ["noisy{}: inactive -> pending", "noisy{}: pending -> firing"]
+    assert first["notified"] == [] and first["silenced"] == ["noisy{}"]
+    (later,) = evaluate_alerts(rules=["noisy"], at=t0 + timedelta(seconds=11))
+    assert later["changes"] == [] and len(later["notified"]) == 1
+    assert messages(alert_env.sink) == [later["notified"][0]]
+
+
+@pytest.fixture
+def served_incident_response(alert_env):
+    """Serve incident-response with the alert trigger in a subprocess (stopped by pid)."""
+    name = f"trigger-test-{os.getpid()}"
+    code = (
+        "from flows.incident_response import incident_response\n"
+        "from tasks.alerting import incident_trigger\n"
+        "from prefect import serve\n"
+        f"serve(incident_response.to_deployment(name={name!r}, triggers=[incident_trigger()]))\n"
+    )
+    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(REPO)}
+    log = open(Path(os.environ["KMPOPS_CONFIG"]).parent / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while True:
+                try:
+                    client.read_deployment_by_name(f"incident-response/{name}")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.5)
+        time.sleep(2)  # the trigger is registered with the deployment
+        yield name
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_critical_firing_triggers_incident_response(alert_env, served_incident_response):
+    """The real event path: kmpops.alert.firing -> DeploymentEventTrigger -> flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from flows.evaluate_alerts import evaluate_alerts
+    from tasks.common import records
+
+    alert_env(
+        {
+            "outage": {
+                "threshold": 0.5,
+                "duration": "0s",
+                "severity": "critical",
+                "query": "vector(1)",
+            }
+        },
+        ack_timeout="1s",
+    )
+    (summary,) = evaluate_alerts(rules=["outage"], start_incidents="event")
+    assert summary["changes"][-1] == "outage{}: pending -> firing"
+    deadline = time.monotonic() + 90
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[served_incident_response])
+                )
+            )
+            done = [r for r in runs if r.state and r.state.is_final()]
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert done and done[0].state.is_completed(), [r.state for r in runs]
+    assert done[0].parameters["alert"]["rule"] == "outage"
+    (incident,) = records().incidents()
+    assert incident.alert_key == "outage{}" and incident.severity == "critical"
