@@ -252,8 +252,18 @@ def test_case_set_is_broad():
     decided = [expected_states(c) for c in CASES]
     kinds = {st for states in decided for active in states.values() for st in active.values()}
     assert kinds == {"pending", "firing"}
-    # some cases never fire, some fire, some flap (fire more than once)
+    # some cases never alert, some flap (fire, resolve and fire again)
     assert any(not any(a for a in s.values()) for s in decided)
+
+    def fired_again(states):
+        episodes, before = 0, False
+        for active in states.values():
+            now = "firing" in active.values()
+            episodes += now and not before
+            before = now
+        return episodes >= 2
+
+    assert sum(fired_again(s) for s in decided) >= 5
 
 
 def test_promtool_agrees_with_kmpops_decisions():
