@@ -56,7 +56,8 @@ def _children_maxrss_kb() -> int:
 
 
 def child(args: argparse.Namespace) -> None:
-    conf = json.loads(args.conf)
+    # the configuration (it holds the S3 secret) comes on stdin, never argv (visible in ps)
+    conf = json.loads(args.conf if args.conf else sys.stdin.read())
     pg_argv = [
         str(Path(conf["bin_dir"]) / "pg_dump"),
         "-Fc",
@@ -142,7 +143,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(variant: str, conf: dict) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--conf", json.dumps(conf)],
+        [sys.executable, __file__, "--child", variant],
+        input=json.dumps(conf),
         check=True,
         capture_output=True,
         text=True,
