@@ -39,18 +39,20 @@ _PRIVATE_KEY_BLOCK = re.compile(
 )
 _AWS_SECRET_KEY = re.compile(
     r"(?i)(?P<key>(?:aws[_-]?)?secret[_ -]?(?:access[_ -]?)?key(?:[_-]?id)?|SecretAccessKey"
-    r"|aws[_-]?secret)(?P<sep>[\"']?\s*[:=]\s*[\"']?|\s+)(?P<val>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"
+    r"|aws[_-]?secret)(?P<sep>[\"']?\s{0,8}[:=]\s{0,8}[\"']?|\s{1,8})(?P<val>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"
 )
 _AWS_ACCESS_KEY_ID = re.compile(
     r"\b(?P<prefix>AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA)[A-Z0-9]{16}\b"
 )
+# Every repetition is bounded: an unbounded run before a keyword made a 13 kB base64 blob take
+# a minute (quadratic backtracking). The key's own prefix ("db_", "client_") is left untouched.
 _URL_PASSWORD = re.compile(
-    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+):(?P<password>[^\s@]+)@(?=[^\s@])"
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s:/@]{1,128}):(?P<password>[^\s@]{1,256})@(?=[^\s@])"
 )
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>[A-Za-z0-9_.-]*" + _KEY_WORDS + r"[A-Za-z0-9_.-]*)"
-    r"(?P<sep>[\"']?\s*[=:]\s*)"
-    r"(?P<val>\"[^\"]*\"|'[^']*'|[^\s&,;\"'<>)\]}]+)"
+    r"(?i)(?P<key>" + _KEY_WORDS + r"[A-Za-z0-9_.-]{0,64})"
+    r"(?P<sep>[\"']?[ \t]{0,8}[=:][ \t]{0,8})"
+    r"(?P<val>\"[^\"\n]{0,512}\"?|'[^'\n]{0,512}'?|[^\s&,;\"'<>)\]}]{1,512})"
 )
 
 
