@@ -1,0 +1,459 @@
+"""deploy-pipeline: the guide's deployment process, with approval and a rollback that always lands.
+
+checklist -> plan (dry_run stops here) -> staging -> integration tests -> verify monitoring ->
+approval -> production in rolling batches -> verify -> bake -> post-deployment.
+
+Compensation: every host whose ``current`` was (or may have been) switched in this run is in the
+run's ledger with the release it had before; any failure after the first switch (unhealthy host
+beyond ``max_failures``, failed check, error-rate breach, refused approval, unreachable host, a
+crash inside the flow) rolls every ledger host back in parallel (switch back, restart, health
+check, record). A host whose rollback fails is audited and reported with a critical notification.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field, field_validator
+
+from kmpops import shellsafe
+from kmpops.errors import KmpOpsError, PolicyViolation
+from kmpops.plans.approval import required_approvals
+from kmpops.plans.freeze import check_freeze
+from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
+from kmpops.release import validate_version
+from tasks.approval import request_approval
+from tasks.common import actor, audit, notify, ops_config, records
+from tasks.deploy import (
+    ResolvedArtifact,
+    activate_release,
+    check_hosts,
+    close_connections,
+    measure_error_rate,
+    prune_host_releases,
+    read_current_release,
+    resolve_artifact,
+    rollback_host,
+    run_checklist,
+    stage_release,
+)
+
+
+class DeployRequest(BaseModel):
+    """What to deploy where. No secrets here: parameters are visible in the UI."""
+
+    service: str = Field(description="service name from ops.yaml")
+    version: str = Field(description="release version (letters, digits, '.', '_', '-')")
+    environment: str = Field(
+        default="production", description="target: staging, or production (via staging)"
+    )
+    artifact: str | None = Field(
+        default=None,
+        description="object key in the store, or an absolute local path; "
+        "default releases/<service>/<version>.tar.gz",
+    )
+    dry_run: bool = Field(default=False, description="compute and show the plan, change nothing")
+    change_request_id: int | None = Field(default=None, description="approved change request")
+    emergency: bool = Field(
+        default=False, description="emergency override of a freeze window (one more approver)"
+    )
+    requested_by: str = Field(default="", description="who asks for this deploy (four-eyes)")
+    allow_first_install: bool = Field(default=False, description="hosts without a release")
+    bake_seconds: float | None = Field(
+        default=None, ge=0, description="override the policy's bake time"
+    )
+
+    @field_validator("service", "environment")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return shellsafe.validate_name(value, what="name")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        return validate_version(value)
+
+
+class RolloutFailed(KmpOpsError):
+    """A rollout stopped; every touched host was rolled back (see the message for any that
+    could not be)."""
+
+
+def _error(future: Any) -> str:
+    try:
+        future.result()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+class _Run:
+    """State of one pipeline run: the compensation ledger, timings, evidence."""
+
+    def __init__(self, req: DeployRequest) -> None:
+        self.req = req
+        self.ledger: dict[tuple[str, str], str | None] = {}
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.done = 0
+        self.total = 0
+        self.progress_id: Any = None
+
+    def stage(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.monotonic() - started, 3)
+
+
+def _plans(
+    req: DeployRequest, envs: list[str], current: dict[str, str | None]
+) -> list[RolloutPlan]:
+    cfg = ops_config()
+    plans = []
+    for env in envs:
+        policy = cfg.environment(env).policy
+        hosts = [h.name for h in cfg.environment(env).hosts]
+        plans.append(
+            plan_rollout(
+                hosts,
+                service=req.service,
+                version=req.version,
+                environment=env,
+                batch_size=policy.batch_size,
+                max_failures=policy.max_failures,
+                previous={h: current.get(h) for h in hosts},
+            )
+        )
+    return plans
+
+
+def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
+    req, env = run.req, plan.environment
+    logger = get_run_logger()
+    failures: list[str] = []
+    for number, batch in enumerate(plan.batches, start=1):
+        close_connections()  # a host that died since the last stage must show up as unreachable
+        staging = {
+            h: stage_release.submit(req.service, env, h, req.version, artifact) for h in batch
+        }
+        staged = []
+        for host, fut in staging.items():
+            fut.wait()
+            if fut.state.is_completed():
+                staged.append(host)
+            else:
+                failures.append(f"{host}: {_error(fut)}")
+        for host in staged:
+            run.ledger[(env, host)] = plan.previous.get(host)
+        activating = {
+            h: activate_release.submit(req.service, env, h, req.version, artifact.sha256)
+            for h in staged
+        }
+        failed_here = []
+        for host, fut in activating.items():
+            fut.wait()
+            if fut.state.is_completed():
+                run.done += 1
+            else:
+                failures.append(f"{host}: {_error(fut)}")
+                failed_here.append(host)
+        if run.progress_id is not None:
+            update_progress_artifact(run.progress_id, progress=100.0 * run.done / run.total)
+        audit(
+            "deploy.batch",
+            f"{req.service}/{env}",
+            batch=number,
+            hosts=list(batch),
+            failures=failures[-len(batch) :] if failures else [],
+        )
+        if rollout_must_stop(len(failures), plan.max_failures):
+            raise RolloutFailed(
+                f"{env} rollout stopped in batch {number}/{len(plan.batches)}: "
+                f"{len(failures)} host(s) failed (max_failures {plan.max_failures}): "
+                + "; ".join(failures)
+            )
+        for host in failed_here:  # within tolerance: back out just this host
+            logger.warning("host %s failed within max_failures: rolling it back", host)
+            rollback_host(req.service, env, host, run.ledger.pop((env, host)), req.version)
+            run.notes.append(f"{host} failed and was rolled back (within max_failures)")
+
+
+def _compensate(run: _Run) -> tuple[list[str], list[str]]:
+    """Roll every ledger host back in parallel; returns (rolled back, failed)."""
+    req = run.req
+    close_connections()
+    futures = {
+        key: rollback_host.submit(req.service, key[0], key[1], previous, req.version)
+        for key, previous in run.ledger.items()
+    }
+    done, failed = [], []
+    for (env, host), fut in futures.items():
+        fut.wait()
+        if fut.state.is_completed():
+            done.append(fut.result())
+        else:
+            why = _error(fut)
+            failed.append(f"{host}: {why}")
+            audit(
+                "deploy.rollback_failed",
+                f"{req.service}/{env}/{host}",
+                error=why,
+                version=req.version,
+            )
+    if failed:
+        notify(
+            "critical",
+            f"ROLLBACK FAILED: {req.service} {req.version} on {len(failed)} host(s)",
+            "These hosts could not be put back on their previous release and need a human:\n"
+            + "\n".join(failed),
+        )
+    run.ledger.clear()
+    return done, failed
+
+
+def _check_stage(run: _Run, env: str, hosts: list[str], kind: str) -> list[str]:
+    futures = {h: check_hosts.submit(run.req.service, env, h, kind) for h in hosts}
+    evidence, failures = [], []
+    for fut in futures.values():
+        fut.wait()
+        if fut.state.is_completed():
+            evidence += fut.result()
+        else:
+            failures.append(_error(fut))
+    if failures:
+        raise PolicyViolation(f"{kind} checks failed on {env}: " + "; ".join(failures))
+    return evidence
+
+
+def _approval_from_change_request(req: DeployRequest, needed: int) -> bool:
+    if req.change_request_id is None:
+        return False
+    cr = records().change_request(req.change_request_id)
+    approved_by = set((cr.details or {}).get("approved_by", []))
+    return cr.state in ("approved", "implementing") and len(approved_by) >= needed
+
+
+@flow(
+    name="deploy-pipeline",
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    flow_run_name="deploy-{request.service}-{request.version}-{request.environment}",
+)
+def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
+    """Deploy ``request.version`` of ``request.service`` to staging and then production.
+
+    Raises ValueError/KmpOpsError before any change for bad input (unknown service or
+    environment, unsafe version), PolicyViolation for a freeze window, a failed gate or a
+    refused approval, RolloutFailed when a rollout stopped; in every failure after the first
+    switch, all touched hosts have been rolled back first.
+    """
+    req = request
+    logger = get_run_logger()
+    cfg = ops_config()
+    svc_name, target = req.service, req.environment
+    cfg.service(svc_name)
+    cfg.environment(target)
+    requested_by = req.requested_by or actor()
+    envs = (
+        ["staging", target] if target != "staging" and "staging" in cfg.environments else [target]
+    )
+    subject = f"{svc_name}@{req.version}->{target}"
+    run = _Run(req)
+    audit(
+        "deploy.requested",
+        subject,
+        dry_run=req.dry_run,
+        requested_by=requested_by,
+        change_request_id=req.change_request_id,
+        emergency=req.emergency,
+    )
+
+    now = datetime.now(UTC)
+    extra = 0
+    for env in envs:
+        decision = check_freeze(
+            cfg.environment(env).policy.freeze_windows, now, emergency=req.emergency
+        )
+        if not decision.allowed:
+            audit("deploy.refused", subject, reason=decision.reason)
+            raise PolicyViolation(f"{env}: {decision.reason}")
+        extra = max(extra, decision.extra_approvers)
+
+    t = time.monotonic()
+    artifact = resolve_artifact(svc_name, req.version, req.artifact)
+    all_hosts = [(env, h.name) for env in envs for h in cfg.environment(env).hosts]
+    current_futs = {h: read_current_release.submit(svc_name, env, h) for env, h in all_hosts}
+    current = {h: f.result() for h, f in current_futs.items()}
+    report = run_checklist(svc_name, req.version, artifact, current, req.allow_first_install)
+    create_table_artifact(
+        report.table(),
+        key="deploy-checklist",
+        description=f"Pre-deployment checklist for {subject}",
+    )
+    run.stage("checklist", t)
+    if not report.passed:
+        audit("deploy.refused", subject, reason="checklist", failed=report.failed)
+        raise PolicyViolation(f"pre-deployment checklist failed: {', '.join(report.failed)}")
+
+    plans = _plans(req, envs, current)
+    plan_md = "\n\n".join(p.to_markdown() for p in plans)
+    create_markdown_artifact(plan_md, key="deploy-plan", description=f"Rollout plan {subject}")
+    if req.dry_run:
+        audit("deploy.dry_run", subject, hosts=[h for p in plans for h in p.hosts])
+        close_connections()
+        return {
+            "status": "dry_run",
+            "plan": [[list(b) for b in p.batches] for p in plans],
+            "current": current,
+        }
+
+    run.total = sum(len(p.hosts) for p in plans)
+    run.progress_id = create_progress_artifact(
+        0.0, key="deploy-progress", description=f"Hosts done for {subject}"
+    )
+    approvals: list[str] = []
+    started = time.monotonic()
+    try:
+        for plan in plans:
+            env = plan.environment
+            policy = cfg.environment(env).policy
+            if env != "staging":
+                needed = required_approvals(
+                    policy_quorum=policy.quorum,
+                    approval_required=policy.approval_required,
+                    emergency=extra > 0,
+                )
+                if needed and _approval_from_change_request(req, needed):
+                    approvals.append(f"change request #{req.change_request_id}")
+                elif needed:
+                    t = time.monotonic()
+                    outcome = request_approval(
+                        subject=f"deploy {subject}",
+                        summary_markdown=plan.to_markdown()
+                        + f"\n\nChecklist: all six gates passed. Requested by **{requested_by}**.",
+                        policy=policy,
+                        requested_by=requested_by,
+                        required=needed,
+                    )
+                    run.stage(f"approval ({env})", t)
+                    approvals.append(outcome.summary())
+                    if not outcome.approved:
+                        raise PolicyViolation(f"approval for {env}: {outcome.summary()}")
+            t = time.monotonic()
+            _rollout(run, plan, artifact)
+            run.stage(f"deploy {env}", t)
+            t = time.monotonic()
+            if env == "staging":
+                _check_stage(run, env, list(plan.hosts), "integration")
+                window = policy.bake_time.total_seconds()
+                rate = measure_error_rate(svc_name, env, list(plan.hosts), window)
+                if rate.breached:
+                    raise PolicyViolation(
+                        f"staging error rate {rate.ratio:.2%} above {rate.maximum:.2%}"
+                    )
+                run.stage("verify staging", t)
+            else:
+                _check_stage(run, env, list(plan.hosts), "smoke")
+                bake = (
+                    req.bake_seconds
+                    if req.bake_seconds is not None
+                    else (policy.bake_time.total_seconds())
+                )
+                rate = measure_error_rate(svc_name, env, list(plan.hosts), bake)
+                if rate.breached:
+                    raise PolicyViolation(
+                        f"bake: {env} error rate {rate.ratio:.2%} above {rate.maximum:.2%} "
+                        f"over {bake:g}s"
+                    )
+                run.stage(f"verify+bake {env}", t)
+    except BaseException as exc:
+        if run.ledger:
+            logger.error("deploy failed (%s): rolling back %d host(s)", exc, len(run.ledger))
+            rolled, failed = _compensate(run)
+            audit(
+                "deploy.rolled_back",
+                subject,
+                error=str(exc)[:500],
+                hosts=rolled,
+                rollback_failed=failed,
+            )
+            tail = f"; rolled back {len(rolled)} host(s)" + (
+                f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
+            )
+            close_connections()
+            if isinstance(exc, KmpOpsError):
+                raise type(exc)(f"{exc}{tail}") from exc
+            raise
+        close_connections()
+        raise
+    # post-deployment
+    t = time.monotonic()
+    pruned = {}
+    prune_futs = {
+        (env, h): prune_host_releases.submit(svc_name, env, h, current.get(h))
+        for env, h in all_hosts
+    }
+    for (_, h), fut in prune_futs.items():
+        fut.wait()
+        pruned[h] = fut.result() if fut.state.is_completed() else [f"prune failed: {_error(fut)}"]
+    close_connections()
+    run.stage("post-deployment", t)
+    total = round(time.monotonic() - started, 2)
+    notes = _release_notes(req, subject, all_hosts, current, approvals, report.table(), run, total)
+    create_markdown_artifact(notes, key="release-notes", description=f"Release notes {subject}")
+    audit("deploy.completed", subject, hosts=[h for _, h in all_hosts], seconds=total)
+    notify(
+        "info",
+        f"Deployed {svc_name} {req.version} to {target}",
+        f"{len(all_hosts)} hosts in {total}s",
+    )
+    return {
+        "status": "deployed",
+        "hosts": [h for _, h in all_hosts],
+        "previous": current,
+        "approvals": approvals,
+        "timings": run.timings,
+        "pruned": pruned,
+        "notes": run.notes,
+    }
+
+
+def _release_notes(
+    req: DeployRequest,
+    subject: str,
+    hosts: list[tuple[str, str]],
+    previous: dict[str, str | None],
+    approvals: list[str],
+    checklist: list[dict[str, str]],
+    run: _Run,
+    total: float,
+) -> str:
+    lines = [
+        f"# Release {req.service} {req.version}",
+        "",
+        f"Deployed to {', '.join(sorted({e for e, _ in hosts}))} in {total}s "
+        f"(change request: {req.change_request_id or 'none'}).",
+        "",
+        "## Hosts",
+        "",
+        "| environment | host | previous | now |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {e} | {h} | {previous.get(h) or '(first install)'} | {req.version} |" for e, h in hosts
+    ]
+    lines += ["", "## Approvals", ""] + [f"- {a}" for a in approvals or ["none required"]]
+    lines += ["", "## Checklist", ""] + [
+        f"- {c['gate']}: {c['result']} — {c['evidence']}" for c in checklist
+    ]
+    lines += ["", "## Timings", ""] + [f"- {k}: {v}s" for k, v in run.timings.items()]
+    if run.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in run.notes]
+    return "\n".join(lines)

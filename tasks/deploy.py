@@ -1,0 +1,468 @@
+"""Deploy steps, one host per task: read the current release, stage, activate, check, roll back.
+
+Tasks take names (service, environment, host, version) and build what they need from the config;
+SSH connections are shared per host inside one process (``host_connection``) and closed by the
+flow between stages with :func:`close_connections`, so a host that dies mid-rollout is noticed
+at its next step instead of hiding behind an old session. Caching is off on every task: a deploy
+step must never be skipped because it "already ran".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from kmpops import release as rel
+from kmpops import shellsafe
+from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
+from kmpops.connectors.ssh import SSHConnection
+from kmpops.errors import KmpOpsError, NotFound, PolicyViolation
+from kmpops.plans.checklist import ChecklistReport, default_checklist, evaluate_checklist
+from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
+
+__all__ = [
+    "ResolvedArtifact",
+    "activate_release",
+    "check_hosts",
+    "close_connections",
+    "measure_error_rate",
+    "prune_host_releases",
+    "read_current_release",
+    "resolve_artifact",
+    "rollback_host",
+    "run_checklist",
+    "stage_release",
+]
+
+_pool_lock = threading.Lock()
+_pool: dict[str, tuple[SSHConnection, threading.Lock]] = {}
+
+
+def _host(cfg: OpsConfig, environment: str, host_name: str) -> Host:
+    for host in cfg.environment(environment).hosts:
+        if host.name == host_name:
+            return host
+    raise NotFound(f"host {host_name!r} is not in environment {environment!r}")
+
+
+@contextlib.contextmanager
+def host_connection(host: Host) -> Any:
+    """The shared connection to ``host`` (one user at a time)."""
+    with _pool_lock:
+        entry = _pool.get(host.name)
+        if entry is None:
+            entry = (SSHConnection.from_host(host, connect_timeout=5), threading.Lock())
+            _pool[host.name] = entry
+    conn, lock = entry
+    with lock:
+        yield conn
+
+
+def close_connections() -> None:
+    """Close every shared connection (between stages and at the end of a run)."""
+    with _pool_lock:
+        entries = list(_pool.values())
+        _pool.clear()
+    for conn, _ in entries:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _values(service: ServiceConfig, host: Host) -> dict[str, str | int]:
+    return {**host.template_values(), "deploy_path": service.deploy_path_for(host)}
+
+
+# -- artifact --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    """A release artifact available as a local file, with its checksums."""
+
+    path: str
+    sha256: str
+    expected_sha256: str | None
+    source: str
+
+
+def _sha256(path: Path) -> str:
+    return rel.file_sha256(path)
+
+
+@task(
+    name="resolve-artifact",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_on_transient,
+)
+def resolve_artifact(service: str, version: str, artifact: str | None) -> ResolvedArtifact:
+    """Find the release artifact: an absolute local path, or the object
+    ``releases/<service>/<version>.tar.gz`` (default) / ``artifact`` key in the object store,
+    downloaded once into a local cache. The recorded checksum is the store's sha256 metadata
+    (for a local file: ``<path>.sha256``). Raises NotFound if it is missing."""
+    if artifact and artifact.startswith("/"):
+        path = Path(shellsafe.validate_path(artifact, what="artifact path"))
+        if not path.is_file():
+            raise NotFound(f"artifact {artifact} does not exist")
+        side = path.with_name(path.name + ".sha256")
+        expected = side.read_text().split()[0].strip() if side.is_file() else None
+        return ResolvedArtifact(str(path), _sha256(path), expected, f"file:{path}")
+    key = artifact or f"releases/{service}/{version}.tar.gz"
+    shellsafe.validate_path(key, what="artifact key")
+    store = _store()
+    info = store.head(key)
+    if info is None:
+        raise NotFound(f"artifact {key} is not in the object store")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "kmpops-artifacts" / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    local = cache / Path(key).name
+    # download() verifies the object against the sha256 recorded when it was stored.
+    store.download(key, local)
+    expected = info.sha256
+    return ResolvedArtifact(str(local), _sha256(local), expected, f"s3:{key}")
+
+
+def _store() -> Any:
+    from kmpops.connectors.storage import open_store
+
+    cfg = ops_config()
+    if cfg.storage is None:
+        raise NotFound("no storage configured in ops.yaml")
+    return open_store(cfg.storage, secret)
+
+
+# -- facts and checklist ---------------------------------------------------------------------
+
+
+@task(
+    name="read-current-release",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=0.5,
+    retry_condition_fn=retry_on_transient,
+)
+def read_current_release(service: str, environment: str, host_name: str) -> str | None:
+    """The release ``current`` points at on the host (None: first install)."""
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    with host_connection(host) as conn:
+        return rel.current_release(conn, cfg.service(service).deploy_path_for(host))
+
+
+@dataclass
+class _Facts:
+    service: str
+    version: str
+    artifact_sha256: str | None
+    expected_sha256: str | None
+    current_releases: dict[str, str | None]
+
+    def run_command(self, command: str) -> tuple[int, str]:
+        import subprocess
+
+        proc = subprocess.run(  # noqa: S602 - checklist commands are configured code, not input
+            command, shell=True, capture_output=True, text=True, timeout=300, check=False
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def http_status(self, url: str) -> int | None:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def evidence_record(self, key: str) -> dict[str, Any] | None:
+        try:
+            store = _store()
+        except NotFound:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "evidence.json"
+            try:
+                store.download(key, local)
+            except NotFound:
+                return None
+            try:
+                data = json.loads(local.read_text())
+            except ValueError:
+                return {"invalid": "not JSON"}
+        return data if isinstance(data, dict) else {"value": data}
+
+
+@task(name="pre-deployment-checklist", cache_policy=NO_CACHE)
+def run_checklist(
+    service: str,
+    version: str,
+    artifact: ResolvedArtifact,
+    current_releases: dict[str, str | None],
+    allow_first_install: bool,
+) -> ChecklistReport:
+    """The guide's six gates with evidence; every gate is evaluated and audited."""
+    facts = _Facts(service, version, artifact.sha256, artifact.expected_sha256, current_releases)
+    report = evaluate_checklist(default_checklist(allow_first_install=allow_first_install), facts)
+    audit("deploy.checklist", f"{service}@{version}", passed=report.passed, gates=report.table())
+    return report
+
+
+# -- per-host release steps ------------------------------------------------------------------
+
+
+@task(
+    name="stage-release",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=0.5,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="stage-{host_name}",
+)
+def stage_release(
+    service: str, environment: str, host_name: str, version: str, artifact: ResolvedArtifact
+) -> bool:
+    """Upload and extract the release on the host (not live yet). Idempotent; retried only on
+    transient errors. Returns True if staged now, False if it was already there."""
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    svc = cfg.service(service)
+    with host_connection(host) as conn:
+        return rel.stage_release(
+            conn, svc.deploy_path_for(host), version, Path(artifact.path), artifact.sha256
+        )
+
+
+class HostDeployFailed(KmpOpsError):
+    """A host did not become healthy on the new release (it has been switched)."""
+
+
+def _check(
+    svc: ServiceConfig, host: Host, conn: SSHConnection, check: HealthCheck
+) -> rel.HealthResult:
+    values = _values(svc, host)
+    if check.url:
+        return rel.check_health_url(
+            svc.render(check.url, host),
+            retries=check.retries,
+            interval=check.interval,
+            timeout=check.timeout,
+        )
+    assert check.command is not None
+    return rel.check_health_command(
+        conn,
+        shellsafe.render_command(check.command, values),
+        retries=check.retries,
+        interval=check.interval,
+        timeout=check.timeout,
+    )
+
+
+@task(name="activate-release", cache_policy=NO_CACHE, task_run_name="activate-{host_name}")
+def activate_release(
+    service: str, environment: str, host_name: str, version: str, sha256: str
+) -> str | None:
+    """Switch ``current`` to the release, restart, health check; record it as current.
+
+    Returns the previous release. Raises HostDeployFailed (host switched, needs rollback) when
+    the restart or health check fails; connection errors propagate (the host may or may not
+    have been switched: the rollback step reads the host to find out).
+    """
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    svc = cfg.service(service)
+    path = svc.deploy_path_for(host)
+    with host_connection(host) as conn:
+        previous = rel.switch_current(conn, path, version)
+        audit(
+            "deploy.switch",
+            f"{service}/{environment}/{host_name}",
+            version=version,
+            previous=previous,
+        )
+        try:
+            rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
+        except KmpOpsError as exc:
+            raise HostDeployFailed(f"{host_name}: {exc}") from None
+        health = _check(svc, host, conn, svc.health_check)
+    if not health.healthy:
+        raise HostDeployFailed(
+            f"{host_name}: health check failed after {health.attempts} attempts ({health.detail})"
+        )
+    records().record_release(
+        service=service,
+        environment=environment,
+        host=host_name,
+        version=version,
+        sha256=sha256,
+        deployed_by=actor(),
+        run_id=run_id(),
+    )
+    return previous
+
+
+@task(
+    name="rollback-host",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=0.5,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="rollback-{host_name}",
+)
+def rollback_host(
+    service: str, environment: str, host_name: str, to_version: str | None, from_version: str
+) -> str:
+    """Put the host back on ``to_version`` (None: remove ``current`` of a first install):
+    switch, restart, health check, record. Idempotent. Raises on failure (the flow marks the
+    host and notifies); returns a one-line description."""
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    svc = cfg.service(service)
+    path = svc.deploy_path_for(host)
+    subject = f"{service}/{environment}/{host_name}"
+    with host_connection(host) as conn:
+        now = rel.current_release(conn, path)
+        if now == to_version:
+            if now is not None:
+                rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
+        elif to_version is None:
+            rel.remove_current(conn, path)
+        else:
+            rel.switch_current(conn, path, to_version)
+            rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
+        if to_version is not None:
+            health = _check(svc, host, conn, svc.health_check)
+            if not health.healthy:
+                raise HostDeployFailed(f"{host_name}: unhealthy after rollback ({health.detail})")
+    if to_version is not None:
+        records().record_release(
+            service=service,
+            environment=environment,
+            host=host_name,
+            version=to_version,
+            deployed_by=actor(),
+            run_id=run_id(),
+        )
+    audit("deploy.rollback", subject, to=to_version, rolled_back=from_version)
+    return f"{host_name}: {from_version} -> {to_version or '(removed: first install)'}"
+
+
+@task(name="check-hosts", cache_policy=NO_CACHE, task_run_name="{kind}-{host_name}")
+def check_hosts(service: str, environment: str, host_name: str, kind: str) -> list[str]:
+    """Run the service's ``integration_tests`` or ``smoke_checks`` against one host.
+
+    Raises PolicyViolation naming the failing check; returns the evidence lines."""
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    svc = cfg.service(service)
+    checks = svc.integration_tests if kind == "integration" else svc.smoke_checks
+    evidence = []
+    with host_connection(host) as conn:
+        for check in checks or [svc.health_check]:
+            result = _check(svc, host, conn, check)
+            what = (check.url and svc.render(check.url, host)) or check.command
+            if not result.healthy:
+                raise PolicyViolation(f"{kind} check {what} failed on {host_name}: {result.detail}")
+            evidence.append(f"{what}: {result.detail}")
+    return evidence
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+REQUESTS_METRIC = "web_requests_total"
+ERRORS_METRIC = "web_errors_total"
+
+
+def _scrape_totals(url: str) -> tuple[float, float]:
+    """(requests, errors) counters summed over labels from a /metrics page."""
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+        text = response.read().decode()
+    totals = {REQUESTS_METRIC: 0.0, ERRORS_METRIC: 0.0}
+    for line in text.splitlines():
+        match = _SAMPLE_RE.match(line)
+        if match and match.group(1) in totals:
+            with contextlib.suppress(ValueError):
+                totals[match.group(1)] += float(match.group(3))
+    return totals[REQUESTS_METRIC], totals[ERRORS_METRIC]
+
+
+@dataclass(frozen=True)
+class ErrorRate:
+    """Error ratio over a window, per host and overall, against the configured maximum."""
+
+    ratio: float
+    maximum: float
+    requests: float
+    per_host: dict[str, float]
+
+    @property
+    def breached(self) -> bool:
+        """True if the ratio is above the maximum."""
+        return self.ratio > self.maximum
+
+
+@task(name="measure-error-rate", cache_policy=NO_CACHE)
+def measure_error_rate(
+    service: str, environment: str, host_names: list[str], seconds: float
+) -> ErrorRate:
+    """Scrape every host's /metrics at the start and the end of a ``seconds`` window (0: the
+    counters since the service started) and compare the error ratio with
+    ``metrics.error_rate_max``."""
+    import time
+
+    cfg = ops_config()
+    svc = cfg.service(service)
+    if svc.metrics is None or not svc.metrics.url:
+        get_run_logger().warning("no metrics URL configured for %s: nothing measured", service)
+        return ErrorRate(0.0, 1.0, 0.0, {})
+    urls = {h: svc.render(svc.metrics.url, _host(cfg, environment, h)) for h in host_names}
+    start = {h: (0.0, 0.0) for h in host_names}
+    if seconds > 0:
+        start = {h: _scrape_totals(u) for h, u in urls.items()}
+        time.sleep(seconds)
+    end = {h: _scrape_totals(u) for h, u in urls.items()}
+    per_host, req_sum, err_sum = {}, 0.0, 0.0
+    for h in host_names:
+        req = max(0.0, end[h][0] - start[h][0])
+        err = max(0.0, end[h][1] - start[h][1])
+        per_host[h] = err / req if req else 0.0
+        req_sum, err_sum = req_sum + req, err_sum + err
+    ratio = err_sum / req_sum if req_sum else 0.0
+    result = ErrorRate(ratio, svc.metrics.error_rate_max, req_sum, per_host)
+    audit(
+        "deploy.error_rate",
+        f"{service}/{environment}",
+        ratio=round(ratio, 5),
+        maximum=svc.metrics.error_rate_max,
+        requests=req_sum,
+        window_s=seconds,
+    )
+    return result
+
+
+@task(name="prune-releases", cache_policy=NO_CACHE, task_run_name="prune-{host_name}")
+def prune_host_releases(
+    service: str, environment: str, host_name: str, previous: str | None
+) -> list[str]:
+    """Remove releases beyond ``keep_releases``, never the current or the previous one."""
+    cfg = ops_config()
+    host = _host(cfg, environment, host_name)
+    svc = cfg.service(service)
+    with host_connection(host) as conn:
+        return rel.prune_releases(
+            conn, svc.deploy_path_for(host), keep=svc.keep_releases, protect=[previous]
+        )

@@ -1,0 +1,546 @@
+"""deploy-pipeline end to end on the real stack: sshd hosts, SeaweedFS, PostgreSQL-backed Prefect.
+
+Releases are the sample service's tarballs, stored in S3 with the checklist's evidence records.
+Approvals are answered from a thread while the flow waits (``resume_flow_run``, and once through
+``kmpops.approve.approve_run`` like the CLI). Host state is read from the hosts' directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+GATES5 = (
+    "code_review",
+    "tests_passed",
+    "security_scan",
+    "dependencies_updated",
+    "documentation_updated",
+)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def current_of(host_root: str) -> str | None:
+    link = Path(host_root) / "srv" / "web" / "current"
+    return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+
+def snapshot(stack) -> dict[str, str | None]:
+    return {h.name: current_of(h.root) for h in stack.hosts}
+
+
+def write_variant(stack, tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    mutate(data)
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def use_config(monkeypatch, stack, tmp_path):
+    """Run with a variant of the stack's ops.yaml: ``use_config(mutate)``."""
+
+    def apply(mutate) -> Path:
+        path = write_variant(stack, tmp_path, mutate)
+        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+        return path
+
+    yield apply
+
+
+def no_staging(data) -> None:
+    data["environments"].pop("staging")
+
+
+def quick(data, **policy) -> None:
+    data["environments"]["production"]["policy"].update(policy)
+
+
+@pytest.fixture(scope="module")
+def releases(stack, tmp_path_factory):
+    """Publish sample releases (tarball + evidence) to the stack's S3 bucket."""
+    from kmpops.config import load_config
+    from kmpops.connectors.storage import open_store
+    from kmpops.secrets import resolve_secret
+    from kmpops.stack.sample_service import build_release
+
+    out = tmp_path_factory.mktemp("releases")
+    cfg = load_config(stack.ops_yaml)
+    store = open_store(cfg.storage, resolve_secret)
+    specs = {
+        "1.0.0": "good",
+        "2.0.0": "good",
+        "2.1.0": "good",
+        "3.0.0": "unhealthy",
+        "4.0.0": "errors",
+        "5.0.0": "good",
+        "6.0.0": "good",
+        "7.0.0": "good",
+    }
+    for version, variant in specs.items():
+        tarball = build_release(
+            version, out, variant=variant, parameter=0.5 if variant == "errors" else None
+        )
+        put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
+        for gate in GATES5:
+            store.put_bytes(
+                f"evidence/web/{version}/{gate}.json",
+                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
+            )
+    return specs
+
+
+@pytest.fixture(scope="module")
+def baseline(stack, releases):
+    """1.0.0 on every host: a first install through the pipeline (no approval, no bake)."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    folder = Path(stack.root) / "test-variants"
+    folder.mkdir(exist_ok=True)
+    path = write_variant(stack, folder, lambda d: quick(d, approval_required=False))
+    old = os.environ["KMPOPS_CONFIG"]
+    os.environ["KMPOPS_CONFIG"] = str(path)
+    try:
+        result = deploy_pipeline(
+            DeployRequest(
+                service="web",
+                version="1.0.0",
+                allow_first_install=True,
+                bake_seconds=0,
+                requested_by="dave",
+            )
+        )
+    finally:
+        os.environ["KMPOPS_CONFIG"] = old
+    assert result["status"] == "deployed"
+    assert set(snapshot(stack).values()) == {"1.0.0"}
+    return result
+
+
+def answer_when_paused(answers, *, subject_prefix="deploy ", via_cli=False):
+    """Start a thread that answers the next paused approval(s) in order; returns the thread."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from tasks.common import records
+
+    errors: list[BaseException] = []
+
+    def find_run() -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pending = [
+                a
+                for a in records().approvals()
+                if a.outcome == "pending" and a.subject.startswith(subject_prefix)
+            ]
+            if pending:
+                return pending[-1].run_id
+            time.sleep(0.2)
+        raise TimeoutError("no pending approval")
+
+    def wait_paused(run_id: str, seen: set) -> None:
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                state = client.read_flow_run(run_id).state
+                if state.is_paused() and state.id not in seen:
+                    seen.add(state.id)
+                    return
+                time.sleep(0.1)
+        raise TimeoutError("run did not pause")
+
+    def work() -> None:
+        try:
+            run_id = find_run()
+            seen: set = set()
+            for ans in answers:
+                ans = dict(ans)
+                if ans["approver_token"] is None:
+                    from kmpops.stack import approver_token
+
+                    known = ans["approver"] in APPROVERS
+                    ans["approver_token"] = (
+                        approver_token(STACK_ROOT[0], ans["approver"]) if known else "x"
+                    )
+                wait_paused(run_id, seen)
+                if via_cli:
+                    from kmpops.approve import approve_run
+
+                    approve_run(
+                        os.environ["PREFECT_API_URL"],
+                        run_id,
+                        decision=ans["decision"],
+                        approver=ans["approver"],
+                        reason=ans.get("reason", ""),
+                        token=ans.get("approver_token", ""),
+                    )
+                else:
+                    resume_flow_run(run_id, run_input=ans)
+        except BaseException as exc:  # surfaced by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
+STACK_ROOT: list[Path] = []
+
+
+def approve(approver, reason="looks good", decision="approve", token=None):
+    """An answer; the approver's real token from the local stack (filled in when it is sent)
+    unless ``token`` is given."""
+    return {"decision": decision, "approver": approver, "reason": reason, "approver_token": token}
+
+
+APPROVERS = ("alice", "bob", "carol")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stack_root(stack):
+    STACK_ROOT[:] = [Path(stack.root)]
+
+
+def run_deploy(**kwargs):
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    kwargs.setdefault("service", "web")
+    kwargs.setdefault("requested_by", "dave")
+    return deploy_pipeline(DeployRequest(**kwargs), return_state=True)
+
+
+def failure_text(state) -> str:
+    exc = state.result(raise_on_failure=False)
+    return f"{state.message} {exc}"
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_happy_path_staging_then_production_with_approval(stack, baseline, use_config):
+    from tasks.common import records
+
+    use_config(lambda d: None)
+    before = snapshot(stack)
+    answering = answer_when_paused([approve("alice")], via_cli=True)
+    state = run_deploy(version="2.0.0", bake_seconds=1)
+    answering.join(10)
+    assert not answering.errors
+    assert state.is_completed(), failure_text(state)
+    result = state.result()
+    assert set(snapshot(stack).values()) == {"2.0.0"}
+    assert result["previous"] == before
+    rec = records()
+    for host in stack.hosts:
+        row = rec.current_release("web", host.environment, host.name)
+        assert row.version == "2.0.0"
+        assert rec.previous_release("web", host.environment, host.name).version == "1.0.0"
+    answers = [a for a in rec.approvals() if a.outcome == "approved"]
+    assert answers and answers[-1].approver == "alice"
+    actions = [e.action for e in rec.audit_events(run_id=str(state.state_details.flow_run_id))]
+    for action in (
+        "deploy.requested",
+        "deploy.checklist",
+        "deploy.switch",
+        "approval.answer",
+        "deploy.completed",
+    ):
+        assert action in actions
+    assert rec.verify_audit().ok
+
+
+def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use_config):
+    """Batch 2 hosts lack what the release needs (a flag file makes their health check fail)."""
+    from tasks.common import records
+
+    def mutate(d):
+        no_staging(d)
+        quick(d, approval_required=False)
+        d["services"]["web"]["health_check"] = {
+            "command": "{deploy_path}/current/control health --port {web_port}"
+            ' && test "$(cat {root}/missing-dependency-of 2>/dev/null)"'
+            ' != "$(cat {deploy_path}/current/VERSION)"',
+            "retries": 3,
+            "interval": 0.2,
+        }
+
+    use_config(mutate)
+    before = snapshot(stack)
+    prod = [h for h in stack.hosts if h.environment == "production"]
+    flags = [Path(h.root) / "missing-dependency-of" for h in prod[2:]]
+    for flag in flags:
+        flag.write_text("2.1.0\n")
+    try:
+        state = run_deploy(version="2.1.0", bake_seconds=0)
+    finally:
+        for flag in flags:
+            flag.unlink()
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "batch 2/2" in text and "rolled back" in text
+    assert snapshot(stack) == before
+    actions = [
+        e.action for e in records().audit_events(run_id=str(state.state_details.flow_run_id))
+    ]
+    assert actions.count("deploy.rollback") == 4  # two of batch 1, two switched in batch 2
+    assert "deploy.rolled_back" in actions
+
+
+def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):
+    from kmpops.stack.sample_service import generate_traffic
+
+    use_config(lambda d: (no_staging(d), quick(d, approval_required=False)))
+    before = snapshot(stack)
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            for h in stack.hosts:
+                if h.environment == "production":
+                    generate_traffic(
+                        f"http://127.0.0.1:{h.web_port}/work", requests=5, concurrency=1, timeout=1
+                    )
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        state = run_deploy(version="4.0.0", bake_seconds=2)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert state.is_failed()
+    assert "bake" in failure_text(state) and "error rate" in failure_text(state)
+    assert snapshot(stack) == before
+
+
+def test_sshd_killed_mid_rollout(stack, baseline, use_config):
+    from kmpops.stack.sshd import host_info, start_host, stop_host
+
+    use_config(lambda d: (no_staging(d), quick(d, approval_required=False)))
+    before = snapshot(stack)
+    prod = [h for h in stack.hosts if h.environment == "production"]
+    victim = prod[2]
+    info = host_info(Path(stack.root), victim.name, victim.port)
+    killed = threading.Event()
+
+    def killer():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if current_of(prod[0].root) == "5.0.0":
+                stop_host(info)
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        state = run_deploy(version="5.0.0", bake_seconds=0)
+    finally:
+        thread.join(10)
+        start_host(info)
+    assert killed.is_set()
+    assert state.is_failed()
+    text = failure_text(state)
+    assert victim.name in text and "HostUnreachable" in text
+    assert snapshot(stack) == before
+    release = Path(victim.root) / "srv/web/releases/5.0.0"
+    assert not release.exists() or (release / ".kmpops-sha256").exists()
+
+
+def test_dry_run_changes_nothing(stack, baseline, use_config):
+    use_config(lambda d: None)
+    before = snapshot(stack)
+    dirs = {h.name: sorted(os.listdir(Path(h.root) / "srv/web/releases")) for h in stack.hosts}
+    state = run_deploy(version="6.0.0", dry_run=True)
+    assert state.is_completed()
+    result = state.result()
+    assert result["status"] == "dry_run"
+    assert result["plan"][1] == [["prd-1", "prd-2"], ["prd-3", "prd-4"]]
+    assert snapshot(stack) == before
+    assert dirs == {
+        h.name: sorted(os.listdir(Path(h.root) / "srv/web/releases")) for h in stack.hosts
+    }
+
+
+def test_approval_rejected_rolls_back_staging(stack, baseline, use_config):
+    use_config(lambda d: None)
+    before = snapshot(stack)
+    answering = answer_when_paused([approve("bob", decision="reject", reason="not today")])
+    state = run_deploy(version="6.0.0", bake_seconds=0)
+    answering.join(10)
+    assert state.is_failed()
+    assert "rejected by bob" in failure_text(state)
+    assert snapshot(stack) == before
+
+
+@pytest.mark.parametrize("version", ["1.0;rm -rf /", "../1.0", "1 0", "1..0"])
+def test_bad_version_refused_before_anything(version):
+    from pydantic import ValidationError
+
+    from flows.deploy_pipeline import DeployRequest
+
+    with pytest.raises(ValidationError, match="release version"):
+        DeployRequest(service="web", version=version)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"), [("service", "unknown service"), ("environment", "unknown environment")]
+)
+def test_unknown_service_or_environment(stack, baseline, use_config, field, message):
+    use_config(lambda d: None)
+    before = snapshot(stack)
+    state = run_deploy(version="6.0.0", **{field: "nope"})
+    assert state.is_failed() and message in failure_text(state)
+    assert snapshot(stack) == before
+
+
+def test_freeze_refusal_and_emergency_override(stack, baseline, use_config):
+    def mutate(d):
+        no_staging(d)
+        quick(
+            d,
+            freeze_windows=[
+                {"name": "now", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}
+            ],
+        )
+
+    use_config(mutate)
+    before = snapshot(stack)
+    state = run_deploy(version="6.0.0", bake_seconds=0)
+    assert state.is_failed() and "freeze window 'now'" in failure_text(state)
+    assert snapshot(stack) == before
+    # emergency: quorum 1 + 1 -> two distinct approvers
+    answering = answer_when_paused([approve("alice"), approve("bob")])
+    state = run_deploy(version="6.0.0", bake_seconds=0, emergency=True)
+    answering.join(10)
+    assert not answering.errors
+    assert state.is_completed(), failure_text(state)
+    assert {v for k, v in snapshot(stack).items() if k.startswith("prd")} == {"6.0.0"}
+
+
+# -- the shared approval step on its own (tasks.approval.request_approval) --------------------
+
+
+def approval_probe_flow():
+    from prefect import flow
+
+    from tasks.approval import request_approval
+
+    @flow(name="approval-probe")
+    def approval_probe(policy_data: dict, timeout_s: float, required: int | None = None) -> dict:
+        from kmpops.config import Policy
+
+        outcome = request_approval(
+            subject="probe change",
+            summary_markdown="**probe**",
+            policy=Policy.model_validate(policy_data),
+            requested_by="alice",
+            timeout_s=timeout_s,
+            required=required,
+        )
+        return {
+            "status": outcome.status,
+            "approved": outcome.approved,
+            "approved_by": list(outcome.approved_by),
+            "refused": [list(r) for r in outcome.refused],
+        }
+
+    return approval_probe
+
+
+POLICY = {
+    "approval_required": True,
+    "approvers": ["alice", "bob", "carol"],
+    "quorum": 1,
+    "four_eyes": True,
+    "timeout_outcome": "reject",
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "answers", "status", "approved_by", "refused"),
+    [
+        ({}, [approve("bob")], "approved", ["bob"], []),
+        ({}, [approve("bob", decision="reject")], "rejected", [], []),
+        (
+            {},
+            [approve("alice"), approve("carol")],
+            "approved",
+            ["carol"],
+            [["alice", "self_approval"]],
+        ),
+        (
+            {},
+            [approve("mallory"), approve("bob")],
+            "approved",
+            ["bob"],
+            [["mallory", "unknown_approver"]],
+        ),
+        (
+            {"quorum": 2},
+            [approve("bob"), approve("bob"), approve("carol")],
+            "approved",
+            ["bob", "carol"],
+            [["bob", "duplicate_approver"]],
+        ),
+        (
+            {"tokens": True},
+            [approve("bob", token="wrong"), approve("bob", token="tok-bob")],
+            "approved",
+            ["bob"],
+            [["bob", "bad_token"]],
+        ),
+    ],
+    ids=["approve", "reject", "self-approval", "unknown-approver", "quorum-2", "token"],
+)
+def test_approval_step(stack, tmp_path, policy, answers, status, approved_by, refused):
+    from kmpops.plans.approval import token_digest
+
+    data = {**POLICY, **policy}
+    if data.pop("tokens", False):
+        book = tmp_path / "approver-tokens"
+        book.write_text("".join(f"{n}:{token_digest('tok-' + n)}\n" for n in data["approvers"]))
+        data["approver_tokens"] = f"file:{book}"
+    answering = answer_when_paused(answers, subject_prefix="probe")
+    result = approval_probe_flow()(data, 60)
+    answering.join(10)
+    assert not answering.errors
+    assert result["status"] == status
+    assert result["approved_by"] == approved_by
+    assert result["refused"] == refused
+
+
+@pytest.mark.parametrize(("outcome", "approved"), [("reject", False), ("approve", True)])
+def test_approval_timeout_applies_policy_outcome(stack, outcome, approved):
+    started = time.monotonic()
+    result = approval_probe_flow()({**POLICY, "timeout_outcome": outcome}, 2)
+    assert result["status"] == "timed_out" and result["approved"] is approved
+    assert time.monotonic() - started < 15
+
+
+def test_approval_token_never_stored(stack, tmp_path):
+    from tasks.common import records
+
+    answering = answer_when_paused(
+        [approve("bob", token="sekrit-token-123")], subject_prefix="probe"
+    )
+    approval_probe_flow()(POLICY, 60)
+    answering.join(10)
+    dump = " ".join(f"{a.details} {a.reason} {a.summary}" for a in records().approvals())
+    dump += " ".join(records().export_audit())
+    assert "sekrit-token-123" not in dump
