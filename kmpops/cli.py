@@ -60,6 +60,12 @@ def stack_up(
 
     if prefect_db not in ("sqlite", "postgres"):
         _fail(f"--prefect-db must be sqlite or postgres, not {prefect_db!r}", 2)
+    unknown = sorted(set(without or []) - set(stack.COMPONENTS))
+    if unknown:
+        _fail(
+            f"unknown stack components: {', '.join(unknown)} "
+            f"(known: {', '.join(stack.COMPONENTS)})"
+        )
     components = tuple(c for c in stack.COMPONENTS if c not in set(without or []))
     try:
         info = stack.up(
