@@ -97,7 +97,6 @@ def restore_database(
             + "\n".join(f"- {r}" for r in reasons)
             + ("\n- a safety backup of the target is taken first" if exists else "")
         )
-        approval_policy = policy
         if not policy.approvers:
             raise PolicyViolation(
                 f"{subject}: approval needed but environment {environment!r} lists no approvers"
@@ -105,7 +104,7 @@ def restore_database(
         outcome = request_approval(
             subject=subject,
             summary_markdown=summary,
-            policy=approval_policy,
+            policy=policy,
             requested_by=requested_by,
         )
         if not outcome.approved:

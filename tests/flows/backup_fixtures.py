@@ -48,6 +48,11 @@ class BackupEnv:
         with self.pg(dbname) as conn:
             return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
+    def token(self, approver: str) -> str:
+        """The local approver's token (the stack writes one per approver)."""
+        path = Path(self.stack.root) / "secrets" / f"approver-{approver}.token"
+        return path.read_text().strip()
+
     def object_bytes(self, key: str) -> bytes:
         return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 

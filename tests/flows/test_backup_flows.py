@@ -18,6 +18,7 @@ from tests.flows.backup_fixtures import (
     drop_env,
     make_env,
     run_in_thread,
+    s3_client,
     seed_database,
     sha256,
     tree,
@@ -97,6 +98,7 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     from kmpops.approve import approve_run
     from kmpops.connectors.notify import read_sink
     from kmpops.errors import IntegrityError, PolicyViolation
+    from kmpops.records.models import Backup
 
     [good] = backup_database(["shop"])
     summary = verify_backups(databases=["shop"], hosts=[])
@@ -109,8 +111,9 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     rec = bk.records()
     assert rec.backup(bad["record_id"]).verification == "failed"
     assert rec.backup(good["record_id"]).verification == "verified"
-    [verification] = rec.backup(bad["record_id"]).verifications
-    assert not verification.checks["integrity"]["ok"]
+    with rec.session() as session:
+        [verification] = session.get(Backup, bad["record_id"]).verifications
+        assert not verification.checks["integrity"]["ok"]
     notes = read_sink(bk.notifications)
     assert any(n["severity"] == "critical" and "verification failed" in n["title"] for n in notes)
     assert rec.audit_events(action="backup.verification_failed")
@@ -149,9 +152,10 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
             decision=decision,
             approver="alice",
             reason="test",
-            token="",
+            token=bk.token("alice"),
         )
         thread.join(120)
+        assert box, "restore-database did not finish after the answer"
         return box
 
     box = answer("reject")
@@ -193,7 +197,9 @@ def test_s3_stopped_mid_upload_records_nothing_complete(stack, tmp_path, monkeyp
         rows = env.records().backups()
         assert rows and all(r.state == "failed" for r in rows), [(r.id, r.state) for r in rows]
         assert len(rows) >= 2  # the transient failure was retried
-        seaweed.start(s3_root, OWN_S3_PORT)
+        # back up on other ports (the old ones sit in TIME_WAIT), same data: nothing was stored
+        again = seaweed.start(s3_root, OWN_S3_PORT + 50)
+        env.s3 = s3_client(again.endpoint_url, s3_root)
         assert env.keys("database/") == []
     finally:
         seaweed.stop(s3_root)
@@ -257,7 +263,7 @@ def test_retention_deletes_expired_and_keeps_last_verified(bk):
 
     later = datetime.now(UTC) + timedelta(days=31)  # everything is expired by then
     plan = backup_retention(dry_run=True, as_of=later)
-    assert plan["delete"] == sorted([first["record_id"], cfg1["record_id"]])
+    assert sorted(plan["delete"]) == sorted([first["record_id"], cfg1["record_id"]])
     assert plan["deleted"] == {"backups": 0, "blobs": 0}
 
     done = backup_retention(as_of=later)
@@ -306,7 +312,7 @@ def test_restore_over_existing_production_database_needs_approval_and_takes_safe
         decision="approve",
         approver="bob",
         reason="restore after accidental delete",
-        token="",
+        token=bk.token("bob"),
     )
     thread.join(120)
     assert "error" not in box, box.get("error")
