@@ -1,6 +1,17 @@
 """Benchmark: kmp-ops' alert evaluator against ``promtool test rules`` on the same input.
 
-Measured (RESULTS_PLACEHOLDER)
+Measured on the shared 2-core dev machine (load average 9-24 from other work, so
+wall times are noisy; CPU times are the steadier comparison), default arguments, seed 5:
+
+    1000 rules, 5,760,000 samples, 1441 evaluations each
+    decisions at 49 check times: 7247 firing, 4085 pending
+    kmp-ops evaluate_series: median 5.92 s  (runs: 8.88, 5.92, 4.70)
+    promtool test rules:     median 158.18 s  (runs: 167.13, 145.46, 158.18)
+    CPU time (user+sys), median: kmp-ops 1.16 s, promtool 86.77 s
+    ratio promtool / kmp-ops: 26.7x wall, 74.9x CPU
+    decisions identical (promtool passes kmp-ops' expectations): True
+
+(promtool 2.42.0+ds from Debian; an earlier run under heavier load: 6.85 s vs 216 s.)
 
 Work: 1,000 alerting rules (``metric_i > 80`` or ``< 20``, ``for:`` 0 .. 15m, some with
 ``keep_firing_for``), one stored series each, 24 h of 15 s samples (5,760 per series, 5.76 M in
