@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
@@ -27,6 +27,7 @@ from kmpops.records.models import (
     Approval,
     AuditEvent,
     Backup,
+    Base,
     ChangeRequest,
     Drill,
     Incident,
@@ -37,6 +38,7 @@ from kmpops.records.models import (
 )
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_Row = TypeVar("_Row", bound=Base)
 
 
 def _redact_details(details: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +123,30 @@ class Records:
         assert self._sessions is not None
         with self._sessions() as session, session.begin():
             yield session
+
+    # -- generic row helpers ----------------------------------------------------------------
+
+    def _add(self, model: type[_Row], **fields: Any) -> _Row:
+        with self.session() as s:
+            row = model(**fields)
+            s.add(row)
+        return row
+
+    def _update(self, model: type[_Row], row_id: int, what: str, **fields: Any) -> _Row:
+        with self.session() as s:
+            row = s.get(model, row_id)
+            if row is None:
+                raise NotFound(f"{what} #{row_id}")
+            for key, value in fields.items():
+                setattr(row, key, value)
+        return row
+
+    def _get(self, model: type[_Row], row_id: int, what: str) -> _Row:
+        with self.session() as s:
+            row = s.get(model, row_id)
+        if row is None:
+            raise NotFound(f"{what} #{row_id}")
+        return row
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -287,20 +313,11 @@ class Records:
 
     def add_approval(self, **fields: Any) -> Approval:
         """Record an approval request or answer; returns the stored row."""
-        with self.session() as s:
-            row = Approval(**fields)
-            s.add(row)
-        return row
+        return self._add(Approval, **fields)
 
     def update_approval(self, approval_id: int, **fields: Any) -> Approval:
         """Record the answer to an approval request."""
-        with self.session() as s:
-            row = s.get(Approval, approval_id)
-            if row is None:
-                raise NotFound(f"approval #{approval_id}")
-            for key, value in fields.items():
-                setattr(row, key, value)
-        return row
+        return self._update(Approval, approval_id, "approval", **fields)
 
     def approvals(self, *, subject: str | None = None, run_id: str | None = None) -> list[Approval]:
         """Approvals in the order they were asked for."""
@@ -316,28 +333,15 @@ class Records:
 
     def add_change_request(self, **fields: Any) -> ChangeRequest:
         """Open a change request."""
-        with self.session() as s:
-            row = ChangeRequest(**fields)
-            s.add(row)
-        return row
+        return self._add(ChangeRequest, **fields)
 
     def update_change_request(self, cr_id: int, **fields: Any) -> ChangeRequest:
         """Change a change request's state/outcome."""
-        with self.session() as s:
-            row = s.get(ChangeRequest, cr_id)
-            if row is None:
-                raise NotFound(f"change request #{cr_id}")
-            for key, value in fields.items():
-                setattr(row, key, value)
-        return row
+        return self._update(ChangeRequest, cr_id, "change request", **fields)
 
     def change_request(self, cr_id: int) -> ChangeRequest:
         """The change request ``cr_id``; NotFound otherwise."""
-        with self.session() as s:
-            row = s.get(ChangeRequest, cr_id)
-        if row is None:
-            raise NotFound(f"change request #{cr_id}")
-        return row
+        return self._get(ChangeRequest, cr_id, "change request")
 
     # -- backups ----------------------------------------------------------------------------
 
@@ -374,21 +378,11 @@ class Records:
 
     def update_backup(self, backup_id: int, **fields: Any) -> Backup:
         """Change fields of a backup record."""
-        with self.session() as s:
-            row = s.get(Backup, backup_id)
-            if row is None:
-                raise NotFound(f"backup #{backup_id}")
-            for key, value in fields.items():
-                setattr(row, key, value)
-        return row
+        return self._update(Backup, backup_id, "backup", **fields)
 
     def backup(self, backup_id: int) -> Backup:
         """The backup ``backup_id``; NotFound otherwise."""
-        with self.session() as s:
-            row = s.get(Backup, backup_id)
-        if row is None:
-            raise NotFound(f"backup #{backup_id}")
-        return row
+        return self._get(Backup, backup_id, "backup")
 
     def backups(
         self, *, kind: str | None = None, name: str | None = None, states: Sequence[str] = ()
@@ -420,10 +414,7 @@ class Records:
 
     def add_drill(self, **fields: Any) -> Drill:
         """Record a DR drill."""
-        with self.session() as s:
-            row = Drill(**fields)
-            s.add(row)
-        return row
+        return self._add(Drill, **fields)
 
     def drills(self, limit: int = 20) -> list[Drill]:
         """The newest drills first."""
@@ -490,13 +481,7 @@ class Records:
 
     def update_incident(self, incident_id: int, **fields: Any) -> Incident:
         """Change an incident's state or timestamps."""
-        with self.session() as s:
-            row = s.get(Incident, incident_id)
-            if row is None:
-                raise NotFound(f"incident #{incident_id}")
-            for key, value in fields.items():
-                setattr(row, key, value)
-        return row
+        return self._update(Incident, incident_id, "incident", **fields)
 
     def incident(self, incident_id: int) -> tuple[Incident, list[IncidentEvent]]:
         """An incident and its timeline."""
