@@ -1,0 +1,298 @@
+"""How operators run kmp-ops flows, against the session stack's PostgreSQL-backed Prefect server.
+
+- ``python -m deployments.serve --list`` shows the schedules, backup crons taken from ops.yaml;
+- the real runner deployments of ``deployments.serve.build()`` served in a subprocess, runs
+  started through the REST API and through the ``prefect`` CLI, each reaching Completed and
+  leaving its audit event (with that run id) in the records store;
+- ``deployments/prefect.yaml``: ``prefect deploy --all`` onto a ``process`` work pool, a process
+  worker picking a run up.
+
+Every subprocess is stopped by its pid (SIGTERM, wait, SIGKILL only if it hangs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack]
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+SERVED = ("backup-configuration", "backup-database")
+WORK_POOL = "kmp-ops"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process by pid, wait, SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _api(stack: Any) -> str:
+    return str(stack.prefect["api_url"]).rstrip("/")
+
+
+def deployment(stack: Any, flow: str, name: str | None = None) -> dict[str, Any] | None:
+    """``GET /deployments/name/{flow}/{deployment}``, or None if it does not exist."""
+    response = httpx.get(f"{_api(stack)}/deployments/name/{flow}/{name or flow}", timeout=10)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return response.json()
+
+
+def flow_run(stack: Any, run_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{_api(stack)}/flow_runs/{run_id}", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_run(stack: Any, run_id: str, timeout: float = 90) -> dict[str, float | str]:
+    """Follow a run to a final state; returns the seconds until it left SCHEDULED (pickup), until
+    RUNNING, until final, and the final state type."""
+    t0 = time.monotonic()
+    seen: dict[str, float | str] = {}
+    while time.monotonic() - t0 < timeout:
+        state = flow_run(stack, run_id)["state_type"]
+        now = time.monotonic() - t0
+        if state != "SCHEDULED":
+            seen.setdefault("pickup_s", now)
+        if state == "RUNNING":
+            seen.setdefault("running_s", now)
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            seen.update(final_s=now, state=state)
+            seen.setdefault("running_s", now)
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout}s: {state}")
+
+
+def audit_actions(stack: Any, run_id: str) -> list[str]:
+    """Actions of the audit events that run ``run_id`` appended to the records store."""
+    from kmpops.config import load_config
+    from kmpops.records import Records
+
+    with Records(load_config(Path(stack.ops_yaml)).records.url) as rec:
+        return [event.action for event in rec.audit_events(run_id=run_id)]
+
+
+def test_serve_list_shows_backup_crons_from_ops_yaml(stack: Any, tmp_path: Path) -> None:
+    config = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    config["backups"]["database"]["schedule"] = "15 1 * * *"
+    config["backups"]["configuration"]["schedule"] = "45 */4 * * *"
+    custom = tmp_path / "ops.yaml"
+    custom.write_text(yaml.safe_dump(config))
+    out = subprocess.run(
+        [sys.executable, "-m", "deployments.serve", "--list"],
+        cwd=REPO,
+        env=_env(KMPOPS_CONFIG=str(custom)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    listed = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    assert listed["backup-database"].strip() == "15 1 * * *"
+    assert listed["backup-configuration"].strip() == "45 */4 * * *"
+    assert listed["incident-response"].strip() == "on kmpops.alert.firing"
+    assert listed["evaluate-alerts"].strip() == "every 60s"
+    assert listed["approval-drill"].strip() == "manual"
+
+
+class TestServed:
+    """Runs of served deployments, started from the REST API and from the CLI."""
+
+    @pytest.fixture(scope="class")
+    def served(self, stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+        """``serve`` the real deployments of SERVED in a subprocess; stopped by pid after."""
+        log = tmp_path_factory.mktemp("serve") / "serve.log"
+        t0 = time.monotonic()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "integration" / "serve_subset.py"), *SERVED],
+                cwd=REPO,
+                env=_env(PREFECT_RUNNER_POLL_FREQUENCY="1"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, f"serve exited: {log.read_text()[-2000:]}"
+                found = [deployment(stack, name) for name in SERVED]
+                if all(d and d["status"] == "READY" for d in found):
+                    break
+                assert time.monotonic() < deadline, f"not served in time: {log.read_text()}"
+                time.sleep(0.3)
+            yield {"proc": proc, "log": log, "ready_s": time.monotonic() - t0}
+        finally:
+            _stop(proc)
+
+    def test_deployments_carry_their_schedules(self, stack: Any, served: dict) -> None:
+        from deployments.serve import schedules
+        from tasks.common import ops_config
+
+        plans = schedules(ops_config())
+        for name in SERVED:
+            dep = deployment(stack, name)
+            assert dep is not None and not dep["paused"]
+            crons = [s["schedule"].get("cron") for s in dep["schedules"]]
+            assert crons == [plans[name].cron]
+            assert "kmp-ops" in dep["tags"]
+        print(f"serve: deployments ready {served['ready_s']:.2f}s after start")
+
+    def test_rest_api_run_completes_and_is_audited(
+        self, stack: Any, served: dict, record_property: Any
+    ) -> None:
+        dep = deployment(stack, "backup-configuration")
+        assert dep is not None
+        t0 = time.monotonic()
+        response = httpx.post(
+            f"{_api(stack)}/deployments/{dep['id']}/create_flow_run",
+            json={"parameters": {"hosts": ["stg-1"]}},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        run_id = response.json()["id"]
+        seen = wait_run(stack, run_id)
+        total = time.monotonic() - t0
+        assert seen["state"] == "COMPLETED", served["log"].read_text()[-3000:]
+        assert "backup.completed" in audit_actions(stack, run_id)
+        record_property("serve_pickup_s", round(float(seen["pickup_s"]), 2))
+        record_property("rest_run_s", round(total, 2))
+        print(
+            f"REST run: picked up {seen['pickup_s']:.2f}s, running {seen['running_s']:.2f}s, "
+            f"completed {total:.2f}s after POST"
+        )
+
+    def test_cli_run_completes_and_is_audited(self, stack: Any, served: dict) -> None:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "backup-database/backup-database",
+                "--param",
+                'databases=["app"]',
+            ],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+        assert match, out
+        run_id = match.group(1)
+        cli_s = time.monotonic() - t0
+        assert flow_run(stack, run_id)["parameters"] == {"databases": ["app"]}
+        seen = wait_run(stack, run_id)
+        assert seen["state"] == "COMPLETED", served["log"].read_text()[-3000:]
+        assert "backup.completed" in audit_actions(stack, run_id)
+        print(f"CLI run: command {cli_s:.2f}s, then completed {seen['final_s']:.2f}s later")
+
+
+def test_sigterm_to_serve_pauses_its_deployments(stack: Any) -> None:
+    """What the notes warn about, checked: a stopped serve process pauses what it served."""
+    for name in SERVED:
+        dep = deployment(stack, name)
+        assert dep is not None and dep["paused"] is True
+
+
+def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path: Path) -> None:
+    from deployments.serve import discover, schedules
+    from tasks.common import ops_config
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    entries = {d["name"]: d for d in spec["deployments"]}
+    flows = {f.name for f in discover()}
+    assert flows <= set(entries), f"flows without a prefect.yaml entry: {flows - set(entries)}"
+    plans = schedules(ops_config())
+    for name, plan in plans.items():
+        if name in entries and plan.cron:
+            assert [s.get("cron") for s in entries[name].get("schedules", [])] == [plan.cron]
+
+    env = _env(KMPOPS_HOME=str(REPO), PREFECT_WORKER_QUERY_SECONDS="1")
+    subprocess.run(
+        [PREFECT, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deploy_s = time.monotonic() - t0
+    for name in flows:
+        dep = deployment(stack, name)
+        assert dep is not None and dep["work_pool_name"] == WORK_POOL, name
+        assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        if plans.get(name) and plans[name].cron:
+            assert [s["schedule"].get("cron") for s in dep["schedules"]] == [plans[name].cron]
+    incident = deployment(stack, "incident-response")
+    assert incident is not None
+
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+            cwd=tmp_path,  # the pull step, not the worker's directory, sets where flows run
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        dep = deployment(stack, "backup-configuration")
+        assert dep is not None
+        t1 = time.monotonic()
+        response = httpx.post(
+            f"{_api(stack)}/deployments/{dep['id']}/create_flow_run",
+            json={"parameters": {"hosts": ["stg-2"]}},
+            timeout=10,
+        )
+        response.raise_for_status()
+        run_id = response.json()["id"]
+        seen = wait_run(stack, run_id, timeout=120)
+        assert seen["state"] == "COMPLETED", worker_log.read_text()[-3000:]
+        assert "backup.completed" in audit_actions(stack, run_id)
+        print(
+            f"prefect deploy --all: {deploy_s:.2f}s; worker run: picked up "
+            f"{seen['pickup_s']:.2f}s, completed {time.monotonic() - t1:.2f}s after POST"
+        )
+    finally:
+        _stop(worker)
