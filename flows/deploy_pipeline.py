@@ -355,9 +355,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                 window = policy.bake_time.total_seconds()
                 rate = measure_error_rate(svc_name, env, list(plan.hosts), window)
                 if rate.breached:
-                    raise PolicyViolation(
-                        f"staging error rate {rate.ratio:.2%} above {rate.maximum:.2%}"
-                    )
+                    raise PolicyViolation(f"verify monitoring on staging: {rate.describe()}")
                 run.stage("verify staging", t)
             else:
                 _check_stage(run, env, list(plan.hosts), "smoke")
@@ -368,10 +366,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                 )
                 rate = measure_error_rate(svc_name, env, list(plan.hosts), bake)
                 if rate.breached:
-                    raise PolicyViolation(
-                        f"bake: {env} error rate {rate.ratio:.2%} above {rate.maximum:.2%} "
-                        f"over {bake:g}s"
-                    )
+                    raise PolicyViolation(f"bake on {env} over {bake:g}s: {rate.describe()}")
                 run.stage(f"verify+bake {env}", t)
     except BaseException as exc:
         if run.ledger:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import tempfile
 import threading
 import urllib.error
@@ -382,37 +381,35 @@ def check_hosts(service: str, environment: str, host_name: str, kind: str) -> li
 
 # -- metrics ---------------------------------------------------------------------------------
 
-_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-REQUESTS_METRIC = "web_requests_total"
-ERRORS_METRIC = "web_errors_total"
-
-
-def _scrape_totals(url: str) -> tuple[float, float]:
-    """(requests, errors) counters summed over labels from a /metrics page."""
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
-        text = response.read().decode()
-    totals = {REQUESTS_METRIC: 0.0, ERRORS_METRIC: 0.0}
-    for line in text.splitlines():
-        match = _SAMPLE_RE.match(line)
-        if match and match.group(1) in totals:
-            with contextlib.suppress(ValueError):
-                totals[match.group(1)] += float(match.group(3))
-    return totals[REQUESTS_METRIC], totals[ERRORS_METRIC]
-
 
 @dataclass(frozen=True)
 class ErrorRate:
-    """Error ratio over a window, per host and overall, against the configured maximum."""
+    """Error ratio (and p95 latency when a maximum is configured) over a window, per host and
+    overall, against the configured maxima."""
 
     ratio: float
     maximum: float
     requests: float
     per_host: dict[str, float]
+    latency_p95: float | None = None
+    latency_max: float | None = None
 
     @property
     def breached(self) -> bool:
-        """True if the ratio is above the maximum."""
-        return self.ratio > self.maximum
+        """True if the error ratio or the p95 latency is above its maximum."""
+        slow = (
+            self.latency_max is not None
+            and self.latency_p95 is not None
+            and self.latency_p95 > self.latency_max
+        )
+        return self.ratio > self.maximum or slow
+
+    def describe(self) -> str:
+        """One line for errors and artifacts."""
+        text = f"error rate {self.ratio:.2%} (max {self.maximum:.2%}, {self.requests:g} requests)"
+        if self.latency_p95 is not None and self.latency_max is not None:
+            text += f", p95 latency {self.latency_p95:.3f}s (max {self.latency_max:g}s)"
+        return text
 
 
 @task(name="measure-error-rate", cache_policy=NO_CACHE)
@@ -421,8 +418,11 @@ def measure_error_rate(
 ) -> ErrorRate:
     """Scrape every host's /metrics at the start and the end of a ``seconds`` window (0: the
     counters since the service started) and compare the error ratio with
-    ``metrics.error_rate_max``."""
+    ``metrics.error_rate_max`` (and p95 latency with ``metrics.latency_p95_max`` if set)."""
+    import math
     import time
+
+    from kmpops.connectors import metrics
 
     cfg = ops_config()
     svc = cfg.service(service)
@@ -430,25 +430,35 @@ def measure_error_rate(
         get_run_logger().warning("no metrics URL configured for %s: nothing measured", service)
         return ErrorRate(0.0, 1.0, 0.0, {})
     urls = {h: svc.render(svc.metrics.url, _host(cfg, environment, h)) for h in host_names}
-    start = {h: (0.0, 0.0) for h in host_names}
+    before: dict[str, list[Any]] = {h: [] for h in host_names}
     if seconds > 0:
-        start = {h: _scrape_totals(u) for h, u in urls.items()}
+        before = {h: metrics.scrape(u) for h, u in urls.items()}
         time.sleep(seconds)
-    end = {h: _scrape_totals(u) for h, u in urls.items()}
-    per_host, req_sum, err_sum = {}, 0.0, 0.0
+    after = {h: metrics.scrape(u) for h, u in urls.items()}
+    per_host, req_sum, err_sum, p95s = {}, 0.0, 0.0, []
     for h in host_names:
-        req = max(0.0, end[h][0] - start[h][0])
-        err = max(0.0, end[h][1] - start[h][1])
+        req = metrics.counter_delta(before[h], after[h], "web_requests_total")
+        err = metrics.counter_delta(before[h], after[h], "web_errors_total")
         per_host[h] = err / req if req else 0.0
         req_sum, err_sum = req_sum + req, err_sum + err
-    ratio = err_sum / req_sum if req_sum else 0.0
-    result = ErrorRate(ratio, svc.metrics.error_rate_max, req_sum, per_host)
+        p95 = metrics.latency_quantile_from_scrape(0.95, before[h], after[h])
+        if not math.isnan(p95):
+            p95s.append(p95)
+    result = ErrorRate(
+        ratio=err_sum / req_sum if req_sum else 0.0,
+        maximum=svc.metrics.error_rate_max,
+        requests=req_sum,
+        per_host=per_host,
+        latency_p95=max(p95s) if p95s else None,
+        latency_max=svc.metrics.latency_p95_max,
+    )
     audit(
         "deploy.error_rate",
         f"{service}/{environment}",
-        ratio=round(ratio, 5),
-        maximum=svc.metrics.error_rate_max,
+        ratio=round(result.ratio, 5),
+        maximum=result.maximum,
         requests=req_sum,
+        latency_p95=result.latency_p95,
         window_s=seconds,
     )
     return result
