@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sqlite3
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,23 +20,22 @@ EXPECTED = {"app.orders": 3000, "public.customers": 1500, "public.events": 4000}
 
 
 @pytest.fixture(scope="module")
-def pg():
-    # not under pytest's 0700 tmp dir: the postgres system user must be able to traverse it
-    root = Path(tempfile.mkdtemp(prefix="kmpops-pg-"))
-    os.chmod(root, 0o755)
-    info = postgres.start(root, PG_PORT)
-    yield info
-    postgres.stop(root)
-    shutil.rmtree(root, ignore_errors=True)
+def pg(stack):
+    """The session stack's PostgreSQL cluster."""
+    fields = {
+        k: Path(v) if k in ("bin_dir", "data_dir", "pid_file") else v
+        for k, v in stack.postgres.items()
+    }
+    return postgres.PGInfo(**fields)
 
 
 @pytest.fixture(scope="module")
 def app_db(pg):
     admin = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="postgres")
-    admin.drop_database("app")
-    admin.create_database("app")
+    admin.drop_database("conn_app")
+    admin.create_database("conn_app")
     db = PostgresDatabase(
-        host=pg.host, port=pg.port, user=pg.user, dbname="app", bin_dir=pg.bin_dir
+        host=pg.host, port=pg.port, user=pg.user, dbname="conn_app", bin_dir=pg.bin_dir
     )
     for stmt in (
         "CREATE SCHEMA app",
@@ -82,7 +79,7 @@ def _pg_restore(pg, dbname: str, dump_path) -> None:
 def test_row_counts_and_version(app_db):
     assert app_db.table_row_counts() == EXPECTED
     assert app_db.server_version().startswith("15.")
-    assert app_db.database_exists("app") and not app_db.database_exists("nope")
+    assert app_db.database_exists("conn_app") and not app_db.database_exists("nope")
 
 
 def test_dump_stream_into_store_restores_with_plain_pg_restore(pg, app_db, tmp_path):
@@ -92,10 +89,10 @@ def test_dump_stream_into_store_restores_with_plain_pg_restore(pg, app_db, tmp_p
     assert put.size > 10_000
     dump_file = tmp_path / "app.dump"
     store.download("db/app.dump", dump_file, expected_sha256=put.sha256)
-    app_db.drop_database("app_plain")
-    _pg_restore(pg, "app_plain", dump_file)
-    assert app_db.table_row_counts("app_plain") == EXPECTED
-    app_db.drop_database("app_plain")
+    app_db.drop_database("conn_app_plain")
+    _pg_restore(pg, "conn_app_plain", dump_file)
+    assert app_db.table_row_counts("conn_app_plain") == EXPECTED
+    app_db.drop_database("conn_app_plain")
 
 
 def test_restore_from_file_parallel_and_from_stream(app_db, tmp_path):
@@ -103,18 +100,18 @@ def test_restore_from_file_parallel_and_from_stream(app_db, tmp_path):
     put = app_db.dump_to_store(store, "db/app.dump")
     dump_file = tmp_path / "app.dump"
     store.download("db/app.dump", dump_file, expected_sha256=put.sha256)
-    for name in ("app_r1", "app_r2"):
+    for name in ("conn_app_r1", "conn_app_r2"):
         app_db.drop_database(name)
-    app_db.restore_from_file(dump_file, "app_r1", jobs=2)
-    assert app_db.table_row_counts("app_r1") == EXPECTED
+    app_db.restore_from_file(dump_file, "conn_app_r1", jobs=2)
+    assert app_db.table_row_counts("conn_app_r1") == EXPECTED
     with open(dump_file, "rb") as fh:
-        app_db.restore_from_stream(fh, "app_r2")
-    assert app_db.table_row_counts("app_r2") == EXPECTED
+        app_db.restore_from_stream(fh, "conn_app_r2")
+    assert app_db.table_row_counts("conn_app_r2") == EXPECTED
     # restoring over an existing database is refused and changes nothing
     with pytest.raises(ConnectorError, match="already exists"):
-        app_db.restore_from_file(dump_file, "app_r1")
-    assert app_db.table_row_counts("app_r1") == EXPECTED
-    for name in ("app_r1", "app_r2"):
+        app_db.restore_from_file(dump_file, "conn_app_r1")
+    assert app_db.table_row_counts("conn_app_r1") == EXPECTED
+    for name in ("conn_app_r1", "conn_app_r2"):
         app_db.drop_database(name)
 
 
@@ -138,10 +135,10 @@ def test_dump_to_s3_and_restore(app_db, tmp_path):
             store.download("db/app.dump", dump_file, expected_sha256=snap.put.sha256)
     finally:
         seaweed.stop(root)
-    app_db.drop_database("app_s3")
-    app_db.restore_from_file(dump_file, "app_s3", jobs=2)
-    assert app_db.table_row_counts("app_s3") == snap.row_counts == EXPECTED
-    app_db.drop_database("app_s3")
+    app_db.drop_database("conn_app_s3")
+    app_db.restore_from_file(dump_file, "conn_app_s3", jobs=2)
+    assert app_db.table_row_counts("conn_app_s3") == snap.row_counts == EXPECTED
+    app_db.drop_database("conn_app_s3")
 
 
 def test_zstd_dump_round_trip(app_db, tmp_path):
@@ -151,10 +148,10 @@ def test_zstd_dump_round_trip(app_db, tmp_path):
     buf = io.BytesIO()
     store.download("db/app.dump.zst", buf, expected_sha256=put.sha256)
     buf.seek(0)
-    app_db.drop_database("app_z")
-    app_db.restore_from_stream(buf, "app_z", compression="zstd")
-    assert app_db.table_row_counts("app_z") == EXPECTED
-    app_db.drop_database("app_z")
+    app_db.drop_database("conn_app_z")
+    app_db.restore_from_stream(buf, "conn_app_z", compression="zstd")
+    assert app_db.table_row_counts("conn_app_z") == EXPECTED
+    app_db.drop_database("conn_app_z")
 
 
 def test_snapshot_counts_match_dump_while_writes_continue(app_db, tmp_path):
@@ -180,10 +177,10 @@ def test_snapshot_counts_match_dump_while_writes_continue(app_db, tmp_path):
     assert snap.row_counts["public.customers"] == 1500
     dump_file = tmp_path / "snap.dump"
     store.download("db/snap.dump", dump_file, expected_sha256=snap.put.sha256)
-    app_db.drop_database("app_snap")
-    app_db.restore_from_file(dump_file, "app_snap", jobs=2)
-    assert app_db.table_row_counts("app_snap") == snap.row_counts
-    app_db.drop_database("app_snap")
+    app_db.drop_database("conn_app_snap")
+    app_db.restore_from_file(dump_file, "conn_app_snap", jobs=2)
+    assert app_db.table_row_counts("conn_app_snap") == snap.row_counts
+    app_db.drop_database("conn_app_snap")
     app_db.run_sql("DELETE FROM public.events WHERE id > 4000")
 
 
@@ -209,15 +206,15 @@ def test_names_are_validated_and_password_stays_out_of_errors(pg):
     with pytest.raises(UnsafeValueError):
         PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="app; DROP")
     with pytest.raises(UnsafeValueError):
-        PostgresDatabase(host="-oProxyCommand", port=pg.port, user=pg.user, dbname="app")
-    db = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="app")
+        PostgresDatabase(host="-oProxyCommand", port=pg.port, user=pg.user, dbname="conn_app")
+    db = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="conn_app")
     with pytest.raises(UnsafeValueError):
         db.restore_from_file(__file__, "--clean")
     down = PostgresDatabase(
         host="127.0.0.1",
         port=33299,
         user="postgres",
-        dbname="app",
+        dbname="conn_app",
         password="pw-s3cret",
         connect_timeout=2,
     )

@@ -29,11 +29,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stack")
-    info = seaweed.start(root, _free_block(S3_PORT))
-    yield info
-    seaweed.stop(root)
+def s3(stack):
+    """The session stack's SeaweedFS (tests use their own key prefixes)."""
+    return seaweed.S3Info(**{**stack.s3, "pid_file": Path(stack.s3["pid_file"])})
 
 
 def _raw_client(info):
