@@ -209,3 +209,75 @@ def cost_rows(
             }
         )
     return rows, totals
+
+
+# -- performance ------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of sorted values, linear interpolation; NaN when empty."""
+    if not sorted_values:
+        return float("nan")
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load run measured: latencies of answered requests, errors, wall time."""
+
+    latencies_s: tuple[float, ...]
+    errors: int
+    requests: int
+    seconds: float
+
+    def summary(self) -> dict[str, float]:
+        """p50/p95/p99 in milliseconds, error rate (0..1) and throughput (requests/s)."""
+        lat = sorted(self.latencies_s)
+        return {
+            "requests": float(self.requests),
+            "p50_ms": round(percentile(lat, 0.50) * 1000, 3),
+            "p95_ms": round(percentile(lat, 0.95) * 1000, 3),
+            "p99_ms": round(percentile(lat, 0.99) * 1000, 3),
+            "error_rate": round(self.errors / self.requests, 4) if self.requests else 0.0,
+            "throughput_rps": round(self.requests / self.seconds, 1) if self.seconds else 0.0,
+        }
+
+
+class RegressionPolicy(BaseModel):
+    """When a run is a regression against the baseline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_increase_pct: float = Field(default=50.0, ge=0)
+    latency_min_delta_ms: float = Field(default=5.0, ge=0, description="ignore smaller changes")
+    error_rate_max: float = Field(default=0.01, ge=0, le=1)
+    throughput_drop_pct: float = Field(default=50.0, ge=0, le=100)
+
+
+def compare_with_baseline(
+    current: dict[str, float], baseline: dict[str, float] | None, policy: RegressionPolicy
+) -> list[str]:
+    """Regressions of ``current`` (a :meth:`LoadResult.summary`) against ``baseline``, in words.
+
+    The error-rate limit applies with or without a baseline; latency and throughput only
+    compare with a baseline.
+    """
+    problems = []
+    if current["error_rate"] > policy.error_rate_max:
+        problems.append(f"error rate {current['error_rate']:.2%} above {policy.error_rate_max:.2%}")
+    if not baseline:
+        return problems
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        was, now = baseline.get(key), current[key]
+        if was is None:
+            continue
+        limit = was * (1 + policy.latency_increase_pct / 100)
+        if now > limit and now - was > policy.latency_min_delta_ms:
+            problems.append(f"{key[:3]} {now:.1f} ms vs baseline {was:.1f} ms")
+    was_rps = baseline.get("throughput_rps")
+    if was_rps and current["throughput_rps"] < was_rps * (1 - policy.throughput_drop_pct / 100):
+        problems.append(f"throughput {current['throughput_rps']:.0f}/s vs baseline {was_rps:.0f}/s")
+    return problems

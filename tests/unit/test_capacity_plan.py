@@ -9,12 +9,16 @@ import pytest
 from kmpops.plans.capacity import (
     CapacityThresholds,
     HostUsage,
+    LoadResult,
+    RegressionPolicy,
     Sample,
     UnitPrices,
     assess_host,
+    compare_with_baseline,
     cost_rows,
     days_until_full,
     linear_trend,
+    percentile,
 )
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -103,3 +107,39 @@ def test_cost_rows_and_totals() -> None:
     assert rows[0]["monthly_EUR"] == 38.0 and rows[0]["idle_EUR"] == 16.5
     assert rows[0]["cost_center"] == "cc-prod" and rows[1]["cost_center"] == "staging"
     assert totals == {"cc-prod": 38.0, "staging": 38.0}
+
+
+def test_percentile_and_summary() -> None:
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert percentile(values, 0.5) == pytest.approx(0.0505)
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+    s = LoadResult(tuple(values), errors=2, requests=102, seconds=2.0).summary()
+    assert s["p99_ms"] == pytest.approx(99.01, abs=0.01)
+    assert s["error_rate"] == pytest.approx(2 / 102, abs=1e-4)
+    assert s["throughput_rps"] == 51.0
+
+
+BASE = {"p50_ms": 2.0, "p95_ms": 4.0, "p99_ms": 8.0, "error_rate": 0.0, "throughput_rps": 500}
+
+
+def cur(**change: float) -> dict[str, float]:
+    return {**BASE, **change}
+
+
+REGRESSIONS = [
+    ("same", cur(), BASE, []),
+    ("no baseline", cur(p95_ms=400), None, []),
+    ("errors without baseline", cur(error_rate=0.05), None, ["error"]),
+    ("p95 doubled but tiny", cur(p95_ms=8.0), BASE, []),
+    ("p95 slow", cur(p95_ms=60.0), BASE, ["p95"]),
+    ("all slow", cur(p50_ms=50, p95_ms=60, p99_ms=70), BASE, ["p50", "p95", "p99"]),
+    ("throughput halved", cur(throughput_rps=200), BASE, ["throughput"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "current", "baseline", "expected"), REGRESSIONS, ids=[r[0] for r in REGRESSIONS]
+)
+def test_compare_with_baseline(name, current, baseline, expected) -> None:
+    got = compare_with_baseline(current, baseline, RegressionPolicy())
+    assert [g.split(" ")[0] for g in got] == expected
