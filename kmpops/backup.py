@@ -675,8 +675,13 @@ def backup_database(
             manifest_key=manifest_key,
         )
     started = datetime.now(UTC)
+    import psycopg
+
     with _pg_connect(endpoint) as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        # one REPEATABLE READ transaction: its snapshot is exported to pg_dump and the row
+        # counts below are read in it, so the manifest describes exactly what was dumped
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
         server_version = conn.execute("SHOW server_version").fetchone()[0]
         counts = pg_table_row_counts(conn)

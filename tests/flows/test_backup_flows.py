@@ -323,3 +323,52 @@ def test_restore_over_existing_production_database_needs_approval_and_takes_safe
     safety = bk.records().backup(result["safety_backup"])
     assert safety.state == "complete"
     assert safety.manifest["table_row_counts"]["public.order_lines"] == 0
+
+
+def test_row_counts_are_taken_in_the_dump_snapshot(bk):
+    """Rows committed while the dump runs are in neither the dump nor the manifest's counts."""
+    import threading
+
+    from flows.backup_database import backup_database
+
+    stop = threading.Event()
+
+    def writer() -> None:
+        with bk.pg(autocommit=True) as conn:
+            next_id = 100_000
+            while not stop.is_set():
+                conn.execute("INSERT INTO customers VALUES (%s, 'late')", (next_id,))
+                next_id += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        [manifest] = backup_database(["shop"])
+    finally:
+        stop.set()
+        thread.join(10)
+    assert bk.counts(bk.dbname)["customers"] > manifest["table_row_counts"]["public.customers"]
+    dump = bk.root / "snap.dump"
+    dump.write_bytes(bk.object_bytes(manifest["object_key"]))
+    restored = bk.dbname + "_snap"
+    with bk.pg("postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{restored}"')
+    subprocess.run(
+        [
+            "pg_restore",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(bk.pg_port),
+            "-U",
+            "postgres",
+            "-d",
+            restored,
+            "--no-owner",
+            str(dump),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    counts = {f"public.{t}": n for t, n in bk.counts(restored).items()}
+    assert counts == manifest["table_row_counts"]
