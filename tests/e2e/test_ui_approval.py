@@ -143,6 +143,7 @@ def test_ui_approval_by_alice_completes_the_run(
 
     t0 = time.monotonic()
     dialog = open_resume_dialog(page, stack.prefect["ui_url"], run_id)
+    page.wait_for_timeout(400)  # let the dialog's fade-in finish before the screenshot
     page.screenshot(path=str(screenshots / "approval-dialog.png"))
     # the plan renders as markdown: bold labels and a table, no raw markup
     text = dialog.inner_text()
@@ -202,7 +203,8 @@ def test_ui_unknown_approver_is_refused_and_the_run_stays_paused(
     # the refusal shows in the next dialog's description
     page.reload()
     dialog = open_resume_dialog(page, stack.prefect["ui_url"], run_id)
-    assert "Last answer refused: mallory" in dialog.inner_text()
+    dialog.get_by_text("Last answer refused: mallory").wait_for()
+    page.wait_for_timeout(400)  # let the dialog's fade-in finish before the screenshot
     page.screenshot(path=str(screenshots / "approval-dialog-after-refusal.png"))
     dialog.get_by_role("button", name="Close").click()
 

@@ -217,12 +217,13 @@ class TestServed:
         assert "backup.completed" in audit_actions(stack, run_id)
         print(f"CLI run: command {cli_s:.2f}s, then completed {seen['final_s']:.2f}s later")
 
-
-def test_sigterm_to_serve_pauses_its_deployments(stack: Any) -> None:
-    """What the notes warn about, checked: a stopped serve process pauses what it served."""
-    for name in SERVED:
-        dep = deployment(stack, name)
-        assert dep is not None and dep["paused"] is True
+    def test_sigterm_to_serve_pauses_its_deployments(self, stack: Any, served: dict) -> None:
+        """What the notes warn about, checked: a stopped serve process pauses what it served."""
+        _stop(served["proc"])
+        assert served["proc"].returncode is not None
+        for name in SERVED:
+            dep = deployment(stack, name)
+            assert dep is not None and dep["paused"] is True
 
 
 def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path: Path) -> None:
@@ -266,6 +267,10 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
             assert [s["schedule"].get("cron") for s in dep["schedules"]] == [plans[name].cron]
     incident = deployment(stack, "incident-response")
     assert incident is not None
+    related = httpx.get(
+        f"{_api(stack)}/automations/related-to/prefect.deployment.{incident['id']}", timeout=10
+    ).json()
+    assert any("kmpops.alert.firing" in a["trigger"].get("expect", []) for a in related)
 
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as out:
@@ -296,3 +301,8 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
         )
     finally:
         _stop(worker)
+        # leave no schedules or alert triggers behind for the rest of the session
+        for name in flows:
+            dep = deployment(stack, name)
+            if dep is not None:
+                httpx.delete(f"{_api(stack)}/deployments/{dep['id']}", timeout=10)
