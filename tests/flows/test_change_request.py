@@ -1,0 +1,197 @@
+"""change-request end to end: impact and risk, risk-based quorum, deploy-pipeline as a subflow,
+rollback on failure, closed with its outcome — on the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+GATES5 = (
+    "code_review",
+    "tests_passed",
+    "security_scan",
+    "dependencies_updated",
+    "documentation_updated",
+)
+
+
+def snapshot(stack) -> dict[str, str | None]:
+    out = {}
+    for h in stack.hosts:
+        link = Path(h.root) / "srv/web/current"
+        out[h.name] = os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(stack, tmp_path_factory):
+    """Publish cr-* releases with evidence; put cr-1.0 on every host (no approval, no bake)."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from kmpops.config import load_config
+    from kmpops.connectors.storage import open_store
+    from kmpops.secrets import resolve_secret
+    from kmpops.stack.sample_service import build_release
+
+    out = tmp_path_factory.mktemp("cr-releases")
+    store = open_store(load_config(stack.ops_yaml).storage, resolve_secret)
+    for version, variant in {"cr-1.0": "good", "cr-2.0": "good", "cr-3.0": "unhealthy"}.items():
+        tarball = build_release(version, out, variant=variant)
+        put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
+        for gate in GATES5:
+            store.put_bytes(
+                f"evidence/web/{version}/{gate}.json",
+                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
+            )
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    data["environments"]["production"]["policy"]["approval_required"] = False
+    variant = out / "ops.yaml"
+    variant.write_text(yaml.safe_dump(data))
+    old = os.environ["KMPOPS_CONFIG"]
+    os.environ["KMPOPS_CONFIG"] = str(variant)
+    try:
+        deploy_pipeline(
+            DeployRequest(
+                service="web",
+                version="cr-1.0",
+                allow_first_install=True,
+                bake_seconds=0,
+                requested_by="dave",
+            )
+        )
+    finally:
+        os.environ["KMPOPS_CONFIG"] = old
+    assert set(snapshot(stack).values()) == {"cr-1.0"}
+
+
+def answer(stack, answers, subject_prefix="change-request/"):
+    """Answer the next paused approval(s) from a thread, with the stack's approver tokens."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from kmpops.stack import approver_token
+    from tasks.common import records
+
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            deadline = time.monotonic() + 60
+            run_id = None
+            while run_id is None and time.monotonic() < deadline:
+                pending = [
+                    a
+                    for a in records().approvals()
+                    if a.outcome == "pending" and a.subject.startswith(subject_prefix)
+                ]
+                run_id = pending[-1].run_id if pending else None
+                time.sleep(0.2)
+            seen = set()
+            with get_client(sync_client=True) as client:
+                for who, decision in answers:
+                    while True:
+                        state = client.read_flow_run(run_id).state
+                        if state.is_paused() and state.id not in seen:
+                            seen.add(state.id)
+                            break
+                        time.sleep(0.1)
+                    resume_flow_run(
+                        run_id,
+                        run_input={
+                            "decision": decision,
+                            "approver": who,
+                            "reason": "reviewed",
+                            "approver_token": approver_token(Path(stack.root), who),
+                        },
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
+def run_change(**kwargs):
+    from flows.change_request import ChangeRequestInput, change_request
+
+    kwargs.setdefault("title", "upgrade web")
+    kwargs.setdefault("services", ["web"])
+    kwargs.setdefault("environments", ["staging", "production"])
+    kwargs.setdefault("requested_by", "dave")
+    return change_request(ChangeRequestInput(**kwargs), return_state=True)
+
+
+def test_high_risk_change_needs_two_approvers_and_is_implemented(stack, baseline):
+    from tasks.common import records
+
+    thread = answer(stack, [("alice", "approve"), ("bob", "approve")])
+    state = run_change(version="cr-2.0")
+    thread.join(10)
+    assert not thread.errors
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["outcome"] == "implemented"
+    assert set(snapshot(stack).values()) == {"cr-2.0"}
+    cr = records().change_request(result["id"])
+    assert (cr.risk, cr.state, cr.outcome) == ("high", "closed", "implemented")
+    assert sorted(cr.details["approved_by"]) == ["alice", "bob"]
+    actions = [e.action for e in records().audit_events(subject=f"change-request/{cr.id}")]
+    for action in (
+        "change.requested",
+        "change.assessed",
+        "approval.outcome",
+        "change.approved",
+        "change.closed",
+    ):
+        assert action in actions
+    # deploy-pipeline accepted the change request's approvals instead of asking again
+    assert not [a for a in records().approvals() if a.subject.startswith("deploy web@cr-2.0")]
+
+
+def test_rejected_change_changes_nothing(stack, baseline):
+    from tasks.common import records
+
+    before = snapshot(stack)
+    thread = answer(stack, [("carol", "reject")])
+    state = run_change(version="cr-3.0")
+    thread.join(10)
+    assert state.is_completed()
+    result = state.result()
+    assert result["outcome"] == "rejected"
+    assert records().change_request(result["id"]).state == "closed"
+    assert snapshot(stack) == before
+
+
+def test_failed_implementation_is_rolled_back_and_closed(stack, baseline):
+    from tasks.common import records
+
+    before = snapshot(stack)
+    thread = answer(stack, [("alice", "approve")])
+    state = run_change(version="cr-3.0", environments=["staging"])  # medium: one approver
+    thread.join(10)
+    assert state.is_failed()
+    assert "rolled back" in state.message
+    assert snapshot(stack) == before
+    rows = [r for r in records().approvals() if r.subject.startswith("change-request/")]
+    last = max((r for r in rows if (r.details or {}).get("kind") == "request"), key=lambda r: r.id)
+    cr_id = int(last.subject.split("/")[1])
+    cr = records().change_request(cr_id)
+    assert (cr.risk, cr.outcome) == ("medium", "rolled_back")
+
+
+def test_unknown_environment_refused_before_anything(stack, baseline):
+    from tasks.common import records
+
+    count = len(records().audit_events(action="change.requested"))
+    state = run_change(version="cr-2.0", environments=["nope"])
+    assert state.is_failed() and "unknown environment" in state.message
+    assert len(records().audit_events(action="change.requested")) == count
