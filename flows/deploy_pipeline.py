@@ -33,7 +33,7 @@ from kmpops.plans.freeze import check_freeze
 from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
 from kmpops.release import validate_version
 from tasks.approval import request_approval
-from tasks.common import actor, audit, notify, ops_config, records
+from tasks.common import actor, audit, notify, ops_config, records, run_id
 from tasks.deploy import (
     ResolvedArtifact,
     activate_release,
@@ -207,6 +207,14 @@ def _compensate(run: _Run) -> tuple[list[str], list[str]]:
                 f"{req.service}/{env}/{host}",
                 error=why,
                 version=req.version,
+            )
+            records().flag_release(
+                service=req.service,
+                environment=env,
+                host=host,
+                version=req.version,
+                state="rollback_failed",
+                run_id=run_id(),
             )
     if failed:
         notify(

@@ -279,6 +279,35 @@ class Records:
             s.add(rel)
         return rel
 
+    def flag_release(
+        self,
+        *,
+        service: str,
+        environment: str,
+        host: str,
+        version: str,
+        state: str,
+        run_id: str | None = None,
+    ) -> Release:
+        """Record a release that is neither current nor previous (``failed``,
+        ``rollback_failed``): the host needs a human; current/previous are left unchanged."""
+        return self._add(
+            Release,
+            service=service,
+            environment=environment,
+            host=host,
+            version=version,
+            state=state,
+            run_id=run_id,
+        )
+
+    def flagged_releases(self, state: str = "rollback_failed") -> list[Release]:
+        """Releases flagged with ``state``, newest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(select(Release).where(Release.state == state).order_by(Release.id.desc()))
+            )
+
     def current_release(self, service: str, environment: str, host: str) -> Release | None:
         """The current release of ``service`` on ``host``, or None for a first install."""
         return self._release(service, environment, host, "current")

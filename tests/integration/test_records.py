@@ -144,3 +144,14 @@ def test_concurrent_appends_never_fork(records: Records) -> None:
         list(pool.map(lambda i: records.audit(actor="t", action="c", subject=str(i)), range(40)))
     report = records.verify_audit()
     assert report.ok and report.events == 40
+
+
+def test_flagged_release_leaves_current_alone(records: Records) -> None:
+    records.record_release(service="web", environment="production", host="prd-3", version="1.0.0")
+    records.flag_release(
+        service="web", environment="production", host="prd-3", version="1.1.0",
+        state="rollback_failed",
+    )  # fmt: skip
+    cur = records.current_release("web", "production", "prd-3")
+    assert cur is not None and cur.version == "1.0.0"
+    assert [(r.host, r.version) for r in records.flagged_releases()] == [("prd-3", "1.1.0")]
