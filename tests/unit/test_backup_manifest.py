@@ -207,3 +207,83 @@ def test_drill_report_trend():
         passed=False,
     )
     assert "**no**" in render_drill_report(failed, [])
+
+
+def test_parse_listing_from_a_real_shell(tmp_path):
+    import os
+    import subprocess
+
+    from kmpops.backup import _listing_command, parse_listing
+
+    root = tmp_path / "etc"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.conf").write_bytes(b"one")
+    (root / "sub" / "odd\tname with spaces").write_bytes(b"two")
+    os.chmod(root / "a.conf", 0o600)
+    os.symlink(root / "a.conf", root / "link.conf")  # symlinks are not collected
+    out = subprocess.run(
+        ["sh", "-c", _listing_command([str(root), str(tmp_path / "missing")])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    files, missing = parse_listing(out)
+    assert missing == [str(tmp_path / "missing")]
+    assert [(f.path, f.mode, f.size, f.sha256) for f in files] == [
+        (str(root / "a.conf"), 0o600, 3, H1),
+        (str(root / "sub" / "odd\tname with spaces"), 0o644, 3, H2),
+    ]
+    with pytest.raises(ValueError, match="absolute"):
+        _listing_command(["relative/path"])
+    with pytest.raises(ValueError):
+        _listing_command([])
+
+
+def test_sqlite_backup_restore_test_and_integrity(tmp_path):
+    import io
+    import sqlite3
+
+    from kmpops.backup import DatabaseEndpoint, backup_database, restore_test
+    from kmpops.connectors.storage import LocalStore
+    from kmpops.errors import IntegrityError
+
+    db = tmp_path / "app.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.executemany("INSERT INTO items (name) VALUES (?)", [(f"i{i}",) for i in range(1500)])
+    store = LocalStore(tmp_path / "objects")
+    endpoint = DatabaseEndpoint(engine="sqlite", dbname="app", path=db)
+    dump_key, manifest_key = database_object_keys("app", "b1")
+    manifest = backup_database(
+        endpoint,
+        store,
+        database="app",
+        backup_id="b1",
+        dump_key=dump_key,
+        manifest_key=manifest_key,
+    )
+    assert manifest.table_row_counts == {"main.items": 1500}
+    assert DatabaseManifest.from_json_bytes(store_bytes(store, manifest_key)) == manifest
+    local = tmp_path / "restored.sqlite"
+    store.download(dump_key, local, expected_sha256=manifest.sha256)
+    check = restore_test(
+        endpoint,
+        local,
+        manifest=manifest,
+        scratch_name="unused",
+        sanity_queries=["SELECT count(*) FROM items"],
+    )
+    assert check["ok"], check
+    data = bytearray(local.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    store.put_bytes(dump_key, bytes(data))
+    with pytest.raises(IntegrityError):
+        store.download(dump_key, io.BytesIO(), expected_sha256=manifest.sha256)
+
+
+def store_bytes(store, key):
+    import io
+
+    buf = io.BytesIO()
+    store.download(key, buf)
+    return buf.getvalue()
