@@ -37,18 +37,18 @@ class AccessGrant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     user: Name
-    keys: list[str] = Field(min_length=1)
+    public_keys: list[str] = Field(min_length=1)
     environments: list[Name] = Field(min_length=1)
     expires: datetime | None = Field(default=None, description="timezone-aware; None: no expiry")
 
-    @field_validator("keys")
+    @field_validator("public_keys")
     @classmethod
-    def _keys(cls, value: list[str]) -> list[str]:
+    def _public_keys(cls, value: list[str]) -> list[str]:
         for i, line in enumerate(value):
             try:
                 parse_public_key(line)
             except ValueError as exc:
-                raise ValueError(f"keys[{i}]: {exc}") from None
+                raise ValueError(f"public_keys[{i}]: {exc}") from None
         return value
 
     @field_validator("expires")
@@ -60,7 +60,7 @@ class AccessGrant(BaseModel):
 
     def fingerprints(self) -> set[str]:
         """Fingerprints of the grant's keys."""
-        return {parse_public_key(k).fingerprint for k in self.keys}
+        return {parse_public_key(k).fingerprint for k in self.public_keys}
 
     def expired(self, now: datetime) -> bool:
         """True if the grant has an expiry at or before ``now``."""

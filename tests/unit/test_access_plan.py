@@ -64,7 +64,7 @@ def test_add_is_idempotent_and_remove_keeps_other_lines() -> None:
 
 def grant(user: str, envs: list[str], expires: datetime | None = None) -> AccessGrant:
     return AccessGrant(
-        user=user, keys=[KEYS[user].public_line()], environments=envs, expires=expires
+        user=user, public_keys=[KEYS[user].public_line()], environments=envs, expires=expires
     )
 
 
@@ -136,12 +136,12 @@ def test_access_drift(name, found, access, expected) -> None:
 
 
 def test_access_list_validation() -> None:
-    with pytest.raises(ValidationError, match=r"keys\[0\]"):
-        AccessGrant(user="x", keys=["not a key"], environments=["staging"])
+    with pytest.raises(ValidationError, match=r"public_keys\[0\]"):
+        AccessGrant(user="x", public_keys=["not a key"], environments=["staging"])
     with pytest.raises(ValidationError, match="timezone-aware"):
         AccessGrant(
             user="x",
-            keys=[KEYS["eve"].public_line()],
+            public_keys=[KEYS["eve"].public_line()],
             environments=["staging"],
             expires=datetime(2027, 1, 1),
         )
