@@ -203,7 +203,9 @@ def test_ui_unknown_approver_is_refused_and_the_run_stays_paused(
     # the refusal shows in the next dialog's description
     page.reload()
     dialog = open_resume_dialog(page, stack.prefect["ui_url"], run_id)
-    dialog.get_by_text("Last answer refused: mallory").wait_for()
+    refusal_line = dialog.get_by_text("Last answer refused: mallory")
+    refusal_line.wait_for()
+    refusal_line.scroll_into_view_if_needed()  # the dialog body scrolls; show the line
     page.wait_for_timeout(400)  # let the dialog's fade-in finish before the screenshot
     page.screenshot(path=str(screenshots / "approval-dialog-after-refusal.png"))
     dialog.get_by_role("button", name="Close").click()
