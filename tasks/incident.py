@@ -4,7 +4,7 @@ Every step writes to the incident's timeline (records store) and to the audit ch
 run fixed commands from code over SSH (paths shell-quoted), and their output passes the log
 redactor before it is stored or rendered. :func:`wait_for_ack` pauses the flow run (it must be
 called from the flow, not from a task) with an :class:`AckForm`; its pause key
-``ack-<incident>-<level>`` tells an operator or a test which question the run is asking.
+``ack-<incident>-<level, lowercase>-…`` says which question the run is asking.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ __all__ = [
     "open_incident",
     "recent_history",
     "record_phase",
+    "resume_after_timeout",
     "rollback_target",
     "wait_for_ack",
 ]
@@ -137,13 +138,37 @@ def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -
                 ),
                 timeout=max(1, round(remaining)),
                 poll_interval=ACK_POLL_S,
-                key=f"ack-{incident_id}-{level}-{round(remaining * 1000)}",
+                key=f"ack-{incident_id}-{level.lower()}-{round(remaining * 1000)}",
             )
         except FlowPauseTimeout:
+            resume_after_timeout()
             return None
         if form.responder.strip():
             return form
         get_run_logger().warning("acknowledgement without a responder ignored")
+
+
+def resume_after_timeout() -> None:
+    """Put the current flow run back to Running after a pause timed out.
+
+    ``pause_flow_run`` raises FlowPauseTimeout but leaves the run Paused on the server, and the
+    server fails an expired pause ("The flow was paused and never resumed") as soon as anything
+    touches the run. An escalation timeout is an expected outcome, not a failure, so the run is
+    forced back to Running (only from that paused/expired state, never from another one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Running
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(ctx.flow_run.id).state
+        if state is None or state.is_running():
+            return
+        expired = state.is_failed() and "never resumed" in (state.message or "")
+        if state.is_paused() or expired:
+            client.set_flow_run_state(ctx.flow_run.id, Running(), force=True)
 
 
 _PROBES = {

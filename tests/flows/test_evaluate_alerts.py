@@ -181,6 +181,18 @@ def test_critical_firing_triggers_incident_response(alert_env, served_incident_r
     )
     (summary,) = evaluate_alerts(rules=["outage"], start_incidents="event")
     assert summary["changes"][-1] == "outage{}: pending -> firing"
+    # the outage ends: the triggered run's recovery phase sees the alert resolve
+    alert_env(
+        {
+            "outage": {
+                "threshold": 0.5,
+                "duration": "0s",
+                "severity": "critical",
+                "query": "vector(0)",
+            }
+        },
+        ack_timeout="1s",
+    )
     deadline = time.monotonic() + 90
     with get_client(sync_client=True) as client:
         while True:
@@ -197,3 +209,6 @@ def test_critical_firing_triggers_incident_response(alert_env, served_incident_r
     assert done[0].parameters["alert"]["rule"] == "outage"
     (incident,) = records().incidents()
     assert incident.alert_key == "outage{}" and incident.severity == "critical"
+    assert incident.state == "closed"
+    lines = [e.message for e in records().incident(incident.id)[1]]
+    assert "unacknowledged after L3" in lines and "alert outage{} resolved" in lines

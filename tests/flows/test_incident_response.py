@@ -1,0 +1,422 @@
+"""incident-response end to end: real Prometheus, real sample service on real sshd hosts.
+
+The sample service runs on ``prd-1``: release 1.0.0 (good), then 2.0.0 built with the "errors"
+variant (30 % of requests answer 500) while a thread sends traffic. Prometheus scrapes it every
+second; evaluate-alerts sees the error rate go pending -> firing and runs incident-response as a
+subflow; a responder thread acknowledges the L1 page and approves the containment
+(``resume_flow_run``); containment rolls prd-1 back to 1.0.0 over SSH, recovery re-evaluates the
+rule until the alert resolves, and the postmortem carries the timeline. Escalation and duplicate
+alerts are checked with manual incidents and short acknowledgement timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+HOST = "prd-1"
+ERROR_RATE_QUERY = (
+    "sum by (instance) (rate(web_errors_total[5s]))"
+    " / sum by (instance) (rate(web_requests_total[5s]))"
+)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def incident_env(stack, tmp_path_factory, monkeypatch):
+    """``configure(alerts, drop_prometheus=False)`` writes a variant of the stack's ops.yaml
+    (module records store, own sink, 1 s ack timeout) and points KMPOPS_CONFIG at it."""
+    root = tmp_path_factory.getbasetemp() / "incident-env"
+    root.mkdir(exist_ok=True)
+    base = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    sink = root / "notifications.jsonl"
+    path = root / "ops.yaml"
+
+    def configure(alerts: dict, *, drop_prometheus: bool = False) -> Path:
+        data = dict(base)
+        data["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
+        routes = [f"jsonl://{sink}"]
+        data["notifications"] = {
+            "routes": {"critical": routes, "warning": routes, "info": routes},
+            "escalation": {"L1": routes, "L2": routes, "L3": routes},
+            "ack_timeout": "1s",
+            "repeat_interval": "1h",
+        }
+        data["alerts"] = alerts
+        if drop_prometheus:
+            data.pop("prometheus", None)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        stamp = time.time_ns() + 1_000_000
+        os.utime(path, ns=(stamp, stamp))
+        return path
+
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+    configure({})
+    configure.sink = sink  # type: ignore[attr-defined]
+    return configure
+
+
+def current_of(stack) -> str | None:
+    link = Path(stack.host(HOST).root) / "srv" / "web" / "current"
+    return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+
+def deploy(stack, tarball: Path, version: str) -> None:
+    """Put ``version`` live on prd-1 the way deploy-pipeline does (stage, switch, restart)."""
+    from kmpops import release as rel
+    from kmpops import shellsafe
+    from kmpops.connectors.ssh import SSHConnection
+    from kmpops.errors import CommandFailed
+    from tasks.common import ops_config, records
+
+    cfg = ops_config()
+    env, host = cfg.host(HOST)
+    svc = cfg.service("web")
+    path = svc.deploy_path_for(host)
+    with SSHConnection.from_host(host) as conn:
+        rel.stage_release(conn, path, version, tarball, rel.file_sha256(tarball))
+        rel.switch_current(conn, path, version)
+        values = {**host.template_values(), "deploy_path": path}
+        for attempt in range(3):
+            # the web port sits in the kernel's ephemeral range on a shared machine: a client
+            # socket of another process may hold it for a moment
+            try:
+                rel.restart_service(conn, shellsafe.render_command(svc.restart, values))
+                break
+            except CommandFailed:
+                if attempt == 2:
+                    raise
+                time.sleep(2)
+    records().record_release(
+        service="web", environment=env, host=HOST, version=version, deployed_by="release-bot"
+    )
+
+
+@pytest.fixture(scope="module")
+def traffic(stack):
+    """Keep requests flowing to prd-1 while the module runs."""
+    from kmpops.stack.sample_service import generate_traffic
+
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{stack.host(HOST).web_port}/work"
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                generate_traffic(url, requests=40, concurrency=2, timeout=2)
+            except Exception:
+                time.sleep(0.2)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield url
+    stop.set()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def bad_release(stack, incident_env, traffic, tmp_path):
+    """1.0.0 (good) then 2.0.0 ("errors") live on prd-1; cleaned off the host afterwards."""
+    from kmpops.stack.sample_service import build_release
+
+    if current_of(stack) != "2.0.0":
+        deploy(stack, build_release("1.0.0", tmp_path), "1.0.0")
+        deploy(stack, build_release("2.0.0", tmp_path, variant="errors", parameter=0.3), "2.0.0")
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_host(stack):
+    yield
+    from kmpops.config import load_config
+    from kmpops.connectors.ssh import SSHConnection
+
+    cfg = load_config(stack.ops_yaml)
+    _, host = cfg.host(HOST)
+    path = cfg.service("web").deploy_path_for(host)
+    with SSHConnection.from_host(host) as conn:
+        port = stack.host(HOST).web_port
+        conn.run(f"{path}/current/control stop --port {port}", timeout=30)
+        conn.run(["rm", "-rf", path], timeout=30)
+
+
+class Responder:
+    """Answers paused incident-response runs from a thread: acknowledgements by pause key
+    (``ack-<incident>-<level>-…``), containment approvals otherwise."""
+
+    def __init__(
+        self, *, ack_level: str | None = "L1", responder: str = "alice", token: str = ""
+    ) -> None:
+        self.ack_level = ack_level
+        self.token = token
+        self.responder = responder
+        self.answered: list[str] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Responder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowFilter,
+            FlowFilterName,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.flow_runs import resume_flow_run
+
+        seen: set = set()
+        try:
+            with get_client(sync_client=True) as client:
+                while not self._stop.is_set():
+                    runs = client.read_flow_runs(
+                        flow_filter=FlowFilter(name=FlowFilterName(any_=["incident-response"])),
+                        flow_run_filter=FlowRunFilter(
+                            state=FlowRunFilterState(
+                                type=FlowRunFilterStateType(any_=[StateType.PAUSED])
+                            )
+                        ),
+                    )
+                    for run in runs:
+                        state = run.state
+                        if state is None or state.id in seen:
+                            continue
+                        key = state.state_details.pause_key or ""
+                        if key.startswith("ack-"):
+                            level = key.split("-")[2].upper()
+                            if level != self.ack_level:
+                                continue  # let this level time out
+                            seen.add(state.id)
+                            resume_flow_run(
+                                run.id, run_input={"responder": self.responder, "note": "on it"}
+                            )
+                            self.answered.append(f"ack {level}")
+                        else:
+                            seen.add(state.id)
+                            resume_flow_run(
+                                run.id,
+                                run_input={
+                                    "decision": "approve",
+                                    "approver": "bob",
+                                    "reason": "roll back the faulty release",
+                                    "approver_token": self.token,
+                                },
+                            )
+                            self.answered.append("approve")
+                    time.sleep(0.3)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+
+def timeline(incident_id: int) -> list[tuple[str, str]]:
+    from tasks.common import records
+
+    _, events = records().incident(incident_id)
+    return [(e.phase, e.message) for e in events]
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_scrape_fallback_sees_the_error_rate(incident_env, bad_release, stack):
+    """Without Prometheus, the error rate comes from two direct scrapes of each endpoint."""
+    from flows.evaluate_alerts import evaluate_alerts
+
+    incident_env(
+        {
+            "scraped_error_rate": {
+                "threshold": "1%",
+                "duration": "0s",
+                "severity": "warning",
+                "query": "web_errors_total / web_requests_total",
+            }
+        },
+        drop_prometheus=True,
+    )
+    (summary,) = evaluate_alerts(rules=["scraped_error_rate"], start_incidents="none")
+    instance = f"127.0.0.1:{stack.host(HOST).web_port}"
+    key = f'scraped_error_rate{{instance="{instance}"}}'
+    assert summary["active"] == {key: "firing"}, summary
+
+
+def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.evaluate_alerts import evaluate_alerts
+    from kmpops.connectors.notify import read_sink
+    from kmpops.plans.incident import PHASES
+    from tasks.common import records
+
+    incident_env(
+        {
+            "error_rate": {
+                "threshold": "1%",
+                "duration": "3s",
+                "severity": "critical",
+                "query": ERROR_RATE_QUERY,
+            }
+        }
+    )
+    assert current_of(stack) == "2.0.0"
+    started = time.monotonic()
+    from kmpops.stack import approver_token
+
+    token = approver_token(Path(stack.root), "bob")
+    with Responder(ack_level="L1", token=token) as responder:
+        summaries = evaluate_alerts(
+            rules=["error_rate"],
+            start_incidents="subflow",
+            rounds=60,
+            interval_s=1,
+            stop_when_firing=True,
+            incident_options={
+                "ack_timeout_s": 30,
+                "approval_timeout_s": 60,
+                "recovery_timeout_s": 60,
+                "recovery_interval_s": 1,
+            },
+        )
+    elapsed = time.monotonic() - started
+    assert not responder.errors, responder.errors
+    assert responder.answered == ["ack L1", "approve"]
+
+    changes = [c.split(": ", 1)[1] for s in summaries for c in s["changes"]]
+    assert changes[:2] == ["inactive -> pending", "pending -> firing"], changes
+    assert current_of(stack) == "1.0.0"  # rolled back over SSH
+
+    (incident,) = records().incidents()
+    assert incident.state == "closed" and incident.severity == "critical"
+    assert incident.alert_key.startswith('error_rate{instance="127.0.0.1:')
+    lines = timeline(incident.id)
+    phases = [p for p, _ in lines]
+    assert phases[0] == "detection" and phases[-1] == "lessons_learned"
+    order = [PHASES.index(p) for p in phases]
+    assert order == sorted(order), lines  # the six phases, in order
+    assert set(phases) == set(PHASES)
+    text = "\n".join(m for _, m in lines)
+    assert "escalated to L1" in text and "acknowledged at L1 by alice" in text
+    assert "diagnostics gathered from prd-1" in text and "release 2.0.0 deployed on prd-1" in text
+    assert "rolled back prd-1: 2.0.0 -> 1.0.0" in text
+    assert "release 2.0.0 marked bad; known-good 1.0.0 confirmed" in text
+    assert "resolved" in text and "prd-1 health: ok" in text
+
+    metrics = incident.details["metrics"]
+    assert 3 <= metrics["time_to_detect_s"] < 60
+    assert 0 < metrics["time_to_contain_s"] <= metrics["time_to_recover_s"] < elapsed
+    post = incident.details["postmortem"]
+    assert "| containment | rolled back prd-1" in post and "| approved | bob |" in post
+    (approval,) = [
+        a
+        for a in records().approvals(subject=f"incident/{incident.id}/containment")
+        if a.details.get("kind") == "request"
+    ]
+    assert approval.outcome == "approved"
+
+    with get_client(sync_client=True) as client:
+        keys = [f"incident-{incident.id}-diagnostics", f"incident-{incident.id}-postmortem"]
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+    by_key = {a.key: a.data for a in arts}
+    assert set(by_key) == set(keys)
+    diag = by_key[keys[0]]
+    for probe in ("uptime and load", "top processes by CPU", "memory", "disk", "service log"):
+        assert f"### {probe}" in diag
+    assert "load average" in diag and "Mem:" in diag and "2.0.0" in diag
+    assert "Time to recover" in by_key[keys[1]]
+
+    titles = [m["title"] for m in read_sink(incident_env.sink)]
+    assert any(t.startswith("[FIRING] error_rate") for t in titles)
+    assert any(t.startswith(f"[L1] incident #{incident.id}") for t in titles)
+    assert any(t.startswith("[RESOLVED] error_rate") for t in titles)
+    actions = {e.action for e in records().audit_events(subject=f"incident/{incident.id}")}
+    assert {"incident.opened", "incident.containment", "incident.postmortem"} <= actions
+
+
+def test_unacknowledged_escalates_to_l3(incident_env):
+    from flows.incident_response import incident_response
+    from kmpops.connectors.notify import read_sink
+
+    incident_env({})
+    before = len(read_sink(incident_env.sink))
+    result = incident_response(
+        alert={"title": "disk filling on the backup host", "severity": "critical"},
+        options={"ack_timeout_s": 1},
+    )
+    text = [m for _, m in timeline(result["incident_id"])]
+    esc = [m for m in text if "L1" in m or "L2" in m or "L3" in m]
+    assert esc == [
+        "escalated to L1",
+        "no acknowledgement at L1 within 1 s",
+        "escalated to L2",
+        "no acknowledgement at L2 within 1 s",
+        "escalated to L3",
+        "no acknowledgement at L3 within 1 s",
+        "unacknowledged after L3",
+    ]
+    pages = [m["title"] for m in read_sink(incident_env.sink)[before:]]
+    assert [p.split("]")[0] for p in pages] == ["[L1", "[L2", "[L3"]
+    assert result["acknowledged_level"] is None
+
+
+def test_acknowledged_at_l2(incident_env):
+    from flows.incident_response import incident_response
+
+    incident_env({})
+    with Responder(ack_level="L2", responder="carol") as responder:
+        result = incident_response(
+            alert={"title": "queue backlog", "severity": "warning"}, options={"ack_timeout_s": 2}
+        )
+    assert responder.answered == ["ack L2"]
+    assert (result["acknowledged_level"], result["acknowledged_by"]) == ("L2", "carol")
+    text = [m for _, m in timeline(result["incident_id"])]
+    assert "no acknowledgement at L1 within 2 s" in text
+    assert "acknowledged at L2 by carol" in text and "escalated to L3" not in text
+
+
+def test_duplicate_alert_attaches_to_open_incident(incident_env):
+    from flows.incident_response import incident_response
+    from tasks.common import records
+
+    incident_env({})
+    alert = {"rule": "queue_depth", "labels": {"queue": "orders"}, "severity": "critical"}
+    first: dict = {}
+
+    def run_first() -> None:
+        first.update(incident_response(alert=alert, options={"ack_timeout_s": 60}))
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(i.alert_key == 'queue_depth{queue="orders"}' for i in records().incidents()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    duplicate = incident_response(alert=alert, options={"ack_timeout_s": 60})
+    assert duplicate["duplicate"] is True
+    with Responder(ack_level="L1"):
+        thread.join(timeout=90)
+    assert first["incident_id"] == duplicate["incident_id"] and first["duplicate"] is False
+    text = [m for _, m in timeline(first["incident_id"])]
+    assert 'duplicate alert queue_depth{queue="orders"} attached' in text
+    assert "acknowledged at L1 by alice" in text
