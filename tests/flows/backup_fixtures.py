@@ -221,3 +221,16 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
 
 def api_url() -> str:
     return os.environ["PREFECT_API_URL"]
+
+
+def latest_artifact(key: str) -> dict[str, Any]:
+    """The newest artifact with ``key`` from the Prefect API."""
+    import httpx
+
+    found = httpx.post(
+        f"{api_url()}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
+        timeout=10,
+    ).json()
+    assert found, f"no artifact {key!r}"
+    return found[0]

@@ -6,6 +6,7 @@ boto3 are used by the tests themselves as independent witnesses.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from tests.flows.backup_fixtures import (
     TABLES,
     api_url,
     drop_env,
+    latest_artifact,
     make_env,
     run_in_thread,
     s3_client,
@@ -114,6 +116,12 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     with rec.session() as session:
         [verification] = session.get(Backup, bad["record_id"]).verifications
         assert not verification.checks["integrity"]["ok"]
+    table = latest_artifact("verify-backups")
+    assert table["type"] == "table"
+    rows = json.loads(table["data"])
+    assert {
+        (r["backup"], r["integrity"], r["result"]) for r in rows if r["kind"] == "database"
+    } == {(bad["record_id"], "FAIL", "FAILED")}
     notes = read_sink(bk.notifications)
     assert any(n["severity"] == "critical" and "verification failed" in n["title"] for n in notes)
     assert rec.audit_events(action="backup.verification_failed")
@@ -372,3 +380,50 @@ def test_row_counts_are_taken_in_the_dump_snapshot(bk):
     )
     counts = {f"public.{t}": n for t, n in bk.counts(restored).items()}
     assert counts == manifest["table_row_counts"]
+
+
+def test_restore_configuration_in_production_waits_for_approval(bk):
+    from flows.backup_configuration import backup_configuration
+    from flows.restore_configuration import restore_configuration
+    from kmpops.approve import approve_run
+    from kmpops.errors import PolicyViolation
+
+    host = "prd-1"
+    conf = bk.config_dirs[host]
+    conf.mkdir(parents=True)
+    (conf / "app.conf").write_text("workers = 4\n")
+    [run1] = backup_configuration(hosts=[host])
+    (conf / "app.conf").write_text("workers = 400\n")
+
+    def restore_with(decision: str) -> dict:
+        thread, box = run_in_thread(
+            restore_configuration, host, backup_id=run1["record_id"], requested_by="dave"
+        )
+        request = wait_for(
+            lambda: [
+                a
+                for a in bk.records().approvals()
+                if a.details.get("kind") == "request" and a.outcome == "pending"
+            ],
+            timeout=90,
+        )
+        wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+        approve_run(
+            api_url(),
+            request[-1].run_id,
+            decision=decision,
+            approver="carol",
+            reason="config rollback",
+            token=bk.token("carol"),
+        )
+        thread.join(120)
+        assert box, "restore-configuration did not finish after the answer"
+        return box
+
+    box = restore_with("reject")
+    assert isinstance(box.get("error"), PolicyViolation)
+    assert (conf / "app.conf").read_text() == "workers = 400\n"  # untouched
+    box = restore_with("approve")
+    assert "error" not in box, box.get("error")
+    assert (conf / "app.conf").read_text() == "workers = 4\n"
+    assert box["result"]["safety_backup"] is not None

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.flows.backup_fixtures import TABLES, drop_env, make_env, seed_database
+from tests.flows.backup_fixtures import (
+    TABLES,
+    drop_env,
+    latest_artifact,
+    make_env,
+    seed_database,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -44,6 +50,8 @@ def test_dr_drill_records_rto_rpo_and_trend(bk):
     assert len(drills) == 2 and all(d.ok and d.rto_s and d.rpo_s for d in drills)
     assert drills[0].target_rto_s == 600 and drills[0].target_rpo_s == 9 * 3600
     report = second["report"]
+    artifact = latest_artifact("dr-drill")
+    assert artifact["type"] == "markdown" and "## Trend" in artifact["data"]
     assert "## Trend" in report and report.count("| pass |") == 2
     # the restore test behind the drill compared every table's row count
     shop = next(s for s in second["subjects"] if s["subject"] == "database/shop")
