@@ -51,7 +51,22 @@ def stack() -> Iterator[object]:
     try:
         yield info
     finally:
+        _flush_prefect_logs()
         local_stack.down(STACK_ROOT)
+
+
+def _flush_prefect_logs() -> None:
+    """Ship queued run logs while the stack's Prefect server is still up."""
+    import sys
+
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    try:
+        APILogHandler.flush()
+    except Exception as err:  # flushing is best effort at teardown
+        print(f"could not flush Prefect logs: {err}")
 
 
 @pytest.fixture(scope="session")
