@@ -8,6 +8,9 @@ Prefect server; the browser opens the paused run, clicks Resume, fills the form 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -178,7 +181,6 @@ def test_ui_approval_by_alice_completes_the_run(
 def test_ui_unknown_approver_is_refused_and_the_run_stays_paused(
     stack: Any, page: Any, screenshots: Path
 ) -> None:
-    from kmpops.approve import approve_run
     from kmpops.stack import approver_token
 
     drill = DrillRun(reason="INC-4712: disk full on prd-2")
@@ -210,15 +212,20 @@ def test_ui_unknown_approver_is_refused_and_the_run_stays_paused(
     page.screenshot(path=str(screenshots / "approval-dialog-after-refusal.png"))
     dialog.get_by_role("button", name="Close").click()
 
-    # a real approver rejects it over the REST API: the run ends Failed, recorded
-    approve_run(
-        stack.prefect["api_url"],
-        run_id,
-        decision="reject",
-        approver="bob",
-        reason="no incident ticket",
-        token=approver_token(Path(stack.root), "bob"),
+    # a real approver rejects it from the command line: the run ends Failed, recorded
+    env = dict(os.environ, KMPOPS_APPROVER_TOKEN=approver_token(Path(stack.root), "bob"))
+    env["PREFECT_API_URL"] = stack.prefect["api_url"]
+    kmpops = str(Path(sys.executable).with_name("kmpops"))
+    answer = ["--approver", "bob", "--decision", "reject", "--reason", "no incident ticket"]
+    cli = subprocess.run(
+        [kmpops, "approve", run_id, *answer],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+    assert cli.returncode == 0, cli.stderr
+    assert env["KMPOPS_APPROVER_TOKEN"] not in cli.stdout + cli.stderr
     wait_for_state(run_id, {"FAILED"}, timeout=60)
     drill.thread.join(30)
     request, *answers = approvals(stack, run_id)

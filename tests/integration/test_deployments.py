@@ -233,7 +233,9 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     entries = {d["name"]: d for d in spec["deployments"]}
     flows = {f.name for f in discover()}
-    assert flows <= set(entries), f"flows without a prefect.yaml entry: {flows - set(entries)}"
+    assert flows <= set(entries), (
+        f"add deployments/prefect.yaml entries for {sorted(flows - set(entries))}"
+    )
     plans = schedules(ops_config())
     for name, plan in plans.items():
         if name in entries and plan.cron:
@@ -306,3 +308,45 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
             dep = deployment(stack, name)
             if dep is not None:
                 httpx.delete(f"{_api(stack)}/deployments/{dep['id']}", timeout=10)
+
+
+def test_production_templates_hold_no_secrets_and_parse() -> None:
+    """The env file template has no secret values; every unit reads it and parses in systemd."""
+    production = REPO / "infra" / "production"
+    settings = {}
+    for line in (production / "kmpops.env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key] = value
+    secretish = [
+        k
+        for k in settings
+        if re.search(r"PASSWORD|SECRET|TOKEN|AUTH|KEY", k) and not k.endswith("_FILE")
+    ]
+    assert secretish == []
+    assert not any("@" in v and "://" in v for v in settings.values())  # no URL with credentials
+    assert {"KMPOPS_HOME", "KMPOPS_CONFIG", "PREFECT_API_URL", "KMPOPS_WORK_POOL"} <= set(settings)
+    units = sorted(production.glob("*.service"))
+    assert {u.name for u in units} == {
+        "prefect-server.service",
+        "kmpops-worker.service",
+        "kmpops-serve.service",
+        "kmpops-alertmanager-receiver.service",
+    }
+    analyze = Path("/usr/bin/systemd-analyze")
+    for unit in units:
+        assert "EnvironmentFile=/etc/kmp-ops/kmpops.env" in unit.read_text()
+        if analyze.exists():
+            out = subprocess.run(
+                [str(analyze), "verify", "--man=no", str(unit)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            # the checkout is not installed here; anything else is a real problem
+            problems = [
+                line
+                for line in (out.stdout + out.stderr).splitlines()
+                if line.strip() and "is not executable" not in line
+            ]
+            assert problems == [], problems
