@@ -45,9 +45,15 @@ def test_find_secret_literals_names_fields_not_values() -> None:
     assert "hunter2" not in " ".join(found)
 
 
-def test_stack_passes_host_checks_and_flags_missing_backup(stack) -> None:
+def with_ghost_database(data: dict) -> None:
+    """A database nobody ever backed up (other tests may have backed up ``app``)."""
+    data["databases"]["ghost"] = {"kind": "postgresql", "dbname": "ghost", "rpo": "25h"}
+
+
+def test_stack_passes_host_checks_and_flags_missing_backup(stack, variant) -> None:
     from tasks.common import records
 
+    variant(with_ghost_database)
     before = len(records().audit_events(action="compliance.audit"))
     result = compliance_audit()
     checks = by_check(result)
@@ -59,17 +65,18 @@ def test_stack_passes_host_checks_and_flags_missing_backup(stack) -> None:
     assert checks[("audit chain intact", "")]["ok"]
     assert checks[("production approval policy", "production")]["ok"]
     assert checks[("secrets are references", "")]["ok"]
-    rpo = checks[("backup within RPO", "app")]
+    rpo = checks[("backup within RPO", "ghost")]
     assert not rpo["ok"] and "no verified backup" in rpo["evidence"]
     assert not result["passed"]
     events = records().audit_events(action="compliance.audit")
     assert len(events) == before + 1
     assert events[-1].details["passed"] is False
-    assert "backup within RPO app" in events[-1].details["failed"]
+    assert "backup within RPO ghost" in events[-1].details["failed"]
 
 
-def test_fail_on_critical_raises_after_publishing(stack) -> None:
-    with pytest.raises(PolicyViolation, match="backup within RPO app"):
+def test_fail_on_critical_raises_after_publishing(stack, variant) -> None:
+    variant(with_ghost_database)
+    with pytest.raises(PolicyViolation, match="backup within RPO ghost"):
         compliance_audit(CompliancePolicy(fail_on_critical=True, check_hosts=False))
 
 

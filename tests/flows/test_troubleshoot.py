@@ -42,11 +42,17 @@ def add_service(data: dict, name: str, port: int) -> None:
     }
 
 
+def used_mb(root: str) -> float:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()) / 2**20
+
+
 def test_filled_host_root_is_a_disk_finding_on_that_host_only(stack) -> None:
     full, other = stack.hosts[2], stack.hosts[3]
+    budget = int(max(used_mb(full.root), used_mb(other.root))) + 20
+    dump_mb = int(budget - used_mb(full.root)) + 10
     dump = Path(full.root) / "srv" / "forgotten-dump.bin"
     with open(dump, "wb") as fh:
-        for _ in range(40):
+        for _ in range(dump_mb):
             fh.write(b"\x01" * (1024 * 1024))
     try:
         result = troubleshoot(
@@ -54,7 +60,7 @@ def test_filled_host_root_is_a_disk_finding_on_that_host_only(stack) -> None:
                 hosts=[full.name, other.name],
                 service=None,
                 symptom="disk alarm",
-                thresholds=Thresholds(root_budget_mb=30),
+                thresholds=Thresholds(root_budget_mb=budget),
             )
         )
     finally:
