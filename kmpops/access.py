@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kmpops.errors import HostUnreachable, NotFound
+from kmpops.shellsafe import validate_path
 
 __all__ = [
     "AuthProbe",
@@ -172,15 +173,19 @@ def authorized_keys_path(host: _HostVars, template: str | None = None) -> str:
     ``template`` (``{root}``-style placeholders from host vars) wins; then the host var
     ``authorized_keys``; then ``{root}/etc/authorized_keys`` when the host has a ``root`` var
     (the local stack's sshd); else ``.ssh/authorized_keys`` (relative to the login's HOME).
+    Raises UnsafeValueError for a path with ``..`` or unsafe characters, KeyError for an
+    unknown placeholder.
     """
     values = {k: str(v) for k, v in host.vars.items()}
     if template:
-        return template.format(**values)
-    if "authorized_keys" in values:
-        return values["authorized_keys"]
-    if "root" in values:
-        return f"{values['root']}/etc/authorized_keys"
-    return ".ssh/authorized_keys"
+        path = template.format(**values)
+    elif "authorized_keys" in values:
+        path = values["authorized_keys"]
+    elif "root" in values:
+        path = f"{values['root']}/etc/authorized_keys"
+    else:
+        path = ".ssh/authorized_keys"
+    return validate_path(path, what="authorized_keys path")
 
 
 def read_authorized_keys(conn: _Connection, path: str) -> str:

@@ -155,3 +155,31 @@ def test_plan_key_change() -> None:
     assert [(c.host, c.changes) for c in add] == [("a", False), ("b", True)]
     rm = plan_key_change(found, KEYS["alice"], "remove")
     assert [(c.host, c.changes) for c in rm] == [("a", True), ("b", False)]
+
+
+class _Host:
+    def __init__(self, **vars: str) -> None:
+        self.vars = vars
+
+
+@pytest.mark.parametrize(
+    ("vars", "template", "path"),
+    [
+        ({"root": "/srv/h1"}, None, "/srv/h1/etc/authorized_keys"),
+        ({"root": "/srv/h1", "authorized_keys": "/etc/ssh/keys/ops"}, None, "/etc/ssh/keys/ops"),
+        ({}, None, ".ssh/authorized_keys"),
+        ({"root": "/srv/h1"}, "{root}/keys", "/srv/h1/keys"),
+    ],
+)
+def test_authorized_keys_path(vars, template, path) -> None:
+    from kmpops.access import authorized_keys_path
+
+    assert authorized_keys_path(_Host(**vars), template) == path
+
+
+def test_authorized_keys_path_refuses_traversal() -> None:
+    from kmpops.access import authorized_keys_path
+    from kmpops.errors import UnsafeValueError
+
+    with pytest.raises(UnsafeValueError):
+        authorized_keys_path(_Host(root="/srv/h1"), "{root}/../../etc/shadow")
