@@ -39,15 +39,19 @@ def stack() -> Iterator[object]:
     if (STACK_ROOT / "stack.json").exists():
         local_stack.down(STACK_ROOT)
     shutil.rmtree(STACK_ROOT, ignore_errors=True)
-    info = local_stack.up(
-        local_stack.StackSpec(
-            root=STACK_ROOT,
-            port_base=PORT_BASE,
-            production_hosts=4,
-            staging_hosts=2,
-            prefect_db="postgres",
+    try:
+        info = local_stack.up(
+            local_stack.StackSpec(
+                root=STACK_ROOT,
+                port_base=PORT_BASE,
+                production_hosts=4,
+                staging_hosts=2,
+                prefect_db="postgres",
+            )
         )
-    )
+    except BaseException:
+        local_stack.down(STACK_ROOT)  # nothing half-started outlives the session
+        raise
     try:
         yield info
     finally:
@@ -61,12 +65,17 @@ def _flush_prefect_logs() -> None:
 
     if "prefect.logging.handlers" not in sys.modules:
         return
+    import logging
+
     from prefect.logging.handlers import APILogHandler
 
-    try:
-        APILogHandler.flush()
-    except Exception as err:  # flushing is best effort at teardown
-        print(f"could not flush Prefect logs: {err}")
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                try:
+                    handler.flush()
+                except Exception as err:  # flushing is best effort at teardown
+                    print(f"could not flush Prefect logs: {err}")
 
 
 @pytest.fixture(scope="session")
