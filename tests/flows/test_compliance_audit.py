@@ -133,3 +133,26 @@ def test_unpinned_host_key_fails(stack, variant, tmp_path) -> None:
         assert "no entry" in checks[("host key pinned", name)]["evidence"]
     prod = [h.name for h in stack.hosts if h.environment == "production"]
     assert all(checks[("host key pinned", n)]["ok"] for n in prod)
+
+
+def test_tampered_audit_chain_is_a_critical_failure(stack, variant, tmp_path) -> None:
+    """On a records store of its own: the shared chain must stay intact for other tests."""
+    import sqlalchemy as sa
+
+    from kmpops.records import Records
+
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    rec = Records(url)
+    rec.migrate()
+    for i in range(3):
+        rec.audit(actor="pytest", action="test.event", subject=f"s{i}", details={"i": i})
+    with rec.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE audit_events SET subject = 'edited' WHERE seq = 2"))
+    rec.close()
+
+    variant(lambda data: data.update(records={"url": url}))
+    result = compliance_audit(CompliancePolicy(check_hosts=False))
+    chain = by_check(result)[("audit chain intact", "")]
+    assert not chain["ok"]
+    assert chain["evidence"] == "audit event #2: content was modified (hash mismatch)"
+    assert "audit chain intact" in result["critical_failures"]
