@@ -295,7 +295,11 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "user": "root",
             "key_file": info.key_file,
             "known_hosts": info.known_hosts,
-            "vars": {"root": h.root, "web_port": h.web_port},
+            "vars": {
+                "root": h.root,
+                "web_port": h.web_port,
+                "authorized_keys": f"{h.root}/etc/authorized_keys",
+            },
         }
 
     def env_hosts(env: str) -> list[dict[str, Any]]:
