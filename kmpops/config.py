@@ -300,6 +300,7 @@ class DatabaseConfig(Strict):
     """A database kmp-ops backs up and restores."""
 
     kind: Literal["postgresql", "sqlite"] = "postgresql"
+    environment: Name = "production"
     host: str = "127.0.0.1"
     port: int = Field(default=5432, ge=1, le=65535)
     user: Name = "postgres"
