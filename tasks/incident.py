@@ -9,8 +9,11 @@ called from the flow, not from a task) with an :class:`AckForm`; its pause key
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import logging
+import threading
+import time
 from typing import Any
+from uuid import UUID, uuid4
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,7 +30,7 @@ from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import NotFound
 from kmpops.plans.incident import instance_of
 from kmpops.redact import redact
-from tasks.common import audit, ops_config, records, retry_on_transient
+from tasks.common import audit, ops_config, records, retry_on_transient, run_id
 
 __all__ = [
     "AckForm",
@@ -121,27 +124,61 @@ def notify_level(incident_id: int, level: str, title: str, body: str) -> int:
     return sum(1 for d in deliveries if d.ok)
 
 
+TIMEOUT_NOTE = "kmpops: acknowledgement timeout"
+PAUSE_GRACE_S = 60
+
+
+def _answer_timeout(flow_run_id: str, pause_key: str) -> None:
+    """At the deadline, resume the pause with the timeout answer (if it is still waiting)."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+        if state is not None and state.is_paused() and state.state_details.pause_key == pause_key:
+            resume_flow_run(UUID(flow_run_id), run_input={"responder": "", "note": TIMEOUT_NOTE})
+    except Exception as exc:  # someone answered at the same moment: their answer wins
+        logging.getLogger(__name__).debug("timeout answer not sent: %s", type(exc).__name__)
+
+
 def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -> AckForm | None:
     """Pause the flow run until someone acknowledges at ``level`` or ``timeout_s`` passes.
 
     Returns the form (responder named) or None on timeout. An answer without a responder does
-    not count: the run pauses again for the time left. Call from the flow, not a task."""
-    deadline = datetime.now(UTC).timestamp() + timeout_s
+    not count: the run pauses again for the time left. Call from the flow, not a task.
+
+    The deadline is kept by a timer that answers the pause itself with a timeout note: the
+    server-side pause timeout is set later (``PAUSE_GRACE_S``), because an expired pause is
+    turned into a Failed run by the server, which is not what an unanswered page is."""
+    flow_run_id = run_id()
+    deadline = time.monotonic() + timeout_s
     while True:
-        remaining = deadline - datetime.now(UTC).timestamp()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
+        key = f"ack-{incident_id}-{level.lower()}-{uuid4().hex[:8]}"
+        timer = None
+        if flow_run_id:
+            timer = threading.Timer(remaining, _answer_timeout, args=(flow_run_id, key))
+            timer.daemon = True
+            timer.start()
         try:
             form = pause_flow_run(
                 wait_for_input=AckForm.with_initial_data(
                     description=f"**{level}: acknowledge incident #{incident_id}**\n\n{summary}"
                 ),
-                timeout=max(1, round(remaining)),
+                timeout=max(1, round(remaining)) + PAUSE_GRACE_S,
                 poll_interval=ACK_POLL_S,
-                key=f"ack-{incident_id}-{level.lower()}-{round(remaining * 1000)}",
+                key=key,
             )
         except FlowPauseTimeout:
             resume_after_timeout()
+            return None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if form.note == TIMEOUT_NOTE and not form.responder.strip():
             return None
         if form.responder.strip():
             return form
