@@ -212,3 +212,69 @@ def test_critical_firing_triggers_incident_response(alert_env, served_incident_r
     assert incident.state == "closed"
     lines = [e.message for e in records().incident(incident.id)[1]]
     assert "unacknowledged after L3" in lines and "alert outage{} resolved" in lines
+
+
+def test_alertmanager_webhook_triggers_incident_response(alert_env, served_incident_response):
+    """A site's Alertmanager drives kmp-ops: webhook POST -> receiver -> event -> flow run."""
+    import json
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from deployments.alertmanager_receiver import emit_firing
+    from kmpops.alertmanager import AlertmanagerReceiver
+    from tasks.common import records
+
+    payload = {
+        "version": "4",
+        "status": "firing",
+        "receiver": "kmp-ops",
+        "groupKey": '{}:{alertname="HighErrorRate"}',
+        "groupLabels": {"alertname": "HighErrorRate"},
+        "commonLabels": {"alertname": "HighErrorRate", "severity": "critical", "job": "web"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "truncatedAlerts": 0,
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "HighErrorRate", "severity": "critical", "job": "web"},
+                "annotations": {"value": "0.31"},
+                "startsAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph",
+                "fingerprint": "5f0c1e2d3c4b5a69",
+            },
+            {
+                "status": "firing",
+                "labels": {"alertname": "DiskAlmostFull", "severity": "warning"},
+                "annotations": {},
+                "startsAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": "0000000000000002",
+            },
+        ],
+    }
+    with AlertmanagerReceiver(emit_firing) as receiver:
+        req = urllib.request.Request(receiver.url, data=json.dumps(payload).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+    deadline = time.monotonic() + 90
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[served_incident_response])
+                )
+            )
+            done = [r for r in runs if r.state and r.state.is_final()]
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert len(runs) == 1  # the warning alert opened nothing
+    assert done and done[0].state.is_completed(), [r.state for r in runs]
+    (incident,) = records().incidents()
+    assert incident.alert_key == 'HighErrorRate{job="web",severity="critical"}'
+    assert incident.details["source"] == "alertmanager" and incident.details["value"] == 0.31
