@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from kmpops import backup as core
 from kmpops.config import Policy
+from kmpops.connectors.database import PostgresDatabase
 from kmpops.errors import PolicyViolation
 from tasks.approval import request_approval
 from tasks.backup import (
@@ -42,17 +43,19 @@ def restore_database(
     backup_id: int | None = None,
     at: datetime | None = None,
     target_dbname: str | None = None,
-    environment: str = "production",
+    environment: str | None = None,
     force: bool = False,
     requested_by: str = "operator",
 ) -> dict[str, Any]:
     """Restore ``database``'s backup ``backup_id`` (default: newest verified, at or before
-    ``at``) into ``target_dbname`` (default: the configured dbname) in ``environment``.
+    ``at``) into ``target_dbname`` (default: the configured dbname) in ``environment``
+    (default: the database's configured ``environment``, itself ``production`` by default).
 
     Raises NotFound (no usable backup), PolicyViolation (failed backup without force+approval,
     approval refused), IntegrityError (the stored dump does not match its catalog sha256).
     """
     dbcfg = database_config(database)
+    environment = environment or dbcfg.environment
     target = target_dbname or dbcfg.dbname or database
     rows = records().backups(kind="database", name=database, states=("complete",))
     candidates = [
@@ -74,7 +77,13 @@ def restore_database(
     record_id = int(chosen.backup_id)
     subject = f"restore-database/{database}/{record_id}->{target}"
     policy = _policy(environment)
-    exists = core.database_exists(open_database(database), target)
+    db = open_database(database)
+    if not isinstance(db, PostgresDatabase):
+        raise NotImplementedError(
+            f"restore-database restores PostgreSQL backups; {database} is {dbcfg.kind} "
+            "(copy its verified backup file in place)"
+        )
+    exists = db.database_exists(target)
     reasons = []
     if chosen.verified is False:
         if not force:

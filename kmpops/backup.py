@@ -1,6 +1,8 @@
 """Backups as data: manifests, object keys, restore points, RPO/RTO and the drill report.
 
-Pure code apart from (de)serialising manifests; no network I/O, no Prefect.
+No Prefect. The I/O functions take live connectors (an ObjectStore, an SSHConnection, a
+``PostgresDatabase`` / ``SQLiteDatabase``) and never build them; all PostgreSQL work goes through
+``kmpops.connectors.database``.
 
 Object layout in the store::
 
@@ -19,27 +21,24 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import re
 import secrets
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kmpops.errors import CommandFailed, HostUnreachable, IntegrityError, NotFound
+from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
+from kmpops.errors import CommandFailed, ConnectorError, IntegrityError, NotFound
 
 __all__ = [
     "BLOB_PREFIX",
     "ConfigFileEntry",
     "ConfigurationManifest",
-    "DatabaseEndpoint",
     "DatabaseManifest",
     "DrillOutcome",
     "RestoreCandidate",
@@ -49,12 +48,10 @@ __all__ = [
     "choose_restore_point",
     "collect_configuration",
     "config_manifest_key",
-    "database_exists",
     "database_object_keys",
     "download_bytes",
     "new_backup_id",
     "parse_listing",
-    "pg_table_row_counts",
     "render_drill_report",
     "restore_configuration_files",
     "restore_into",
@@ -545,109 +542,21 @@ def restore_configuration_files(
 
 # -- database backups -------------------------------------------------------------------------
 #
-# PostgreSQL through the plain client tools (pg_dump -Fc / pg_restore) and psycopg; SQLite through
-# the online backup API. Passwords go to the tools through the environment (PGPASSWORD), never argv.
+# All PostgreSQL work goes through ``PostgresDatabase`` (pg_dump / pg_restore with the password in
+# PGPASSWORD only, psycopg for SQL); SQLite through ``SQLiteDatabase`` (the online backup API).
 
 _PG_MAX_IDENT = 63
 
 
-@dataclass(frozen=True)
-class DatabaseEndpoint:
-    """How to reach one configured database (a PostgreSQL server + dbname, or a SQLite file)."""
-
-    engine: Literal["postgresql", "sqlite"]
-    dbname: str
-    host: str = "127.0.0.1"
-    port: int = 5432
-    user: str = "postgres"
-    password: str | None = field(default=None, repr=False)
-    path: Path | None = None
-
-    @classmethod
-    def from_config(cls, dbcfg: Any, password: str | None = None) -> DatabaseEndpoint:
-        """Build from a ``kmpops.config.DatabaseConfig`` and its resolved password."""
-        return cls(
-            engine=dbcfg.kind,
-            dbname=dbcfg.dbname or (Path(dbcfg.path).stem if dbcfg.path else ""),
-            host=dbcfg.host,
-            port=dbcfg.port,
-            user=dbcfg.user,
-            password=password,
-            path=Path(dbcfg.path) if dbcfg.path else None,
-        )
-
-    def env(self) -> dict[str, str]:
-        """Environment for pg_dump / pg_restore (PGPASSWORD only when there is one)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        if self.password:
-            env["PGPASSWORD"] = self.password
-        return env
-
-    def conninfo(self, dbname: str | None = None) -> dict[str, Any]:
-        """psycopg connection keywords for ``dbname`` (default: this endpoint's)."""
-        info: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "dbname": dbname or self.dbname,
-            "connect_timeout": 10,
-        }
-        if self.password:
-            info["password"] = self.password
-        return info
-
-    def tool_args(self, dbname: str) -> list[str]:
-        """Connection options for the PostgreSQL client tools."""
-        return ["-h", self.host, "-p", str(self.port), "-U", self.user, "-d", dbname, "-w"]
-
-
-def _pg_connect(endpoint: DatabaseEndpoint, dbname: str | None = None, **kw: Any) -> Any:
-    import psycopg
-
-    try:
-        return psycopg.connect(**endpoint.conninfo(dbname), **kw)
-    except psycopg.OperationalError as exc:
-        raise HostUnreachable(
-            f"PostgreSQL {endpoint.host}:{endpoint.port}/{dbname or endpoint.dbname}: "
-            f"cannot connect ({type(exc).__name__})"
-        ) from exc
-
-
 def _checked_dbname(name: str) -> str:
+    """``name`` if PostgreSQL keeps it as given (a safe name of at most 63 bytes)."""
     if len(name) > _PG_MAX_IDENT or not _NAME_RE.fullmatch(name):
         raise ValueError(f"database name {name!r} is not acceptable")
     return name
 
 
-def pg_table_row_counts(conn: Any) -> dict[str, int]:
-    """Exact ``count(*)`` of every user table (``schema.table``) as the connection sees it."""
-    from psycopg import sql
-
-    tables = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-        " AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2"
-    ).fetchall()
-    counts: dict[str, int] = {}
-    for schema, table in tables:
-        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(table)
-        )
-        counts[f"{schema}.{table}"] = int(conn.execute(query).fetchone()[0])
-    return counts
-
-
-def database_exists(endpoint: DatabaseEndpoint, name: str) -> bool:
-    """True if database ``name`` exists on the endpoint's server (or the SQLite file exists)."""
-    if endpoint.engine == "sqlite":
-        return endpoint.path is not None and endpoint.path.exists()
-    with _pg_connect(endpoint, "postgres") as conn:
-        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    return row is not None
-
-
 def backup_database(
-    endpoint: DatabaseEndpoint,
+    db: PostgresDatabase | SQLiteDatabase,
     store: Any,
     *,
     database: str,
@@ -655,19 +564,20 @@ def backup_database(
     dump_key: str,
     manifest_key: str,
 ) -> DatabaseManifest:
-    """Stream a backup of ``endpoint`` into ``store`` at ``dump_key`` and write its manifest.
+    """Stream a backup of ``db`` into ``store`` at ``dump_key`` and write its manifest.
 
-    PostgreSQL: ``pg_dump -Fc`` reads an exported snapshot in which the per-table row counts are
-    taken, so counts and dump agree; its stdout goes straight into a multipart upload (no temp
-    file) and the object is committed only if pg_dump exited 0. The upload is then confirmed by
+    PostgreSQL: ``PostgresDatabase.snapshot_row_counts_and_dump`` — ``pg_dump -Fc`` reads an
+    exported REPEATABLE READ snapshot in which the per-table row counts are taken, so counts and
+    dump agree; its stdout goes straight into a multipart upload (no temp file) and the object
+    is committed only if pg_dump exited 0 (``before_commit``). The upload is then confirmed by
     ``head`` (size) before the manifest is written beside it. SQLite: the online backup API into
-    a private temp file, then uploaded. Raises ConnectorError (pg_dump failed), TransientError
-    (store/database unreachable), IntegrityError (stored size differs); the caller deletes
-    partial objects and marks the backup failed.
+    a private temp file, then uploaded. Raises CommandFailed (pg_dump failed), TransientError
+    (store/database unreachable), IntegrityError (stored size differs), NotFound (no SQLite
+    file); the caller deletes partial objects and marks the backup failed.
     """
-    if endpoint.engine == "sqlite":
+    if isinstance(db, SQLiteDatabase):
         return _backup_sqlite(
-            endpoint,
+            db,
             store,
             database=database,
             backup_id=backup_id,
@@ -675,54 +585,22 @@ def backup_database(
             manifest_key=manifest_key,
         )
     started = datetime.now(UTC)
-    import psycopg
-
-    with _pg_connect(endpoint) as conn:
-        # one REPEATABLE READ transaction: its snapshot is exported to pg_dump and the row
-        # counts below are read in it, so the manifest describes exactly what was dumped
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        server_version = conn.execute("SHOW server_version").fetchone()[0]
-        counts = pg_table_row_counts(conn)
-        argv = ["pg_dump", "-Fc", f"--snapshot={snapshot}", *endpoint.tool_args(endpoint.dbname)]
-        with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, env=endpoint.env())
-            assert proc.stdout is not None
-
-            def dump_succeeded(_result: Any) -> None:
-                status = proc.wait(timeout=600)
-                if status != 0:
-                    errors.seek(0)
-                    tail = errors.read()[-600:].decode(errors="replace").strip()
-                    raise CommandFailed(f"pg_dump of {database} exited {status}: {tail}")
-
-            try:
-                put = store.put_stream(
-                    dump_key,
-                    proc.stdout,
-                    metadata={"backup-id": backup_id, "database": database},
-                    before_commit=dump_succeeded,
-                )
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                proc.stdout.close()
-        conn.rollback()
+    snap = db.snapshot_row_counts_and_dump(
+        store, dump_key, metadata={"backup-id": backup_id, "database": database}
+    )
     return _finish_manifest(
         store,
-        put,
+        snap.put,
         manifest_key=manifest_key,
         fields={
             "backup_id": backup_id,
             "database": database,
-            "dbname": endpoint.dbname,
+            "dbname": db.dbname,
             "engine": "postgresql",
-            "server_version": server_version,
+            "server_version": snap.server_version,
             "dump_format": "pg_dump-custom",
             "started_at": started,
-            "table_row_counts": counts,
+            "table_row_counts": snap.row_counts,
         },
     )
 
@@ -746,26 +624,12 @@ def _finish_manifest(
 
 
 def _sqlite_counts(path: Path) -> dict[str, int]:
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        names = [
-            r[0]
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-                " ORDER BY name"
-            )
-        ]
-        return {
-            f"main.{n}": int(
-                conn.execute(f'SELECT count(*) FROM "{n.replace(chr(34), "")}"').fetchone()[0]
-            )
-            for n in names
-        }
+    """Row counts of a SQLite file keyed ``main.<table>`` (the manifest's format)."""
+    return {f"main.{t}": n for t, n in SQLiteDatabase(path).table_row_counts().items()}
 
 
 def _backup_sqlite(
-    endpoint: DatabaseEndpoint,
+    db: SQLiteDatabase,
     store: Any,
     *,
     database: str,
@@ -775,16 +639,11 @@ def _backup_sqlite(
 ) -> DatabaseManifest:
     import sqlite3
 
-    if endpoint.path is None or not endpoint.path.exists():
-        raise NotFound(f"SQLite database {database} has no file at {endpoint.path}")
+    if not db.path.is_file():
+        raise NotFound(f"SQLite database {database} has no file at {db.path}")
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="kmpops-sqlite-") as tmp:
-        copy = Path(tmp) / "backup.sqlite"
-        with (
-            contextlib.closing(sqlite3.connect(endpoint.path)) as src,
-            contextlib.closing(sqlite3.connect(copy)) as dst,
-        ):
-            src.backup(dst)
+        copy = db.backup_to(Path(tmp) / "backup.sqlite")
         counts = _sqlite_counts(copy)
         with open(copy, "rb") as fh:
             put = store.put_stream(dump_key, fh, metadata={"backup-id": backup_id})
@@ -795,7 +654,7 @@ def _backup_sqlite(
         fields={
             "backup_id": backup_id,
             "database": database,
-            "dbname": endpoint.dbname,
+            "dbname": db.path.stem,
             "engine": "sqlite",
             "server_version": sqlite3.sqlite_version,
             "dump_format": "sqlite-file",
@@ -803,43 +662,6 @@ def _backup_sqlite(
             "table_row_counts": counts,
         },
     )
-
-
-def _pg_restore(endpoint: DatabaseEndpoint, local: Path, dbname: str, *, jobs: int = 2) -> None:
-    argv = [
-        "pg_restore",
-        "--no-owner",
-        "--no-privileges",
-        "--exit-on-error",
-        "-j",
-        str(jobs),
-        *endpoint.tool_args(dbname),
-        str(local),
-    ]
-    result = subprocess.run(
-        argv, capture_output=True, env=endpoint.env(), timeout=3600, check=False
-    )
-    if result.returncode != 0:
-        tail = result.stderr[-600:].decode(errors="replace").strip()
-        raise CommandFailed(f"pg_restore into {dbname} exited {result.returncode}: {tail}")
-
-
-def _create_db(endpoint: DatabaseEndpoint, name: str) -> None:
-    from psycopg import sql
-
-    with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_checked_dbname(name))))
-
-
-def _drop_db(endpoint: DatabaseEndpoint, name: str) -> None:
-    from psycopg import sql
-
-    with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(_checked_dbname(name))
-            )
-        )
 
 
 def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
@@ -852,7 +674,7 @@ def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[st
 
 
 def restore_test(
-    endpoint: DatabaseEndpoint,
+    db: PostgresDatabase | SQLiteDatabase,
     local: Path,
     *,
     manifest: DatabaseManifest,
@@ -862,22 +684,26 @@ def restore_test(
     """Restore ``local`` into scratch database ``scratch_name``, compare row counts with the
     manifest, run ``sanity_queries`` (each must return a row whose first value is truthy), and
     always drop the scratch database. Returns a check dict ``{"ok", "detail", ...}``; a failure
-    of the restore itself is reported in it, not raised (TransientError is raised).
+    of the restore itself is reported in it, not raised (TransientError is raised, and so is
+    ConnectorError if ``scratch_name`` already exists — it is then left alone).
     """
     started = time.monotonic()
     if manifest.engine == "sqlite":
         return _sqlite_restore_test(local, manifest, sanity_queries)
-    _create_db(endpoint, scratch_name)
+    if not isinstance(db, PostgresDatabase):
+        raise TypeError(f"a PostgreSQL backup needs a PostgresDatabase, not {db!r}")
+    scratch = _checked_dbname(scratch_name)
+    db.create_database(scratch)  # before the try: an existing database is never dropped
     try:
         try:
-            _pg_restore(endpoint, local, scratch_name)
+            db.restore_from_file(local, scratch, jobs=2, create=False)
         except CommandFailed as exc:
             return {"ok": False, "detail": str(exc), "seconds": time.monotonic() - started}
-        with _pg_connect(endpoint, scratch_name) as conn:
-            counts = pg_table_row_counts(conn)
+        counts = db.table_row_counts(scratch)
+        with db.connect(scratch) as conn:
             sanity = _run_sanity(conn, sanity_queries)
     finally:
-        _drop_db(endpoint, scratch_name)
+        db.drop_database(scratch)
     problems = _compare_counts(manifest.table_row_counts, counts) + [
         f"sanity query failed: {q}" for q, ok in sanity.items() if not ok
     ]
@@ -917,7 +743,7 @@ def _sqlite_restore_test(
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
             sanity = _run_sanity(conn, sanity_queries)
         counts = _sqlite_counts(local)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, ConnectorError) as exc:
         return {"ok": False, "detail": f"not a readable SQLite database: {exc}"}
     problems = _compare_counts(manifest.table_row_counts, counts)
     if check != "ok":
@@ -932,7 +758,7 @@ def _sqlite_restore_test(
 
 
 def restore_into(
-    endpoint: DatabaseEndpoint,
+    db: PostgresDatabase | SQLiteDatabase,
     local: Path,
     *,
     manifest: DatabaseManifest,
@@ -945,25 +771,26 @@ def restore_into(
     Then (``replace``) the target's connections are ended, the target is renamed to
     ``<target>__pre_<time>`` (kept: renaming it back undoes the restore) and the staging
     database takes the target's name. Raises ValueError if the target exists and ``replace`` is
-    False, CommandFailed if pg_restore fails (staging dropped, target untouched).
+    False, CommandFailed if pg_restore fails. On any failure the staging database is dropped and
+    the target keeps (or gets back) its name.
     """
     from psycopg import sql
 
-    if endpoint.engine == "sqlite":
+    if not isinstance(db, PostgresDatabase):
         raise NotImplementedError("restore of SQLite backups: copy the verified file in place")
     target = _checked_dbname(target_dbname)
-    exists = database_exists(endpoint, target)
+    exists = db.database_exists(target)
     if exists and not replace:
         raise ValueError(f"database {target} exists; replacing it was not allowed")
     stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}"
-    staging = _checked_dbname(f"{target[:40]}__restoring_{stamp}")
-    previous = _checked_dbname(f"{target[:44]}__pre_{stamp}") if exists else None
-    _create_db(endpoint, staging)
+    staging = _checked_dbname(f"{target[:37]}__restoring_{stamp}")
+    previous = _checked_dbname(f"{target[:43]}__pre_{stamp}") if exists else None
+    db.create_database(staging)
+    moved_aside = False
     try:
-        _pg_restore(endpoint, local, staging)
-        with _pg_connect(endpoint, staging) as conn:
-            counts = pg_table_row_counts(conn)
-        with _pg_connect(endpoint, "postgres", autocommit=True) as conn:
+        db.restore_from_file(local, staging, jobs=2, create=False)
+        counts = db.table_row_counts(staging)
+        with db.connect("postgres") as conn:
             if previous:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
@@ -975,13 +802,22 @@ def restore_into(
                         sql.Identifier(target), sql.Identifier(previous)
                     )
                 )
+                moved_aside = True
             conn.execute(
                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                     sql.Identifier(staging), sql.Identifier(target)
                 )
             )
     except BaseException:
-        _drop_db(endpoint, staging)
+        with contextlib.suppress(Exception):
+            db.drop_database(staging)
+        if moved_aside and previous:
+            with contextlib.suppress(Exception), db.connect("postgres") as conn:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(previous), sql.Identifier(target)
+                    )
+                )
         raise
     problems = _compare_counts(manifest.table_row_counts, counts)
     return {

@@ -18,9 +18,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
 
 from kmpops import backup as core
 from kmpops.config import DatabaseConfig
+from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import IntegrityError, NotFound
 from kmpops.records.models import Backup
 from tasks.common import audit, ops_config, records, retry_on_transient, run_id, secret
@@ -69,11 +71,25 @@ def database_config(name: str) -> DatabaseConfig:
         raise NotFound(f"unknown database {name!r} (known: {known})") from None
 
 
-def open_database(name: str) -> core.DatabaseEndpoint:
-    """The endpoint of ``databases.<name>`` with its password resolved (never logged)."""
+def open_database(name: str) -> PostgresDatabase | SQLiteDatabase:
+    """The connector of ``databases.<name>``, its password resolved (never logged).
+
+    Raises NotFound for an unknown name, UnsafeValueError for a host/user/dbname that may not
+    reach a command line.
+    """
     dbcfg = database_config(name)
-    password = secret(dbcfg.password) if dbcfg.password is not None else None
-    return core.DatabaseEndpoint.from_config(dbcfg, password)
+    if dbcfg.kind == "sqlite":
+        assert dbcfg.path is not None  # DatabaseConfig requires it for sqlite
+        return SQLiteDatabase(Path(dbcfg.path))
+    assert dbcfg.dbname is not None  # DatabaseConfig requires it for postgresql
+    password = SecretStr(secret(dbcfg.password)) if dbcfg.password is not None else None
+    return PostgresDatabase(
+        host=dbcfg.host,
+        port=dbcfg.port,
+        user=dbcfg.user,
+        dbname=dbcfg.dbname,
+        password=password,
+    )
 
 
 # -- database backups ------------------------------------------------------------------------

@@ -45,6 +45,7 @@ __all__ = ["PostgresDatabase", "SQLiteDatabase", "SnapshotDump"]
 Compression = Literal["none", "zstd"]
 _CHUNK = 1024 * 1024
 _STDERR_TAIL = 2000
+_PG_MAX_IDENT = 63  # NAMEDATALEN - 1: the server truncates longer identifiers
 
 try:
     from kmpops.shellsafe import validate_name as _validate_name
@@ -263,10 +264,15 @@ class PostgresDatabase:
         )
 
     def create_database(self, name: str) -> None:
-        """Create database ``name``; ConnectorError if it already exists."""
+        """Create database ``name``; ConnectorError if it already exists.
+
+        UnsafeValueError for a name PostgreSQL would silently truncate (over 63 bytes).
+        """
         from psycopg import sql
 
         _validate_name(name, what="database name")
+        if len(name.encode()) > _PG_MAX_IDENT:
+            raise UnsafeValueError(f"database name {name!r} is longer than {_PG_MAX_IDENT} bytes")
         with self.connect("postgres") as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 

@@ -243,7 +243,8 @@ def test_sqlite_backup_restore_test_and_integrity(tmp_path):
     import io
     import sqlite3
 
-    from kmpops.backup import DatabaseEndpoint, backup_database, restore_test
+    from kmpops.backup import backup_database, restore_test
+    from kmpops.connectors.database import SQLiteDatabase
     from kmpops.connectors.storage import LocalStore
     from kmpops.errors import IntegrityError
 
@@ -251,8 +252,9 @@ def test_sqlite_backup_restore_test_and_integrity(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
         conn.executemany("INSERT INTO items (name) VALUES (?)", [(f"i{i}",) for i in range(1500)])
+        conn.execute('CREATE TABLE "odd ""name""" (x)')
     store = LocalStore(tmp_path / "objects")
-    endpoint = DatabaseEndpoint(engine="sqlite", dbname="app", path=db)
+    endpoint = SQLiteDatabase(db)
     dump_key, manifest_key = database_object_keys("app", "b1")
     manifest = backup_database(
         endpoint,
@@ -262,7 +264,8 @@ def test_sqlite_backup_restore_test_and_integrity(tmp_path):
         dump_key=dump_key,
         manifest_key=manifest_key,
     )
-    assert manifest.table_row_counts == {"main.items": 1500}
+    assert manifest.table_row_counts == {"main.items": 1500, 'main.odd "name"': 0}
+    assert manifest.engine == "sqlite" and manifest.dbname == "app"
     assert DatabaseManifest.from_json_bytes(store_bytes(store, manifest_key)) == manifest
     local = tmp_path / "restored.sqlite"
     store.download(dump_key, local, expected_sha256=manifest.sha256)
