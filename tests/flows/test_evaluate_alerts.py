@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def test_silence_holds_notifications_until_it_ends(alert_env):
 @pytest.fixture
 def served_incident_response(alert_env):
     """Serve incident-response with the alert trigger in a subprocess (stopped by pid)."""
-    name = f"trigger-test-{os.getpid()}"
+    name = f"trigger-test-{uuid.uuid4().hex[:8]}"
     code = (
         "from flows.incident_response import incident_response\n"
         "from tasks.alerting import incident_trigger\n"
