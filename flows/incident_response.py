@@ -53,7 +53,6 @@ from tasks.incident import (
     open_incident,
     recent_history,
     record_phase,
-    resume_after_timeout,
     rollback_target,
     wait_for_ack,
 )
@@ -207,8 +206,6 @@ def _containment(
             requested_by=actor(),
             timeout_s=options.approval_timeout_s,
         )
-        if outcome.status == "timed_out":
-            resume_after_timeout()
         record_phase(incident_id, "containment", f"approval {outcome.summary()}")
         if not outcome.approved:
             return {"contained": False, "actions": actions, "rolled_back": rolled_back}

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from kmpops import backup as core
 from kmpops.config import Policy
 from kmpops.connectors.database import PostgresDatabase
-from kmpops.errors import PolicyViolation
+from kmpops.errors import PolicyViolation, Unsupported
 from tasks.approval import request_approval
 from tasks.backup import (
     backup_database_to_store,
@@ -79,7 +79,7 @@ def restore_database(
     policy = _policy(environment)
     db = open_database(database)
     if not isinstance(db, PostgresDatabase):
-        raise NotImplementedError(
+        raise Unsupported(
             f"restore-database restores PostgreSQL backups; {database} is {dbcfg.kind} "
             "(copy its verified backup file in place)"
         )

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
-from kmpops.errors import CommandFailed, ConnectorError, IntegrityError, NotFound
+from kmpops.errors import CommandFailed, ConnectorError, IntegrityError, NotFound, Unsupported
 
 __all__ = [
     "BLOB_PREFIX",
@@ -777,7 +777,7 @@ def restore_into(
     from psycopg import sql
 
     if not isinstance(db, PostgresDatabase):
-        raise NotImplementedError("restore of SQLite backups: copy the verified file in place")
+        raise Unsupported("restore of SQLite backups: copy the verified file in place")
     target = _checked_dbname(target_dbname)
     exists = db.database_exists(target)
     if exists and not replace:

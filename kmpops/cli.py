@@ -63,8 +63,7 @@ def stack_up(
     unknown = sorted(set(without or []) - set(stack.COMPONENTS))
     if unknown:
         _fail(
-            f"unknown stack components: {', '.join(unknown)} "
-            f"(known: {', '.join(stack.COMPONENTS)})"
+            f"unknown stack components: {', '.join(unknown)} (known: {', '.join(stack.COMPONENTS)})"
         )
     components = tuple(c for c in stack.COMPONENTS if c not in set(without or []))
     try:

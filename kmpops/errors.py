@@ -72,3 +72,7 @@ class PolicyViolation(KmpOpsError):
 
 class NotFound(KmpOpsError):
     """A named thing (backup, release, host, object) does not exist."""
+
+
+class Unsupported(KmpOpsError):
+    """The operation is not offered for this kind of target (named in the message)."""

@@ -34,7 +34,7 @@ from kmpops.plans.approval import (
 from kmpops.records import Records
 from tasks.common import audit, records, run_id, secret
 
-__all__ = ["ApprovalForm", "ApprovalOutcome", "request_approval"]
+__all__ = ["ApprovalForm", "ApprovalOutcome", "request_approval", "resume_after_timeout"]
 
 POLL_INTERVAL_S = 1
 
@@ -142,6 +142,7 @@ def request_approval(
                 wait_for_input=form, timeout=max(1, round(remaining)), poll_interval=POLL_INTERVAL_S
             )
         except FlowPauseTimeout:
+            resume_after_timeout()
             timed_out = True
             break
         _forget_answers(flow_run_id)
@@ -246,3 +247,26 @@ def _finish(rec: Records, request_id: int, outcome: ApprovalOutcome) -> Approval
         reason=outcome.reason,
     )
     return outcome
+
+
+def resume_after_timeout() -> None:
+    """Put the current flow run back to Running after a pause timed out.
+
+    ``pause_flow_run`` raises FlowPauseTimeout but leaves the run Paused on the server, and the
+    server fails an expired pause ("The flow was paused and never resumed") as soon as anything
+    touches the run. An escalation timeout is an expected outcome, not a failure, so the run is
+    forced back to Running (only from that paused/expired state, never from another one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Running
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(ctx.flow_run.id).state
+        if state is None or state.is_running():
+            return
+        expired = state.is_failed() and "never resumed" in (state.message or "")
+        if state.is_paused() or expired:
+            client.set_flow_run_state(ctx.flow_run.id, Running(), force=True)

@@ -30,6 +30,7 @@ from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import NotFound
 from kmpops.plans.incident import instance_of
 from kmpops.redact import redact
+from tasks.approval import resume_after_timeout
 from tasks.common import audit, ops_config, records, retry_on_transient, run_id
 
 __all__ = [
@@ -183,29 +184,6 @@ def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -
         if form.responder.strip():
             return form
         get_run_logger().warning("acknowledgement without a responder ignored")
-
-
-def resume_after_timeout() -> None:
-    """Put the current flow run back to Running after a pause timed out.
-
-    ``pause_flow_run`` raises FlowPauseTimeout but leaves the run Paused on the server, and the
-    server fails an expired pause ("The flow was paused and never resumed") as soon as anything
-    touches the run. An escalation timeout is an expected outcome, not a failure, so the run is
-    forced back to Running (only from that paused/expired state, never from another one)."""
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-    from prefect.states import Running
-
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(ctx.flow_run.id).state
-        if state is None or state.is_running():
-            return
-        expired = state.is_failed() and "never resumed" in (state.message or "")
-        if state.is_paused() or expired:
-            client.set_flow_run_state(ctx.flow_run.id, Running(), force=True)
 
 
 _PROBES = {

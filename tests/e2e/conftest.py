@@ -31,9 +31,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_context(stack: Any) -> Iterator[Any]:
-    """One Chromium with a fresh profile for the session; closed (and the profile removed) after."""
+    """One Chromium with a fresh profile per module; closed (and the profile removed) after, so
+    Playwright's event loop never outlives the journeys."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} missing: run ./infra/install-debs.sh chromium")
     from playwright.sync_api import sync_playwright

@@ -1,12 +1,12 @@
 """incident-response end to end: real Prometheus, real sample service on real sshd hosts.
 
-The sample service runs on ``prd-1``: release 1.0.0 (good), then 2.0.0 built with the "errors"
-variant (30 % of requests answer 500) while a thread sends traffic. Prometheus scrapes it every
-second; evaluate-alerts sees the error rate go pending -> firing and runs incident-response as a
-subflow; a responder thread acknowledges the L1 page and approves the containment
-(``resume_flow_run``); containment rolls prd-1 back to 1.0.0 over SSH, recovery re-evaluates the
-rule until the alert resolves, and the postmortem carries the timeline. Escalation and duplicate
-alerts are checked with manual incidents and short acknowledgement timeouts.
+The sample service runs on ``prd-1``: release 1.0.0-inc (good), then 2.0.0-inc built with the
+"errors" variant (30 % of requests answer 500) while a thread sends traffic. Prometheus scrapes it
+every second; evaluate-alerts sees the error rate go pending -> firing and runs incident-response
+as a subflow; a responder thread acknowledges the L1 page and approves the containment
+(``resume_flow_run``); containment rolls prd-1 back to 1.0.0-inc over SSH, recovery re-evaluates
+the rule until the alert resolves, and the postmortem carries the timeline. Escalation and
+duplicate alerts are checked with manual incidents and short acknowledgement timeouts.
 """
 
 from __future__ import annotations
@@ -126,12 +126,16 @@ def traffic(stack):
 
 @pytest.fixture
 def bad_release(stack, incident_env, traffic, tmp_path):
-    """1.0.0 (good) then 2.0.0 ("errors") live on prd-1; cleaned off the host afterwards."""
+    """1.0.0-inc (good) then 2.0.0-inc ("errors") live on prd-1; cleaned off the host afterwards."""
     from kmpops.stack.sample_service import build_release
 
-    if current_of(stack) != "2.0.0":
-        deploy(stack, build_release("1.0.0", tmp_path), "1.0.0")
-        deploy(stack, build_release("2.0.0", tmp_path, variant="errors", parameter=0.3), "2.0.0")
+    if current_of(stack) != "2.0.0-inc":
+        deploy(stack, build_release("1.0.0-inc", tmp_path), "1.0.0-inc")
+        deploy(
+            stack,
+            build_release("2.0.0-inc", tmp_path, variant="errors", parameter=0.3),
+            "2.0.0-inc",
+        )
     yield
 
 
@@ -262,6 +266,7 @@ def test_scrape_fallback_sees_the_error_rate(incident_env, bad_release, stack):
 def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.evaluate_alerts import evaluate_alerts
     from kmpops.connectors.notify import read_sink
@@ -278,7 +283,7 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
             }
         }
     )
-    assert current_of(stack) == "2.0.0"
+    assert current_of(stack) == "2.0.0-inc"
     started = time.monotonic()
     from kmpops.stack import approver_token
 
@@ -303,7 +308,7 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
 
     changes = [c.split(": ", 1)[1] for s in summaries for c in s["changes"]]
     assert changes[:2] == ["inactive -> pending", "pending -> firing"], changes
-    assert current_of(stack) == "1.0.0"  # rolled back over SSH
+    assert current_of(stack) == "1.0.0-inc"  # rolled back over SSH
 
     (incident,) = records().incidents()
     assert incident.state == "closed" and incident.severity == "critical"
@@ -316,9 +321,11 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
     assert set(phases) == set(PHASES)
     text = "\n".join(m for _, m in lines)
     assert "escalated to L1" in text and "acknowledged at L1 by alice" in text
-    assert "diagnostics gathered from prd-1" in text and "release 2.0.0 deployed on prd-1" in text
-    assert "rolled back prd-1: 2.0.0 -> 1.0.0" in text
-    assert "release 2.0.0 marked bad; known-good 1.0.0 confirmed" in text
+    assert (
+        "diagnostics gathered from prd-1" in text and "release 2.0.0-inc deployed on prd-1" in text
+    )
+    assert "rolled back prd-1: 2.0.0-inc -> 1.0.0-inc" in text
+    assert "release 2.0.0-inc marked bad; known-good 1.0.0-inc confirmed" in text
     assert "resolved" in text and "prd-1 health: ok" in text
 
     metrics = incident.details["metrics"]
@@ -336,14 +343,17 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
     with get_client(sync_client=True) as client:
         keys = [f"incident-{incident.id}-diagnostics", f"incident-{incident.id}-postmortem"]
         arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            sort=ArtifactSort.CREATED_DESC,
         )
-    by_key = {a.key: a.data for a in arts}
+    by_key: dict[str, object] = {}
+    for art in arts:  # incident ids repeat across tests' records stores: newest wins
+        by_key.setdefault(art.key, art.data)
     assert set(by_key) == set(keys)
     diag = by_key[keys[0]]
     for probe in ("uptime and load", "top processes by CPU", "memory", "disk", "service log"):
         assert f"### {probe}" in diag
-    assert "load average" in diag and "Mem:" in diag and "2.0.0" in diag
+    assert "load average" in diag and "Mem:" in diag and "2.0.0-inc" in diag
     assert "Time to recover" in by_key[keys[1]]
 
     titles = [m["title"] for m in read_sink(incident_env.sink)]
