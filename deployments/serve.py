@@ -22,8 +22,7 @@ from prefect import Flow, serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 import flows
-
-ALERT_EVENT = "kmpops.alert.firing"
+from tasks.alerting import ALERT_EVENT
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ def schedules(config: Any | None) -> dict[str, Plan]:
         "capacity-report": Plan(cron="0 7 * * 1"),
         "cost-report": Plan(cron="0 8 1 * *"),
         "access-review": Plan(cron="0 9 1 * *"),
+        "rotate-service-keys": Plan(cron="0 5 1 */3 *"),
     }
 
 
@@ -71,10 +71,9 @@ def discover() -> list[Flow[Any, Any]]:
 
 def alert_trigger() -> DeploymentEventTrigger:
     """Start incident-response when evaluate-alerts (or the Alertmanager receiver) emits."""
-    return DeploymentEventTrigger(
-        expect={ALERT_EVENT},
-        parameters={"alert": "{{ event.payload }}"},
-    )
+    from tasks.alerting import incident_trigger
+
+    return incident_trigger()
 
 
 def build(config: Any | None) -> list[Any]:
