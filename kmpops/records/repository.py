@@ -8,6 +8,7 @@ redactor: secrets never land there.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from kmpops.records.models import (
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _Row = TypeVar("_Row", bound=Base)
+_MIGRATE_LOCK = threading.Lock()
 
 
 def _redact_details(details: dict[str, Any]) -> dict[str, Any]:
@@ -151,14 +153,18 @@ class Records:
     # -- schema -------------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Upgrade the schema to the newest Alembic revision (idempotent)."""
+        """Upgrade the schema to the newest Alembic revision (idempotent).
+
+        Alembic keeps its migration context in module globals, so migrations in one process are
+        serialised; concurrent processes are serialised by the database itself.
+        """
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self.engine.begin() as conn:
+        with _MIGRATE_LOCK, self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

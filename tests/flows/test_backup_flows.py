@@ -29,7 +29,7 @@ from tests.flows.backup_fixtures import (
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
-OWN_S3_PORT = 37800  # a test-owned SeaweedFS, stopped mid-upload
+OWN_S3_PORT = 25800  # a test-owned SeaweedFS, stopped mid-upload
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -15,7 +14,6 @@ from kmpops.connectors.storage import LocalStore, PutResult
 from kmpops.errors import CommandFailed, ConnectorError, HostUnreachable, UnsafeValueError
 from kmpops.stack import postgres
 
-PG_PORT = int(os.environ.get("KMPOPS_TEST_PG_PORT", "33200"))
 EXPECTED = {"app.orders": 3000, "public.customers": 1500, "public.events": 4000}
 
 
@@ -115,26 +113,21 @@ def test_restore_from_file_parallel_and_from_stream(app_db, tmp_path):
         app_db.drop_database(name)
 
 
-def test_dump_to_s3_and_restore(app_db, tmp_path):
+def test_dump_to_s3_and_restore(app_db, stack, tmp_path):
     from kmpops.connectors.storage import S3Store
-    from kmpops.stack import seaweed
 
-    port = next(p for p in range(33120, 33300, 10) if not seaweed.ports_bindable(p))
-    root = tmp_path / "s3stack"
-    info = seaweed.start(root, port)
-    try:
-        with S3Store(
-            bucket=info.bucket,
-            endpoint_url=info.endpoint_url,
-            access_key_id=info.access_key_id,
-            secret_access_key=info.secret_access_key,
-        ) as store:
-            snap = app_db.snapshot_row_counts_and_dump(store, "db/app.dump")
-            assert store.head("db/app.dump").sha256 == snap.put.sha256
-            dump_file = tmp_path / "app.dump"
-            store.download("db/app.dump", dump_file, expected_sha256=snap.put.sha256)
-    finally:
-        seaweed.stop(root)
+    s3 = stack.s3
+    with S3Store(
+        bucket=s3["bucket"],
+        endpoint_url=s3["endpoint_url"],
+        access_key_id=s3["access_key_id"],
+        secret_access_key=s3["secret_access_key"],
+    ) as store:
+        snap = app_db.snapshot_row_counts_and_dump(store, "conn-tests/app.dump")
+        assert store.head("conn-tests/app.dump").sha256 == snap.put.sha256
+        dump_file = tmp_path / "app.dump"
+        store.download("conn-tests/app.dump", dump_file, expected_sha256=snap.put.sha256)
+        store.delete("conn-tests/app.dump")
     app_db.drop_database("conn_app_s3")
     app_db.restore_from_file(dump_file, "conn_app_s3", jobs=2)
     assert app_db.table_row_counts("conn_app_s3") == snap.row_counts == EXPECTED
@@ -212,7 +205,7 @@ def test_names_are_validated_and_password_stays_out_of_errors(pg):
         db.restore_from_file(__file__, "--clean")
     down = PostgresDatabase(
         host="127.0.0.1",
-        port=33299,
+        port=23299,
         user="postgres",
         dbname="conn_app",
         password="pw-s3cret",
@@ -220,7 +213,7 @@ def test_names_are_validated_and_password_stays_out_of_errors(pg):
     )
     with pytest.raises(HostUnreachable) as err:
         down.server_version()
-    assert "pw-s3cret" not in str(err.value) and "33299" in str(err.value)
+    assert "pw-s3cret" not in str(err.value) and "23299" in str(err.value)
     assert "pw-s3cret" not in repr(down)
 
 

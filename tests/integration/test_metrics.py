@@ -1,6 +1,7 @@
 """Metrics: the exposition parser as a case table; a real Prometheus scraping two sample services.
 
-Ports (34000-34999 block): sample services 34521/34522, Prometheus 34301, nothing on 34399.
+Ports (below Linux's ephemeral range): sample services 24521/24522, Prometheus 24301, nothing
+on 24399.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kmpops.stack import prometheus
 from kmpops.stack._proc import port_open
 from kmpops.stack.sample_service import build_release, generate_traffic, install_release
 
-GOOD_PORT, BAD_PORT, PROM_PORT, DEAD_PORT = 34521, 34522, 34301, 34399
+GOOD_PORT, BAD_PORT, PROM_PORT, DEAD_PORT = 24521, 24522, 24301, 24399
 
 # -- parser: a table of cases -------------------------------------------------------------------
 

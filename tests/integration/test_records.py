@@ -155,3 +155,14 @@ def test_flagged_release_leaves_current_alone(records: Records) -> None:
     cur = records.current_release("web", "production", "prd-3")
     assert cur is not None and cur.version == "1.0.0"
     assert [(r.host, r.version) for r in records.flagged_releases()] == [("prd-3", "1.1.0")]
+
+
+def test_migrations_from_many_threads(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    stores = [Records(url) for _ in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda r: r.migrate(), stores))
+    stores[0].audit(actor="t", action="m", subject="s")
+    assert stores[-1].verify_audit().events == 1

@@ -16,7 +16,7 @@ from kmpops.errors import UnsafeValueError
 from kmpops.stack._proc import port_open
 from kmpops.stack.sample_service import build_release, generate_traffic, install_release
 
-PORT = 34510
+PORT = 24510
 
 
 def sha256(path: Path) -> str:

@@ -22,7 +22,7 @@ from kmpops.errors import (
 )
 from kmpops.stack.sshd import SSHHostInfo, start_fleet, start_host, stop_fleet, stop_host
 
-PORT_BASE = 31000
+PORT_BASE = 21000
 UNUSED_PORT = PORT_BASE + 99
 
 

@@ -14,17 +14,6 @@ from kmpops.connectors.storage import LocalStore, ObjectStore, PutResult, S3Stor
 from kmpops.errors import IntegrityError, NotFound, StorageUnavailable, UnsafeValueError
 from kmpops.stack import seaweed
 
-S3_PORT = int(os.environ.get("KMPOPS_TEST_S3_PORT", "33100"))
-
-
-def _free_block(start: int) -> int:
-    """The first block of 10 ports from ``start`` that can all be bound right now."""
-    for base in range(start, start + 200, 10):
-        if not seaweed.ports_bindable(base):
-            return base
-    raise RuntimeError(f"no free port block near {start}")
-
-
 MiB = 1024 * 1024
 
 

@@ -13,8 +13,8 @@ import pytest
 from kmpops.connectors.notify import Notifier, mask_url, read_sink
 from kmpops.redact import Redactor
 
-RECEIVER_PORT = 34601
-DEAD_PORT = 34602  # nothing listens here
+RECEIVER_PORT = 24601
+DEAD_PORT = 24602  # nothing listens here
 
 
 @pytest.fixture
