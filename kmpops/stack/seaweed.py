@@ -161,13 +161,15 @@ def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60
 def ports_bindable(port: int, count: int = 8) -> list[int]:
     """The ports of ``port..port+count-1`` that cannot be bound on 127.0.0.1 right now.
 
-    Binding without SO_REUSEADDR also catches ports held in TIME_WAIT by other programs'
-    connections (ports above 32767 are in Linux's ephemeral range), which weed's gRPC
-    listeners cannot take over.
+    The probe binds with SO_REUSEADDR, as weed's Go listeners do: connections a previous server
+    left in TIME_WAIT do not block it (they would block a plain bind for ~60 s), while a live
+    listener or an outgoing connection using the port (ports above 32767 are Linux's ephemeral
+    range) still does.
     """
     busy = []
     for candidate in range(port, port + count):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((_HOST, candidate))
             except OSError:
