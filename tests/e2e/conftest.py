@@ -36,7 +36,7 @@ def browser_context(stack: Any) -> Iterator[Any]:
     """One Chromium with a fresh profile per module; closed (and the profile removed) after, so
     Playwright's event loop never outlives the journeys."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: run ./infra/install-debs.sh chromium")
+        pytest.fail(f"{CHROMIUM} missing: run ./infra/install-debs.sh chromium (make test does)")
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="kmpops-chromium-")
