@@ -28,11 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, Protocol, Self, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from pydantic import SecretStr
 
+from kmpops.connectors._closing import Closing
 from kmpops.errors import (
     AuthenticationFailed,
     ConnectorError,
@@ -217,54 +217,102 @@ def _write_verified(
     On a mismatch a Path destination is left untouched (the temporary file is removed); a
     file object has already received the bytes — the caller discards them.
     """
-    digest = hashlib.sha256()
-    size = 0
-    if isinstance(dest, str | os.PathLike):
-        target = Path(dest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+
+    def copy_verified(out: BinaryIO) -> PutResult:
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in chunks:
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        result = PutResult(key=key, size=size, sha256=digest.hexdigest())
+        _verify(
+            key,
+            result,
+            expected_sha256=expected_sha256,
+            expected_size=expected_size,
+            recorded_sha256=recorded_sha256,
         )
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            result = PutResult(key=key, size=size, sha256=digest.hexdigest())
-            _verify(
-                key,
-                result,
-                expected_sha256=expected_sha256,
-                expected_size=expected_size,
-                recorded_sha256=recorded_sha256,
-            )
-            os.replace(tmp_name, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
         return result
-    for chunk in chunks:
-        digest.update(chunk)
-        size += len(chunk)
-        dest.write(chunk)
-    result = PutResult(key=key, size=size, sha256=digest.hexdigest())
-    _verify(
-        key,
-        result,
-        expected_sha256=expected_sha256,
-        expected_size=expected_size,
-        recorded_sha256=recorded_sha256,
-    )
+
+    if not isinstance(dest, str | os.PathLike):
+        return copy_verified(dest)
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            result = copy_verified(out)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
     return result
+
+
+class _StoreBase(Closing):
+    """What S3Store and LocalStore share: put_bytes, download (verified) and context management.
+
+    Subclasses provide ``put_stream`` and ``_verified_source``.
+    """
+
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        before_commit: BeforeCommit | None = None,
+    ) -> PutResult:
+        raise NotImplementedError
+
+    def _verified_source(
+        self, key: str, *, need_recorded: bool
+    ) -> tuple[Iterator[bytes], str | None]:
+        """The object's chunks and its recorded sha256 (looked up only if ``need_recorded``).
+
+        Raises NotFound if the object does not exist.
+        """
+        raise NotImplementedError
+
+    def put_bytes(
+        self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
+    ) -> PutResult:
+        """Store ``data`` under ``key`` (see :meth:`put_stream`)."""
+        return self.put_stream(key, io.BytesIO(data), metadata=metadata)
+
+    def download(
+        self,
+        key: str,
+        dest: BinaryIO | Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> PutResult:
+        """Copy the object to ``dest`` and verify it against ``expected_*`` or its recorded sha256.
+
+        Raises IntegrityError naming the key, the expected and the actual values; a Path
+        destination is then left absent (written via a temporary file + rename). NotFound if the
+        object does not exist.
+        """
+        validate_key(key)
+        chunks, recorded = self._verified_source(key, need_recorded=expected_sha256 is None)
+        return _write_verified(
+            key,
+            chunks,
+            dest,
+            expected_sha256=expected_sha256,
+            expected_size=expected_size,
+            recorded_sha256=recorded,
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # S3
 
 
-class S3Store:
+class S3Store(_StoreBase):
     """An S3 bucket (AWS, SeaweedFS, MinIO, ...) via boto3; lazy client, context manager.
 
     Uploads of any length stream through a multipart upload of ``part_size`` parts with at most
@@ -349,17 +397,6 @@ class S3Store:
                     self._client.close()
                 self._client = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- error mapping ------------------------------------------------------------------------
 
     def _error(self, exc: Exception, what: str, key: str | None = None) -> Exception:
@@ -395,22 +432,22 @@ class S3Store:
             return StorageUnavailable(f"{what}: {where}: {type(exc).__name__}: {exc.strerror}")
         return exc
 
-    def _call(self, what: str, key: str | None, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    @contextlib.contextmanager
+    def _mapped(self, what: str, key: str | None) -> Iterator[None]:
+        """Re-raise an exception from the block as :meth:`_error` maps it (others unchanged)."""
         try:
-            return fn(Bucket=self.bucket, **kwargs)
+            yield
         except Exception as exc:
             mapped = self._error(exc, what, key)
             if mapped is exc:
                 raise
             raise mapped from None
 
-    # -- writes ---------------------------------------------------------------------------------
+    def _call(self, what: str, key: str | None, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        with self._mapped(what, key):
+            return fn(Bucket=self.bucket, **kwargs)
 
-    def put_bytes(
-        self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
-    ) -> PutResult:
-        """Store ``data`` under ``key`` (see :meth:`put_stream`)."""
-        return self.put_stream(key, io.BytesIO(data), metadata=metadata)
+    # -- writes ---------------------------------------------------------------------------------
 
     def put_stream(
         self,
@@ -592,12 +629,8 @@ class S3Store:
 
     def _chunks(self, key: str, body: Any) -> Iterator[bytes]:
         try:
-            yield from body.iter_chunks(_COPY_CHUNK)
-        except Exception as exc:
-            mapped = self._error(exc, "get", key)
-            if mapped is exc:
-                raise
-            raise mapped from None
+            with self._mapped("get", key):
+                yield from body.iter_chunks(_COPY_CHUNK)
         finally:
             body.close()
 
@@ -607,40 +640,21 @@ class S3Store:
         body, _ = self._open(key)
         yield from self._chunks(key, body)
 
-    def download(
-        self,
-        key: str,
-        dest: BinaryIO | Path,
-        *,
-        expected_sha256: str | None = None,
-        expected_size: int | None = None,
-    ) -> PutResult:
-        """Copy the object to ``dest`` and verify it against ``expected_*`` or its recorded sha256.
-
-        Raises IntegrityError naming the key, the expected and the actual values; a Path
-        destination is then left absent (written via a temporary file + rename). NotFound if the
-        object does not exist.
-        """
-        validate_key(key)
+    def _verified_source(
+        self, key: str, *, need_recorded: bool
+    ) -> tuple[Iterator[bytes], str | None]:
         body, meta = self._open(key)
         recorded = meta.get(_SHA_META)
-        if recorded is None and expected_sha256 is None:
+        if recorded is None and need_recorded:
             info = self.head(key)
             recorded = info.sha256 if info else None
-        return _write_verified(
-            key,
-            self._chunks(key, body),
-            dest,
-            expected_sha256=expected_sha256,
-            expected_size=expected_size,
-            recorded_sha256=recorded,
-        )
+        return self._chunks(key, body), recorded
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, sorted by key (metadata not filled)."""
         _validate_prefix(prefix)
         found: list[ObjectInfo] = []
-        try:
+        with self._mapped("list", prefix or None):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
             )
@@ -653,11 +667,6 @@ class S3Store:
                             last_modified=item.get("LastModified"),
                         )
                     )
-        except Exception as exc:
-            mapped = self._error(exc, "list", prefix or None)
-            if mapped is exc:
-                raise
-            raise mapped from None
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
@@ -670,7 +679,7 @@ class S3Store:
 # Local directory
 
 
-class LocalStore:
+class LocalStore(_StoreBase):
     """Objects as files under ``root``: ``root/<key>``, metadata in ``root/.kmpops/meta``.
 
     Writes go to ``root/.kmpops/tmp`` and are renamed into place once complete and fsynced, so a
@@ -685,20 +694,6 @@ class LocalStore:
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to release; present for symmetry with S3Store."""
-
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
@@ -711,12 +706,6 @@ class LocalStore:
             return fn(*args, **kwargs)
         except OSError as exc:
             raise ConnectorError(f"put: cannot write {what}: {exc.strerror or exc}") from None
-
-    def put_bytes(
-        self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
-    ) -> PutResult:
-        """Store ``data`` under ``key`` (see :meth:`put_stream`)."""
-        return self.put_stream(key, io.BytesIO(data), metadata=metadata)
 
     def put_stream(
         self,
@@ -807,26 +796,13 @@ class LocalStore:
             while chunk := fh.read(_COPY_CHUNK):
                 yield chunk
 
-    def download(
-        self,
-        key: str,
-        dest: BinaryIO | Path,
-        *,
-        expected_sha256: str | None = None,
-        expected_size: int | None = None,
-    ) -> PutResult:
-        """Copy the object to ``dest`` and verify it (see :meth:`S3Store.download`)."""
+    def _verified_source(
+        self, key: str, *, need_recorded: bool
+    ) -> tuple[Iterator[bytes], str | None]:
         info = self.head(key)
         if info is None:
             raise NotFound(f"get: {key!r} does not exist in {self.root}")
-        return _write_verified(
-            key,
-            self.iter_chunks(key),
-            dest,
-            expected_sha256=expected_sha256,
-            expected_size=expected_size,
-            recorded_sha256=info.sha256,
-        )
+        return self.iter_chunks(key), info.sha256
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, sorted by key, with metadata."""
