@@ -33,6 +33,7 @@ from typing import IO, Any, Generic, Protocol, Self, TypeVar
 import paramiko
 
 from kmpops import shellsafe
+from kmpops.connectors._closing import Closing
 from kmpops.errors import (
     AuthenticationFailed,
     CommandFailed,
@@ -148,7 +149,7 @@ def _load_private_key(key_file: Path) -> paramiko.PKey:
         raise ConnectorError(f"SSH key file {key_file} is not a usable private key") from exc
 
 
-class SSHConnection:
+class SSHConnection(Closing):
     """A lazy SSH connection to one host; a context manager that closes it at exit.
 
     Not safe for concurrent use from several threads (``Fleet`` gives each host one worker at
@@ -320,17 +321,6 @@ class SSHConnection:
         """Close the SFTP session and the transport; the connection may be used again later."""
         with self._lock:
             self._drop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- commands ---------------------------------------------------------------------------
 
