@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.verify_backups import configuration_rpo
 from kmpops.backup import DrillOutcome, render_drill_report
-from tasks.backup import host_config_roots, verify_configuration_backup, verify_database_backup
+from tasks.backup import hosts_with_config, verify_configuration_backup, verify_database_backup
 from tasks.common import audit_event, notify, ops_config, records, run_id
 
 
@@ -32,16 +32,7 @@ def dr_drill(databases: list[str] | None = None, hosts: list[str] | None = None)
     cfg = ops_config()
     rec = records()
     db_names = databases if databases is not None else sorted(cfg.databases)
-    host_names = (
-        hosts
-        if hosts is not None
-        else [
-            h.name
-            for env in cfg.environments.values()
-            for h in env.hosts
-            if host_config_roots(h.name)
-        ]
-    )
+    host_names = hosts if hosts is not None else hosts_with_config()
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
     subjects: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from flows.backup_retention import backup_retention, compute_retention_plan
 from kmpops.backup import schedule_period
 from kmpops.errors import IntegrityError
-from tasks.backup import host_config_roots, verify_configuration_backup, verify_database_backup
+from tasks.backup import hosts_with_config, verify_configuration_backup, verify_database_backup
 from tasks.common import audit_event, notify, ops_config, records
 
 
@@ -92,16 +92,7 @@ def verify_backups(
     cfg = ops_config()
     rec = records()
     db_names = databases if databases is not None else sorted(cfg.databases)
-    host_names = (
-        hosts
-        if hosts is not None
-        else [
-            h.name
-            for env in cfg.environments.values()
-            for h in env.hosts
-            if host_config_roots(h.name)
-        ]
-    )
+    host_names = hosts if hosts is not None else hosts_with_config()
     pending = []
     for row in rec.backups(states=("complete",)):
         scope = db_names if row.kind == "database" else host_names

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from pydantic import SecretStr
 
 from kmpops import backup as core
@@ -25,13 +27,24 @@ from kmpops.config import DatabaseConfig
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import IntegrityError, NotFound
 from kmpops.records.models import Backup
-from tasks.common import audit, ops_config, records, retry_on_transient, run_id, secret
+from tasks.common import (
+    audit,
+    notify,
+    ops_config,
+    records,
+    retry_on_transient,
+    run_id,
+    secret,
+)
 
 __all__ = [
     "apply_retention_deletions",
     "backup_database_to_store",
     "backup_host_configuration",
     "database_config",
+    "gather_backup_results",
+    "host_config_roots",
+    "hosts_with_config",
     "open_database",
     "open_object_store",
     "restore_database_backup",
@@ -163,6 +176,62 @@ def host_config_roots(host: str) -> list[str]:
             if path not in roots:
                 roots.append(path)
     return roots
+
+
+def hosts_with_config(environment: str | None = None) -> list[str]:
+    """Names of the configured hosts (of ``environment`` only, if given) that have config paths,
+    in ops.yaml order.
+    """
+    cfg = ops_config()
+    return [
+        h.name
+        for env_name, env in cfg.environments.items()
+        if environment is None or env_name == environment
+        for h in env.hosts
+        if host_config_roots(h.name)
+    ]
+
+
+def gather_backup_results(
+    futures: Mapping[str, PrefectFuture[dict[str, Any]]],
+    *,
+    flow_name: str,
+    subject: str,
+    column: str,
+    blank: Mapping[str, Any],
+    columns: Callable[[dict[str, Any]], dict[str, Any]],
+    description: str,
+) -> list[dict[str, Any]]:
+    """Wait for every backup future (``name -> future``) and report the run; return the results.
+
+    Publishes table artifact ``flow_name`` with one row per name: ``{column: name, "result":
+    ..., **columns(result)}`` or, for a failure, ``**blank``. If any failed, notifies at
+    critical severity ("<subject> failed: <names>", dedup key ``<flow_name>:<names>``) and
+    re-raises the first failure after every future was awaited.
+    """
+    done: list[dict[str, Any]] = []
+    failures: list[tuple[str, Exception]] = []
+    rows = []
+    for name, future in futures.items():
+        try:
+            result = future.result()
+        except Exception as exc:  # collect, report, re-raise below
+            failures.append((name, exc))
+            rows.append({column: name, "result": f"FAILED: {type(exc).__name__}", **blank})
+            continue
+        done.append(result)
+        rows.append({column: name, "result": "complete", **columns(result)})
+    create_table_artifact(key=flow_name, table=rows, description=description)
+    if failures:
+        failed = ", ".join(n for n, _ in failures)
+        notify(
+            "critical",
+            f"{subject} failed: {failed}",
+            "\n".join(f"- {n}: {type(e).__name__}: {e}" for n, e in failures),
+            dedup_key=f"{flow_name}:{failed}",
+        )
+        raise failures[0][1]
+    return done
 
 
 def _latest_config_manifest(host: str) -> tuple[Backup, core.ConfigurationManifest] | None:
