@@ -19,7 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.flows.alert_fixtures import ops_yaml_writer, wait_for_deployment_run
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -30,32 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 def alert_env(stack, tmp_path, monkeypatch):
     """A variant of the stack's ops.yaml with its own records store and sink; returns a
     function ``configure(alerts, **notifications)`` that (re)writes it."""
-    base = yaml.safe_load(Path(stack.ops_yaml).read_text())
-    sink = tmp_path / "notifications.jsonl"
-    path = tmp_path / "ops.yaml"
-
-    def configure(alerts: dict, **notifications) -> Path:
-        data = dict(base)
-        data["records"] = {"url": f"sqlite:///{tmp_path / 'records.db'}"}
-        routes = [f"jsonl://{sink}"]
-        data["notifications"] = {
-            "routes": {"critical": routes, "warning": routes, "info": routes},
-            "escalation": {"L1": routes, "L2": routes, "L3": routes},
-            "ack_timeout": "1s",
-            "repeat_interval": "1m",
-            **notifications,
-        }
-        data["alerts"] = alerts
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        # the config cache is keyed by mtime: make sure a rewrite is seen
-        stamp = time.time_ns() + 1_000_000
-        os.utime(path, ns=(stamp, stamp))
-        return path
-
-    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-    configure({})
-    configure.sink = sink  # type: ignore[attr-defined]
-    return configure
+    return ops_yaml_writer(stack, tmp_path, monkeypatch, repeat_interval="1m")
 
 
 def messages(sink: Path) -> list[str]:
@@ -163,9 +139,6 @@ def served_incident_response(alert_env):
 
 def test_critical_firing_triggers_incident_response(alert_env, served_incident_response):
     """The real event path: kmpops.alert.firing -> DeploymentEventTrigger -> flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
     from flows.evaluate_alerts import evaluate_alerts
     from tasks.common import records
 
@@ -194,18 +167,7 @@ def test_critical_firing_triggers_incident_response(alert_env, served_incident_r
         },
         ack_timeout="1s",
     )
-    deadline = time.monotonic() + 90
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(
-                    name=DeploymentFilterName(any_=[served_incident_response])
-                )
-            )
-            done = [r for r in runs if r.state and r.state.is_final()]
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+    runs, done = wait_for_deployment_run(served_incident_response)
     assert done and done[0].state.is_completed(), [r.state for r in runs]
     assert done[0].parameters["alert"]["rule"] == "outage"
     (incident,) = records().incidents()
@@ -219,9 +181,6 @@ def test_alertmanager_webhook_triggers_incident_response(alert_env, served_incid
     """A site's Alertmanager drives kmp-ops: webhook POST -> receiver -> event -> flow run."""
     import json
     import urllib.request
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     from deployments.alertmanager_receiver import emit_firing
     from kmpops.alertmanager import AlertmanagerReceiver
@@ -262,18 +221,7 @@ def test_alertmanager_webhook_triggers_incident_response(alert_env, served_incid
         req = urllib.request.Request(receiver.url, data=json.dumps(payload).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
-    deadline = time.monotonic() + 90
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(
-                    name=DeploymentFilterName(any_=[served_incident_response])
-                )
-            )
-            done = [r for r in runs if r.state and r.state.is_final()]
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+    runs, done = wait_for_deployment_run(served_incident_response)
     assert len(runs) == 1  # the warning alert opened nothing
     assert done and done[0].state.is_completed(), [r.state for r in runs]
     (incident,) = records().incidents()

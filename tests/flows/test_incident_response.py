@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.flows.alert_fixtures import ops_yaml_writer
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -37,32 +38,7 @@ def incident_env(stack, tmp_path_factory, monkeypatch):
     (module records store, own sink, 1 s ack timeout) and points KMPOPS_CONFIG at it."""
     root = tmp_path_factory.getbasetemp() / "incident-env"
     root.mkdir(exist_ok=True)
-    base = yaml.safe_load(Path(stack.ops_yaml).read_text())
-    sink = root / "notifications.jsonl"
-    path = root / "ops.yaml"
-
-    def configure(alerts: dict, *, drop_prometheus: bool = False) -> Path:
-        data = dict(base)
-        data["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
-        routes = [f"jsonl://{sink}"]
-        data["notifications"] = {
-            "routes": {"critical": routes, "warning": routes, "info": routes},
-            "escalation": {"L1": routes, "L2": routes, "L3": routes},
-            "ack_timeout": "1s",
-            "repeat_interval": "1h",
-        }
-        data["alerts"] = alerts
-        if drop_prometheus:
-            data.pop("prometheus", None)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        stamp = time.time_ns() + 1_000_000
-        os.utime(path, ns=(stamp, stamp))
-        return path
-
-    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-    configure({})
-    configure.sink = sink  # type: ignore[attr-defined]
-    return configure
+    return ops_yaml_writer(stack, root, monkeypatch, repeat_interval="1h")
 
 
 def current_of(stack) -> str | None:
