@@ -97,7 +97,6 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     from flows.backup_database import backup_database
     from flows.restore_database import restore_database
     from flows.verify_backups import verify_backups
-    from kmpops.approve import approve_run
     from kmpops.connectors.notify import read_sink
     from kmpops.errors import IntegrityError, PolicyViolation
     from kmpops.records.models import Backup
@@ -136,35 +135,19 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
         restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_x")
 
     def answer(decision: str):
-        thread, box = run_in_thread(
+        return _run_answering_approval(
+            bk,
             restore_database,
             "shop",
+            decision=decision,
+            approver="alice",
+            reason="test",
             backup_id=bad["record_id"],
             target_dbname=bk.dbname + "_forced",
             environment="staging",
             force=True,
             requested_by="dave",
         )
-        request = wait_for(
-            lambda: [
-                a
-                for a in bk.records().approvals()
-                if a.details.get("kind") == "request" and a.outcome == "pending"
-            ],
-            timeout=90,
-        )
-        wait_for(lambda: _paused(request[-1].run_id), timeout=30)
-        approve_run(
-            api_url(),
-            request[-1].run_id,
-            decision=decision,
-            approver="alice",
-            reason="test",
-            token=bk.token("alice"),
-        )
-        thread.join(120)
-        assert box, "restore-database did not finish after the answer"
-        return box
 
     box = answer("reject")
     assert isinstance(box.get("error"), PolicyViolation)
@@ -179,6 +162,36 @@ def _paused(flow_run_id: str) -> bool:
 
     state = httpx.get(f"{api_url()}/flow_runs/{flow_run_id}", timeout=5).json()["state"]
     return state["type"] == "PAUSED"
+
+
+def _run_answering_approval(bk, flow, *args, decision: str, approver: str, reason: str, **kwargs):
+    """Run ``flow(*args, **kwargs)`` in a thread, answer its pending approval request with
+    ``decision`` as ``approver`` once the run is paused, and return the thread's result box
+    (``result`` or ``error``); fails if the flow did not finish within 120 s of the answer.
+    """
+    from kmpops.approve import approve_run
+
+    thread, box = run_in_thread(flow, *args, **kwargs)
+    request = wait_for(
+        lambda: [
+            a
+            for a in bk.records().approvals()
+            if a.details.get("kind") == "request" and a.outcome == "pending"
+        ],
+        timeout=90,
+    )
+    wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+    approve_run(
+        api_url(),
+        request[-1].run_id,
+        decision=decision,
+        approver=approver,
+        reason=reason,
+        token=bk.token(approver),
+    )
+    thread.join(120)
+    assert box, f"{flow.name} did not finish after the answer"
+    return box
 
 
 def test_s3_stopped_mid_upload_records_nothing_complete(stack, tmp_path, monkeypatch):
@@ -385,7 +398,6 @@ def test_row_counts_are_taken_in_the_dump_snapshot(bk):
 def test_restore_configuration_in_production_waits_for_approval(bk):
     from flows.backup_configuration import backup_configuration
     from flows.restore_configuration import restore_configuration
-    from kmpops.approve import approve_run
     from kmpops.errors import PolicyViolation
 
     host = "prd-1"
@@ -396,29 +408,16 @@ def test_restore_configuration_in_production_waits_for_approval(bk):
     (conf / "app.conf").write_text("workers = 400\n")
 
     def restore_with(decision: str) -> dict:
-        thread, box = run_in_thread(
-            restore_configuration, host, backup_id=run1["record_id"], requested_by="dave"
-        )
-        request = wait_for(
-            lambda: [
-                a
-                for a in bk.records().approvals()
-                if a.details.get("kind") == "request" and a.outcome == "pending"
-            ],
-            timeout=90,
-        )
-        wait_for(lambda: _paused(request[-1].run_id), timeout=30)
-        approve_run(
-            api_url(),
-            request[-1].run_id,
+        return _run_answering_approval(
+            bk,
+            restore_configuration,
+            host,
             decision=decision,
             approver="carol",
             reason="config rollback",
-            token=bk.token("carol"),
+            backup_id=run1["record_id"],
+            requested_by="dave",
         )
-        thread.join(120)
-        assert box, "restore-configuration did not finish after the answer"
-        return box
 
     box = restore_with("reject")
     assert isinstance(box.get("error"), PolicyViolation)
