@@ -257,15 +257,7 @@ class _StoreBase(Closing):
     Subclasses provide ``put_stream`` and ``_verified_source``.
     """
 
-    def put_stream(
-        self,
-        key: str,
-        stream: BinaryIO,
-        *,
-        metadata: Mapping[str, str] | None = None,
-        before_commit: BeforeCommit | None = None,
-    ) -> PutResult:
-        raise NotImplementedError
+    put_stream: Callable[..., PutResult]  # see ObjectStore.put_stream
 
     def _verified_source(
         self, key: str, *, need_recorded: bool
