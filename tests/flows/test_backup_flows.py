@@ -45,23 +45,13 @@ def _completed(rec, kind="database"):
     return [b for b in rec.backups(kind=kind) if b.state == "complete"]
 
 
-def test_backup_matches_manifest_and_plain_pg_restore(bk):
-    from flows.backup_database import backup_database
-
-    [manifest] = backup_database(["shop"])
-    data = bk.object_bytes(manifest["object_key"])
-    assert sha256(data) == manifest["sha256"] and len(data) == manifest["size"]
-    assert manifest["table_row_counts"] == {f"public.{t}": n for t, n in TABLES.items()}
-    # the manifest is stored beside the dump and in the catalog
-    stored = bk.object_bytes(manifest["object_key"].removesuffix(".dump") + ".manifest.json")
-    assert f'"sha256": "{manifest["sha256"]}"' in stored.decode()
-    [row] = _completed(bk.records())
-    assert row.sha256 == manifest["sha256"] and row.size == manifest["size"]
-
-    # plain pg_restore, run by the test, restores it with the same row counts
-    dump = bk.root / "witness.dump"
-    dump.write_bytes(data)
-    restored = bk.dbname + "_witness"
+def _pg_restore_witness(bk, dump_bytes: bytes, name: str) -> str:
+    """Restore ``dump_bytes`` with plain ``pg_restore`` (the test's own witness) into a new
+    database ``<dbname>_<name>``; return that database's name. Fails if pg_restore fails.
+    """
+    dump = bk.root / f"{name}.dump"
+    dump.write_bytes(dump_bytes)
+    restored = f"{bk.dbname}_{name}"
     with bk.pg("postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{restored}"')
     subprocess.run(
@@ -81,6 +71,24 @@ def test_backup_matches_manifest_and_plain_pg_restore(bk):
         check=True,
         capture_output=True,
     )
+    return restored
+
+
+def test_backup_matches_manifest_and_plain_pg_restore(bk):
+    from flows.backup_database import backup_database
+
+    [manifest] = backup_database(["shop"])
+    data = bk.object_bytes(manifest["object_key"])
+    assert sha256(data) == manifest["sha256"] and len(data) == manifest["size"]
+    assert manifest["table_row_counts"] == {f"public.{t}": n for t, n in TABLES.items()}
+    # the manifest is stored beside the dump and in the catalog
+    stored = bk.object_bytes(manifest["object_key"].removesuffix(".dump") + ".manifest.json")
+    assert f'"sha256": "{manifest["sha256"]}"' in stored.decode()
+    [row] = _completed(bk.records())
+    assert row.sha256 == manifest["sha256"] and row.size == manifest["size"]
+
+    # plain pg_restore, run by the test, restores it with the same row counts
+    restored = _pg_restore_witness(bk, data, "witness")
     assert bk.counts(restored) == bk.counts(bk.dbname) == TABLES
 
 
@@ -369,28 +377,7 @@ def test_row_counts_are_taken_in_the_dump_snapshot(bk):
         stop.set()
         thread.join(10)
     assert bk.counts(bk.dbname)["customers"] > manifest["table_row_counts"]["public.customers"]
-    dump = bk.root / "snap.dump"
-    dump.write_bytes(bk.object_bytes(manifest["object_key"]))
-    restored = bk.dbname + "_snap"
-    with bk.pg("postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{restored}"')
-    subprocess.run(
-        [
-            "pg_restore",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(bk.pg_port),
-            "-U",
-            "postgres",
-            "-d",
-            restored,
-            "--no-owner",
-            str(dump),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    restored = _pg_restore_witness(bk, bk.object_bytes(manifest["object_key"]), "snap")
     counts = {f"public.{t}": n for t, n in bk.counts(restored).items()}
     assert counts == manifest["table_row_counts"]
 
