@@ -24,7 +24,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Point Prefect and kmp-ops at the session stack before anything imports Prefect."""
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PORT_BASE + 400}/api"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_HOME"] = str(STACK_ROOT.parent / "test-prefect-home")
+    prefect_home = STACK_ROOT.parent / "test-prefect-home"
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(prefect_home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "false"
     os.environ["KMPOPS_CONFIG"] = str(STACK_ROOT / "ops.yaml")
