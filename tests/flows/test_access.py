@@ -21,6 +21,7 @@ from kmpops.access import fingerprint_of_key_file, new_ed25519_keypair
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import AuthenticationFailed
 from kmpops.plans.access import AccessGrant, AccessList
+from tests.flows.ops_variant import ops_yaml_variant
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -42,15 +43,7 @@ def restore_keys(stack):
 
 @pytest.fixture
 def variant(monkeypatch, stack, tmp_path):
-    def apply(mutate) -> Path:
-        data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-        mutate(data)
-        path = tmp_path / "ops.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-        return path
-
-    return apply
+    return ops_yaml_variant(stack, tmp_path, monkeypatch)
 
 
 def staging(stack) -> list:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.compliance_audit import CompliancePolicy, compliance_audit, find_secret_literals
 from kmpops.errors import PolicyViolation
+from tests.flows.ops_variant import ops_yaml_variant
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -21,16 +20,7 @@ def by_check(result: dict) -> dict[tuple[str, str], dict]:
 @pytest.fixture
 def variant(monkeypatch, stack, tmp_path):
     """Run against a mutated copy of the stack's ops.yaml (same records, same hosts)."""
-
-    def apply(mutate) -> Path:
-        data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-        mutate(data)
-        path = tmp_path / "ops.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-        return path
-
-    return apply
+    return ops_yaml_variant(stack, tmp_path, monkeypatch)
 
 
 def test_find_secret_literals_names_fields_not_values() -> None:

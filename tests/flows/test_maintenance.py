@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.maintenance import (
     DailyOptions,
@@ -17,21 +16,14 @@ from flows.maintenance import (
     maintenance_weekly,
     releases_to_prune,
 )
+from tests.flows.ops_variant import ops_yaml_variant
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
 
 @pytest.fixture
 def variant(monkeypatch, stack, tmp_path):
-    def apply(mutate) -> Path:
-        data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-        mutate(data)
-        path = tmp_path / "ops.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-        return path
-
-    return apply
+    return ops_yaml_variant(stack, tmp_path, monkeypatch)
 
 
 def parts_of(result: dict) -> dict[str, dict]:

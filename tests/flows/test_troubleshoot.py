@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.troubleshoot import TroubleshootRequest, troubleshoot
 from kmpops.plans.diagnosis import Thresholds
+from tests.flows.ops_variant import ops_yaml_variant
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
@@ -23,15 +23,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def variant(monkeypatch, stack, tmp_path):
-    def apply(mutate) -> Path:
-        data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-        mutate(data)
-        path = tmp_path / "ops.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        monkeypatch.setenv("KMPOPS_CONFIG", str(path))
-        return path
-
-    return apply
+    return ops_yaml_variant(stack, tmp_path, monkeypatch)
 
 
 def add_service(data: dict, name: str, port: int) -> None:
