@@ -210,7 +210,11 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.5):
 def test_prometheus_sees_the_error_ratio(prom: prometheus.PromInfo) -> None:
     client = PrometheusClient(prom.url)
     assert client.ready()
-    targets = wait_for(lambda: [t for t in client.targets() if t["health"] == "up"])
+    # Prometheus scrapes each target on its own schedule: wait until both have been up once.
+    targets = wait_for(
+        lambda: up if len(up := [t for t in client.targets() if t["health"] == "up"]) == 2 else None
+    )
+    assert targets, f"both targets never up: {client.targets()}"
     assert {t["instance"] for t in targets} == {f"127.0.0.1:{GOOD_PORT}", f"127.0.0.1:{BAD_PORT}"}
     assert {t["job"] for t in targets} == {"web"}
 
