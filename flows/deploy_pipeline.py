@@ -41,7 +41,7 @@ from tasks.deploy import (
     close_connections,
     measure_error_rate,
     prune_host_releases,
-    read_current_release,
+    read_current_releases,
     resolve_artifact,
     rollback_host,
     run_checklist,
@@ -140,7 +140,6 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
     logger = get_run_logger()
     failures: list[str] = []
     for number, batch in enumerate(plan.batches, start=1):
-        close_connections()  # a host that died since the last stage must show up as unreachable
         staging = {
             h: stage_release.submit(req.service, env, h, req.version, artifact) for h in batch
         }
@@ -228,17 +227,10 @@ def _compensate(run: _Run) -> tuple[list[str], list[str]]:
 
 
 def _check_stage(run: _Run, env: str, hosts: list[str], kind: str) -> list[str]:
-    futures = {h: check_hosts.submit(run.req.service, env, h, kind) for h in hosts}
-    evidence, failures = [], []
-    for fut in futures.values():
-        fut.wait()
-        if fut.state.is_completed():
-            evidence += fut.result()
-        else:
-            failures.append(_error(fut))
-    if failures:
-        raise PolicyViolation(f"{kind} checks failed on {env}: " + "; ".join(failures))
-    return evidence
+    try:
+        return check_hosts(run.req.service, env, hosts, kind)
+    except Exception as exc:
+        raise PolicyViolation(f"{kind} checks failed on {env}: {exc}") from exc
 
 
 def _approval_from_change_request(req: DeployRequest, needed: int) -> bool:
@@ -297,8 +289,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     t = time.monotonic()
     artifact = resolve_artifact(svc_name, req.version, req.artifact)
     all_hosts = [(env, h.name) for env in envs for h in cfg.environment(env).hosts]
-    current_futs = {h: read_current_release.submit(svc_name, env, h) for env, h in all_hosts}
-    current = {h: f.result() for h, f in current_futs.items()}
+    current = read_current_releases(svc_name, all_hosts)
     report = run_checklist(svc_name, req.version, artifact, current, req.allow_first_install)
     create_table_artifact(
         report.table(),
@@ -379,15 +370,18 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     except BaseException as exc:
         if run.ledger:
             logger.error("deploy failed (%s): rolling back %d host(s)", exc, len(run.ledger))
+            t = time.monotonic()
             rolled, failed = _compensate(run)
+            seconds = round(time.monotonic() - t, 3)
             audit(
                 "deploy.rolled_back",
                 subject,
                 error=str(exc)[:500],
                 hosts=rolled,
                 rollback_failed=failed,
+                seconds=seconds,
             )
-            tail = f"; rolled back {len(rolled)} host(s)" + (
+            tail = f"; rolled back {len(rolled)} host(s) in {seconds:g}s" + (
                 f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
             )
             close_connections()
@@ -398,14 +392,10 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         raise
     # post-deployment
     t = time.monotonic()
-    pruned = {}
-    prune_futs = {
-        (env, h): prune_host_releases.submit(svc_name, env, h, current.get(h))
-        for env, h in all_hosts
-    }
-    for (_, h), fut in prune_futs.items():
-        fut.wait()
-        pruned[h] = fut.result() if fut.state.is_completed() else [f"prune failed: {_error(fut)}"]
+    try:
+        pruned = prune_host_releases(svc_name, all_hosts, current)
+    except Exception as exc:  # pruning is housekeeping: the release is live and recorded
+        pruned = {h: [f"prune failed: {type(exc).__name__}: {exc}"] for _, h in all_hosts}
     close_connections()
     run.stage("post-deployment", t)
     total = round(time.monotonic() - started, 2)

@@ -22,7 +22,6 @@ import hashlib
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from kmpops.errors import CommandFailed, IntegrityError, NotFound, UnsafeValueEr
 __all__ = [
     "HealthResult",
     "RemoteHost",
+    "RestartFailed",
     "check_health_command",
     "check_health_url",
     "current_release",
@@ -62,7 +62,12 @@ class RemoteHost(Protocol):
     name: str
 
     def run(
-        self, command: Sequence[str] | str, *, timeout: float = ..., check: bool = ...
+        self,
+        command: Sequence[str] | str,
+        *,
+        timeout: float = ...,
+        check: bool = ...,
+        stdin: bytes | IO[bytes] | None = ...,
     ) -> _Result: ...
 
     def put(self, local: Path | IO[bytes], remote: str, *, mode: int | None = ...) -> int: ...
@@ -97,21 +102,22 @@ def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
 
 _STAGE_SCRIPT = r"""
 set -eu
-cd "$1"; v=$2; sha=$3; tgz=$4
+mkdir -p "$1"; cd "$1"; v=$2; sha=$3
 mkdir -p releases .incoming shared
+tgz=$(mktemp ".incoming/$v.XXXXXXXXXX.tar.gz")
+trap 'rm -f "$tgz"' EXIT
+cat > "$tgz"
 if [ -e "releases/$v" ]; then
-    rm -f "$tgz"
     have=$(cat "releases/$v/{marker}" 2>/dev/null || true)
     if [ "$have" = "$sha" ]; then echo present; exit 0; fi
     echo "releases/$v exists with other content" >&2; exit 3
 fi
-if ! echo "$sha  $tgz" | sha256sum -c --status; then rm -f "$tgz"; echo checksum >&2; exit 4; fi
+if ! echo "$sha  $tgz" | sha256sum -c --status; then echo checksum >&2; exit 4; fi
 tmp=$(mktemp -d ".incoming/$v.XXXXXX")
-if ! tar -xzf "$tgz" -C "$tmp" --no-same-owner; then rm -rf "$tmp" "$tgz"; exit 5; fi
+if ! tar -xzf "$tgz" -C "$tmp" --no-same-owner; then rm -rf "$tmp"; exit 5; fi
 printf '%s\n' "$sha" > "$tmp/{marker}"
 chmod 755 "$tmp"
 mv -T "$tmp" "releases/$v"
-rm -f "$tgz"
 echo staged
 """.replace("{marker}", MARKER)
 
@@ -127,9 +133,10 @@ def stage_release(
 ) -> bool:
     """Upload ``artifact`` (a .tar.gz) and extract it into ``releases/<version>``.
 
-    The tarball is uploaded to ``.incoming/``, its sha256 verified on the host, extracted into
-    a temporary directory there and renamed to ``releases/<version>`` only when complete, so a
-    crash or a lost connection leaves no half-extracted release where ``current`` could point.
+    One round trip: the tarball is streamed on the command's stdin into a temporary file in
+    ``.incoming/``, its sha256 verified on the host, extracted into a temporary directory there
+    and renamed to ``releases/<version>`` only when complete, so a crash, a lost connection or a
+    short upload leaves no half-extracted release where ``current`` could point.
     Returns True if staged now, False if the same release (same sha256) was already there.
     Raises IntegrityError on a checksum mismatch or a same-named release with other content.
     Rollback: none needed (a staged release is not live; ``prune_releases`` removes it).
@@ -138,12 +145,12 @@ def stage_release(
     validate_version(version)
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise UnsafeValueError("sha256: expected 64 lowercase hex digits")
-    conn.run(["mkdir", "-p", f"{root}/.incoming"], timeout=30, check=True)
-    incoming = f"{root}/.incoming/{version}.{uuid.uuid4().hex[:10]}.tar.gz"
-    conn.put(artifact, incoming)
-    result = conn.run(
-        ["sh", "-c", _STAGE_SCRIPT, "stage", root, version, sha256, incoming], timeout=timeout
-    )
+    command = ["sh", "-c", _STAGE_SCRIPT, "stage", root, version, sha256]
+    if isinstance(artifact, Path):
+        with artifact.open("rb") as source:
+            result = conn.run(command, timeout=timeout, stdin=source)
+    else:
+        result = conn.run(command, timeout=timeout, stdin=artifact)
     if result.exit_status in (3, 4):
         what = "checksum mismatch" if result.exit_status == 4 else "exists with other content"
         raise IntegrityError(f"host {conn.name}: release {version}: {what}")
@@ -170,36 +177,77 @@ def current_release(conn: RemoteHost, deploy_path: str) -> str | None:
 
 _SWITCH_SCRIPT = r"""
 set -eu
-cd "$1"; v=$2
+home=$(pwd); cd "$1"; v=$2
 [ -d "releases/$v" ] || { echo "releases/$v is not staged" >&2; exit 6; }
 prev=$(readlink current 2>/dev/null || true)
 tmp=".current.$$"
 ln -sfn "releases/$v" "$tmp"
 mv -T "$tmp" current
 echo "prev=$prev"
+[ $# -ge 3 ] || exit 0
+cd "$home"
+if "${SHELL:-/bin/sh}" -c "$3"; then exit 0; else rc=$?; fi
+echo "restart exited $rc" >&2
+exit 7
 """
 
 
-def switch_current(conn: RemoteHost, deploy_path: str, version: str) -> str | None:
+class RestartFailed(CommandFailed):
+    """``current`` was switched but the restart command failed; ``previous`` is what
+    ``current`` pointed at before (what a rollback switches back to)."""
+
+    def __init__(self, message: str, result: object, previous: str | None) -> None:
+        super().__init__(message, result)
+        self.previous = previous
+
+
+def switch_current(
+    conn: RemoteHost,
+    deploy_path: str,
+    version: str,
+    *,
+    restart: str | None = None,
+    restart_timeout: float = 60.0,
+) -> str | None:
     """Point ``current`` at ``releases/<version>`` atomically; return the previous release.
 
     The new link is created beside ``current`` and renamed over it (rename(2) is atomic), so
-    ``current`` always names a complete release. Raises NotFound if the release is not staged.
+    ``current`` always names a complete release. With ``restart`` (a command rendered by
+    ``shellsafe.render_command``), the service is restarted in the same round trip, right
+    after the switch, by the login shell in the session's directory (as a separate command
+    would be). Raises NotFound if the release is not staged (nothing
+    changed), RestartFailed (switched; carries ``previous``) if the restart exits non-zero.
     Rollback: ``switch_current(conn, deploy_path, previous)`` (or ``remove_current`` when the
     previous release is None, i.e. a first install).
     """
     root = _deploy_path(deploy_path)
     validate_version(version)
-    result = conn.run(["sh", "-c", _SWITCH_SCRIPT, "switch", root, version], timeout=30)
+    command = ["sh", "-c", _SWITCH_SCRIPT, "switch", root, version]
+    if restart is not None:
+        command.append(restart)
+    result = conn.run(command, timeout=30 + (restart_timeout if restart is not None else 0))
     if result.exit_status == 6:
         raise NotFound(f"host {conn.name}: release {version} is not staged in {root}")
-    if result.exit_status != 0:
+    lines = result.stdout.splitlines()
+    marker = next((line for line in lines if line.startswith("prev=")), None)
+    if marker is None or (result.exit_status != 0 and result.exit_status != 7):
         raise CommandFailed(
             f"host {conn.name}: switching to {version} failed: {result.stderr.strip()[-300:]}",
             result,
         )
-    line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "prev="
-    return _release_of(line.removeprefix("prev="))
+    previous = _release_of(marker.removeprefix("prev="))
+    if result.exit_status == 7:
+        # stderr ends with our "restart exited N"; the restart's own output is above it, or on
+        # stdout after the prev= line.
+        err = result.stderr.strip().splitlines()
+        own = err[:-1] or lines[lines.index(marker) + 1 :]
+        tail = " ".join(x.strip() for x in [*own[-5:], *err[-1:]] if x.strip())[-300:]
+        raise RestartFailed(
+            f"host {conn.name}: restart failed after switching to {version}: {tail}",
+            result,
+            previous,
+        )
+    return previous
 
 
 def remove_current(conn: RemoteHost, deploy_path: str) -> None:
@@ -306,16 +354,28 @@ def list_releases(conn: RemoteHost, deploy_path: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
+_PRUNE_LIST_SCRIPT = r"""
+cd "$1" 2>/dev/null || exit 0
+[ -d .incoming ] && find .incoming -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} +
+printf 'current=%s\n' "$(readlink current 2>/dev/null || true)"
+cd releases 2>/dev/null && ls -1t
+"""
+
+
 def prune_releases(
     conn: RemoteHost, deploy_path: str, *, keep: int, protect: Sequence[str | None] = ()
 ) -> list[str]:
     """Remove releases beyond the ``keep`` newest; never ``current`` nor anything in ``protect``
-    (pass the previous release). Also clears leftovers in ``.incoming``. Returns removed names."""
+    (pass the previous release). Also clears ``.incoming`` leftovers older than an hour (an
+    interrupted upload). Returns the removed names. Two round trips at most."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
     root = _deploy_path(deploy_path)
-    releases = list_releases(conn, deploy_path)
-    keep_set = {p for p in protect if p} | {current_release(conn, deploy_path)}
+    listing = conn.run(["sh", "-c", _PRUNE_LIST_SCRIPT, "prune", root], timeout=60)
+    lines = [line for line in listing.stdout.splitlines() if line.strip()]
+    current = next((_release_of(x[8:]) for x in lines if x.startswith("current=")), None)
+    releases = [x for x in lines if not x.startswith("current=")]
+    keep_set = {p for p in protect if p} | {current}
     doomed = [r for r in releases[keep:] if r not in keep_set]
     for name in doomed:
         validate_version(name)

@@ -1,10 +1,13 @@
-"""Deploy steps, one host per task: read the current release, stage, activate, check, roll back.
+"""Deploy steps: one task per host for what changes a host (stage, activate, roll back), one
+task per stage for what only reads or tidies (current releases, checks, pruning: the hosts in
+parallel inside it, each host's outcome in its result or error).
 
-Tasks take names (service, environment, host, version) and build what they need from the config;
-SSH connections are shared per host inside one process (``host_connection``) and closed by the
-flow between stages with :func:`close_connections`, so a host that dies mid-rollout is noticed
-at its next step instead of hiding behind an old session. Caching is off on every task: a deploy
-step must never be skipped because it "already ran".
+Tasks take names (service, environment, host, version) and build what they need from the config.
+SSH connections are shared per host inside one process (``host_connection``) for the whole run:
+one handshake per host, like Ansible's ControlPersist. A host that goes down drops its
+connection, so its next step fails as unreachable; the flow closes every connection before the
+rollback (fresh ones) and at the end (:func:`close_connections`). Caching is off on every task:
+a deploy step must never be skipped because it "already ran".
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,7 +32,7 @@ from kmpops import release as rel
 from kmpops import shellsafe
 from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
 from kmpops.connectors.ssh import SSHConnection
-from kmpops.errors import KmpOpsError, NotFound, PolicyViolation
+from kmpops.errors import ConfigError, KmpOpsError, NotFound, PolicyViolation
 from kmpops.plans.checklist import ChecklistReport, default_checklist, evaluate_checklist
 from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
 
@@ -38,12 +43,14 @@ __all__ = [
     "close_connections",
     "measure_error_rate",
     "prune_host_releases",
-    "read_current_release",
+    "read_current_releases",
     "resolve_artifact",
     "rollback_host",
     "run_checklist",
     "stage_release",
 ]
+
+T = TypeVar("T")
 
 _pool_lock = threading.Lock()
 _pool: dict[str, tuple[SSHConnection, threading.Lock]] = {}
@@ -147,19 +154,59 @@ def _store() -> Any:
 # -- facts and checklist ---------------------------------------------------------------------
 
 
+def _on_hosts(
+    fn: Callable[[str, str], T], hosts: Sequence[tuple[str, str]]
+) -> dict[str, T | Exception]:
+    """``fn(environment, host)`` for every host, 16 at a time, on the shared connections;
+    each host's value or the exception it raised."""
+    if not hosts:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts)), thread_name_prefix="host") as pool:
+        futures = {h: pool.submit(fn, env, h) for env, h in hosts}
+    out: dict[str, T | Exception] = {}
+    for host, fut in futures.items():
+        exc = fut.exception()
+        out[host] = fut.result() if exc is None else exc  # type: ignore[assignment]
+    return out
+
+
+def _raise_first(outcomes: Mapping[str, object]) -> None:
+    """Raise the first failure among ``outcomes``, naming every failed host: transient errors
+    stay transient (so the task's retry applies), anything else keeps its type."""
+    failed = {h: o for h, o in outcomes.items() if isinstance(o, Exception)}
+    if not failed:
+        return
+    text = "; ".join(f"{h}: {o}" for h, o in failed.items())
+    first = next(iter(failed.values()))
+    error: Exception = KmpOpsError(text)
+    if isinstance(first, KmpOpsError) and not isinstance(first, ConfigError):
+        with contextlib.suppress(Exception):
+            error = type(first)(text)
+    raise error from first
+
+
 @task(
-    name="read-current-release",
+    name="read-current-releases",
     cache_policy=NO_CACHE,
     retries=1,
     retry_delay_seconds=0.5,
     retry_condition_fn=retry_on_transient,
 )
-def read_current_release(service: str, environment: str, host_name: str) -> str | None:
-    """The release ``current`` points at on the host (None: first install)."""
+def read_current_releases(service: str, hosts: list[tuple[str, str]]) -> dict[str, str | None]:
+    """The release ``current`` points at on each ``(environment, host)`` (None: first install).
+
+    Raises the first host's error (HostUnreachable, ...) naming every host that failed."""
     cfg = ops_config()
-    host = _host(cfg, environment, host_name)
-    with host_connection(host) as conn:
-        return rel.current_release(conn, cfg.service(service).deploy_path_for(host))
+    svc = cfg.service(service)
+
+    def one(environment: str, host_name: str) -> str | None:
+        host = _host(cfg, environment, host_name)
+        with host_connection(host) as conn:
+            return rel.current_release(conn, svc.deploy_path_for(host))
+
+    outcomes = _on_hosts(one, hosts)
+    _raise_first(outcomes)
+    return {h: v for h, v in outcomes.items() if not isinstance(v, Exception)}
 
 
 @dataclass
@@ -284,18 +331,15 @@ def activate_release(
     host = _host(cfg, environment, host_name)
     svc = cfg.service(service)
     path = svc.deploy_path_for(host)
+    subject = f"{service}/{environment}/{host_name}"
+    restart = shellsafe.render_command(svc.restart, _values(svc, host))
     with host_connection(host) as conn:
-        previous = rel.switch_current(conn, path, version)
-        audit(
-            "deploy.switch",
-            f"{service}/{environment}/{host_name}",
-            version=version,
-            previous=previous,
-        )
         try:
-            rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
-        except KmpOpsError as exc:
+            previous = rel.switch_current(conn, path, version, restart=restart)
+        except rel.RestartFailed as exc:
+            audit("deploy.switch", subject, version=version, previous=exc.previous)
             raise HostDeployFailed(f"{host_name}: {exc}") from None
+        audit("deploy.switch", subject, version=version, previous=previous)
         health = _check(svc, host, conn, svc.health_check)
     if not health.healthy:
         raise HostDeployFailed(
@@ -340,8 +384,8 @@ def rollback_host(
         elif to_version is None:
             rel.remove_current(conn, path)
         else:
-            rel.switch_current(conn, path, to_version)
-            rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
+            restart = shellsafe.render_command(svc.restart, _values(svc, host))
+            rel.switch_current(conn, path, to_version, restart=restart)
         if to_version is not None:
             health = _check(svc, host, conn, svc.health_check)
             if not health.healthy:
@@ -359,24 +403,35 @@ def rollback_host(
     return f"{host_name}: {from_version} -> {to_version or '(removed: first install)'}"
 
 
-@task(name="check-hosts", cache_policy=NO_CACHE, task_run_name="{kind}-{host_name}")
-def check_hosts(service: str, environment: str, host_name: str, kind: str) -> list[str]:
-    """Run the service's ``integration_tests`` or ``smoke_checks`` against one host.
+@task(name="check-hosts", cache_policy=NO_CACHE, task_run_name="{kind}-checks-{environment}")
+def check_hosts(service: str, environment: str, host_names: list[str], kind: str) -> list[str]:
+    """Run the service's ``integration_tests`` or ``smoke_checks`` (default: its health check)
+    against every host in parallel.
 
-    Raises PolicyViolation naming the failing check; returns the evidence lines."""
+    Raises PolicyViolation naming every failing host and check; returns the evidence lines."""
     cfg = ops_config()
-    host = _host(cfg, environment, host_name)
     svc = cfg.service(service)
-    checks = svc.integration_tests if kind == "integration" else svc.smoke_checks
-    evidence = []
-    with host_connection(host) as conn:
-        for check in checks or [svc.health_check]:
-            result = _check(svc, host, conn, check)
-            what = (check.url and svc.render(check.url, host)) or check.command
-            if not result.healthy:
-                raise PolicyViolation(f"{kind} check {what} failed on {host_name}: {result.detail}")
-            evidence.append(f"{what}: {result.detail}")
-    return evidence
+    checks = (svc.integration_tests if kind == "integration" else svc.smoke_checks) or [
+        svc.health_check
+    ]
+
+    def one(env: str, host_name: str) -> list[str]:
+        host = _host(cfg, env, host_name)
+        evidence = []
+        with host_connection(host) as conn:
+            for check in checks:
+                result = _check(svc, host, conn, check)
+                what = (check.url and svc.render(check.url, host)) or check.command
+                if not result.healthy:
+                    raise PolicyViolation(f"{kind} check {what} failed: {result.detail}")
+                evidence.append(f"{host_name}: {what}: {result.detail}")
+        return evidence
+
+    outcomes = _on_hosts(one, [(environment, h) for h in host_names])
+    failed = [f"{h}: {o}" for h, o in outcomes.items() if isinstance(o, Exception)]
+    if failed:
+        raise PolicyViolation("; ".join(failed))
+    return [line for o in outcomes.values() if isinstance(o, list) for line in o]
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -464,15 +519,27 @@ def measure_error_rate(
     return result
 
 
-@task(name="prune-releases", cache_policy=NO_CACHE, task_run_name="prune-{host_name}")
+@task(name="prune-releases", cache_policy=NO_CACHE)
 def prune_host_releases(
-    service: str, environment: str, host_name: str, previous: str | None
-) -> list[str]:
-    """Remove releases beyond ``keep_releases``, never the current or the previous one."""
+    service: str, hosts: list[tuple[str, str]], previous: dict[str, str | None]
+) -> dict[str, list[str]]:
+    """On every ``(environment, host)``: remove releases beyond ``keep_releases``, never the
+    current one nor ``previous[host]``. Never raises for one host: its entry says
+    ``prune failed: ...`` (a release left behind is not a failed deploy)."""
     cfg = ops_config()
-    host = _host(cfg, environment, host_name)
     svc = cfg.service(service)
-    with host_connection(host) as conn:
-        return rel.prune_releases(
-            conn, svc.deploy_path_for(host), keep=svc.keep_releases, protect=[previous]
-        )
+
+    def one(environment: str, host_name: str) -> list[str]:
+        host = _host(cfg, environment, host_name)
+        with host_connection(host) as conn:
+            return rel.prune_releases(
+                conn,
+                svc.deploy_path_for(host),
+                keep=svc.keep_releases,
+                protect=[previous.get(host_name)],
+            )
+
+    return {
+        h: [f"prune failed: {type(o).__name__}: {o}"] if isinstance(o, Exception) else o
+        for h, o in _on_hosts(one, hosts).items()
+    }

@@ -330,22 +330,26 @@ class SSHConnection(Closing):
         *,
         timeout: float = 60.0,
         check: bool = False,
-        stdin: bytes | None = None,
+        stdin: bytes | IO[bytes] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
         """Run ``command`` on the host and return its result.
 
         A sequence is quoted word by word (``shellsafe.join``); a string is passed to the
         remote shell as is and must come from code (or ``shellsafe.render_command``), never
-        from input. ``stdin`` is sent and then closed (stdin is always closed, so nothing waits
-        on it). ``env`` is exported by a quoted ``export`` prefix (it does not depend on the
-        server's AcceptEnv; values are visible in the remote process list, so pass secrets on
+        from input. ``stdin`` (bytes, or a binary file streamed in 32 KiB chunks without reading
+        it whole) is sent and then closed (stdin is always closed, so nothing waits on it).
+        ``env`` is exported by a quoted ``export`` prefix (it does not depend on the server's
+        AcceptEnv; values are visible in the remote process list, so pass secrets on
         ``stdin``); names must be identifiers. ``result.command`` never contains the env.
 
         ``exit_status`` is -1 if the session ended without one (the command was killed by a
-        signal). Raises CommandTimeout if the command runs past ``timeout`` seconds (the channel is
-        closed; the remote process may linger), CommandFailed if ``check`` and the exit status
-        is not 0, HostUnreachable if the transport is lost, plus the connect errors.
+        signal). Raises CommandTimeout if the command runs past ``timeout`` seconds (the channel
+        is closed; the remote process may linger), CommandFailed if ``check`` and the exit
+        status is not 0, ConnectorError if a ``stdin`` file fails to read (the channel is closed,
+        so the command sees its input end early: a command fed from a file must verify what it
+        read, as ``release.stage_release`` does with the sha256; the connection stays usable),
+        HostUnreachable if the transport is lost, plus the connect errors.
         """
         text = command if isinstance(command, str) else shellsafe.join(command)
         remote = text
@@ -359,6 +363,7 @@ class SSHConnection(Closing):
         transport = self._ensure_transport()
         started = time.monotonic()
         deadline = started + timeout
+        read_errors: list[Exception] = []
         try:
             channel = transport.open_session(timeout=min(timeout, self.connect_timeout))
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -368,7 +373,15 @@ class SSHConnection(Closing):
             channel.settimeout(timeout)
             channel.exec_command(remote)
             sender = None
-            if stdin:
+            if stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview):
+                sender = threading.Thread(
+                    target=_stream_stdin,
+                    args=(channel, stdin, read_errors),
+                    daemon=True,
+                    name="ssh-stdin",
+                )
+                sender.start()
+            elif stdin:
                 sender = threading.Thread(
                     target=_send_stdin, args=(channel, stdin), daemon=True, name="ssh-stdin"
                 )
@@ -387,10 +400,18 @@ class SSHConnection(Closing):
                 f"{self._where}: command {text!r} timed out after {timeout:g}s"
             ) from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            if read_errors:  # we hung up on the command ourselves; the connection is fine
+                raise ConnectorError(
+                    f"{self._where}: reading the input of {text!r} failed: {read_errors[0]}"
+                ) from read_errors[0]
             self.close()
             raise HostUnreachable(f"{self._where}: connection lost running {text!r}") from exc
         finally:
             channel.close()
+        if read_errors:
+            raise ConnectorError(
+                f"{self._where}: reading the input of {text!r} failed: {read_errors[0]}"
+            ) from read_errors[0]
         if status < 0:
             # No exit status: the session ended without one (killed by a signal, sshd gone).
             if not transport.is_active():
@@ -516,6 +537,27 @@ def _send_stdin(channel: paramiko.Channel, data: bytes) -> None:
         view = memoryview(data)
         for offset in range(0, len(view), 1 << 15):
             channel.sendall(view[offset : offset + (1 << 15)])
+        channel.shutdown_write()
+
+
+def _stream_stdin(channel: paramiko.Channel, source: IO[bytes], errors: list[Exception]) -> None:
+    while True:
+        try:
+            chunk = source.read(1 << 15)
+        except Exception as exc:
+            # Stop here and let the caller raise it (SSH cannot tell the command "your input
+            # is broken": it sees the end of its input, so it must verify what it read).
+            errors.append(exc)
+            with contextlib.suppress(Exception):
+                channel.close()
+            return
+        if not chunk:
+            break
+        try:
+            channel.sendall(chunk)
+        except Exception:  # the command exited or the connection broke: the caller sees it
+            return
+    with contextlib.suppress(Exception):
         channel.shutdown_write()
 
 

@@ -9,8 +9,10 @@ separation directory) is created if it is missing. Daemons are stopped by pid fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from kmpops.stack._proc import StackError, read_pid, start_process, stop_process
 __all__ = [
     "SSHD_BINARY",
     "SSHHostInfo",
+    "crash_host",
     "host_info",
     "start_fleet",
     "start_host",
@@ -244,6 +247,39 @@ def stop_host(info: SSHHostInfo) -> bool:
     Established sessions live in their own process groups and may outlive the listener; a
     client's next connection attempt is refused.
     """
+    return stop_process(info.pid_file)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children before grandchildren."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += children
+    return found
+
+
+def crash_host(info: SSHHostInfo) -> bool:
+    """Simulate the host going down: kill its daemon's established sessions (and what they
+    run) with SIGKILL, then stop the daemon. Established connections drop, new ones are
+    refused. True if a daemon was running. For tests; ``start_host`` brings it back."""
+    pid = read_pid(info.pid_file)
+    if pid is None:
+        return False
+    for child in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
     return stop_process(info.pid_file)
 
 

@@ -328,7 +328,7 @@ def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):
 
 
 def test_sshd_killed_mid_rollout(stack, baseline, use_config):
-    from kmpops.stack.sshd import host_info, start_host, stop_host
+    from kmpops.stack.sshd import crash_host, host_info, start_host
 
     use_config(lambda d: (no_staging(d), quick(d, approval_required=False)))
     before = snapshot(stack)
@@ -341,7 +341,7 @@ def test_sshd_killed_mid_rollout(stack, baseline, use_config):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if current_of(prod[0].root) == "5.0.0":
-                stop_host(info)
+                crash_host(info)  # its established sessions die with it, like a host going down
                 killed.set()
                 return
             time.sleep(0.02)
