@@ -17,6 +17,10 @@ restart``), health check (``control health``), keep 3 releases.
     whose health check fails on every host is deployed with batch 100%, and the pipeline's
     compensation puts all N hosts back; its time is read from the ``deploy.rolled_back`` audit
     event. Every run checks afterwards that each host's ``current`` is the expected release.
+
+Measured 2026-12-01 (2 cores, 50 hosts, median of 3): kmp-ops 7.22 s (run Completed on the
+server at 6.44 s), paramiko floor 6.72 s (1.07x), pyinfra 5.35 s (kmp-ops 1.35x), Ansible 31.2 s
+(4.3x slower than kmp-ops); rollback of 50 hosts 1.47 s. See bench/README.md.
 """
 
 from __future__ import annotations
