@@ -28,6 +28,19 @@ average 9-13, so absolute times are slow and noisy; variants are interleaved run
   createdb + pg_restore -j 2           13.8     1.00
   kmp-ops restore_from_file(jobs=2)    13.0     0.94
 
+Results, 2026-12-01, the default ~1 GB database (`--runs 2 --port-base 23500`: 1045 MB, an
+804 MB dump; load average 1-3):
+
+  backup (median of 2)               wall s   x floor   peak RSS MB (python / pg_dump)
+  pg_dump -Fc > /dev/null              47.4     1.00        - / 23
+  pg_dump | boto3 upload_fileobj       50.9     1.07       81 / 52
+  kmp-ops dump_to_store                49.8     1.05       93 / 32
+  kmp-ops dump_to_store(zstd)          12.3     0.26      183 / 32   (731 MB object)
+  download + sha256 verify of the 804 MB dump: 3.7 s
+  restore (median of 2)              wall s   x plain
+  createdb + pg_restore -j 2           10.6     1.00
+  kmp-ops restore_from_file(jobs=2)    10.7     1.01
+
 Goals met: backup <= 1.10x floor (0.91x: pg_dump's own gzip is the bottleneck and the upload
 overlaps it), RSS < 200 MB. With incompressible data, compress="zstd" (pg_dump -Z0 + zstd) is
 ~5x faster than the floor itself.
