@@ -7,9 +7,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from kmpops.redact import redact
+
 
 class KmpOpsError(Exception):
-    """Base class of every error kmp-ops raises on purpose."""
+    """Base class of every error kmp-ops raises on purpose.
+
+    Its text passes through the process-wide redactor (:mod:`kmpops.redact`) when the error is
+    made and again when it is printed, so a secret that slipped into a message never reaches a
+    Prefect state message, a log line, a pickled result or an artifact.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 class ConfigError(KmpOpsError):
@@ -20,6 +33,10 @@ class ConfigError(KmpOpsError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(where + "; ".join(self.problems))
+        self.problems = [redact(p) for p in self.problems]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems, self.source))
 
 
 class UnsafeValueError(KmpOpsError, ValueError):

@@ -61,3 +61,27 @@ def test_secret_never_reaches_prefect_api_logs(stack: object, tmp_path: Path) ->
     assert SECRET_VALUE not in text
     assert AWS_SECRET not in text
     assert "***" in text
+
+
+@flow(name="redaction-error-probe")
+def redaction_error_probe(ref: str) -> None:
+    from kmpops.errors import CommandFailed
+
+    value = secret(ref)
+    raise CommandFailed(f"restore failed: psql postgresql://app:{value}@127.0.0.1/app refused")
+
+
+def test_secret_in_an_error_never_reaches_the_run_state(stack: object, tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET_VALUE + "-err")
+    state = redaction_error_probe(f"file:{secret_file}", return_state=True)
+    assert state.is_failed()
+
+    async def stored_message() -> str:
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+        return run.state.message or ""
+
+    message = asyncio.run(stored_message())
+    assert "restore failed: psql postgresql://app:***@127.0.0.1/app refused" in message
+    assert SECRET_VALUE not in message

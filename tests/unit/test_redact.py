@@ -157,3 +157,26 @@ def test_long_texts_stay_linear(blob: str) -> None:
     started = time.perf_counter()
     Redactor(["abcdefgh"]).redact(blob)
     assert time.perf_counter() - started < 3.0  # was minutes with unbounded prefixes
+
+
+def test_kmpops_errors_never_carry_a_known_secret() -> None:
+    import pickle
+
+    from kmpops.errors import CommandFailed, ConfigError, KmpOpsError
+
+    redactor = get_redactor()
+    redactor.add("err-S3cret-0042")
+    try:
+        made_before = KmpOpsError("token err-S3cret-0042 refused")
+        failed = CommandFailed("psql postgresql://app:err-S3cret-0042@db/app failed", None)
+        config = ConfigError(["storage.secret_access_key: err-S3cret-0042 is not a reference"])
+        for exc in (made_before, failed, config):
+            for text in (str(exc), repr(exc), str(pickle.loads(pickle.dumps(exc)))):
+                assert "err-S3cret-0042" not in text and MASK in text
+        assert str(failed) == f"psql postgresql://app:{MASK}@db/app failed"
+        # A secret learnt after the error was made is masked when the error is printed.
+        late = KmpOpsError("late-S3cret-0043 in a message")
+        redactor.add("late-S3cret-0043")
+        assert str(late) == f"{MASK} in a message"
+    finally:
+        redactor.clear()
