@@ -200,6 +200,9 @@ class RestartFailed(CommandFailed):
         super().__init__(message, result)
         self.previous = previous
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), None, self.previous))
+
 
 def switch_current(
     conn: RemoteHost,
@@ -215,8 +218,8 @@ def switch_current(
     ``current`` always names a complete release. With ``restart`` (a command rendered by
     ``shellsafe.render_command``), the service is restarted in the same round trip, right
     after the switch, by the login shell in the session's directory (as a separate command
-    would be). Raises NotFound if the release is not staged (nothing
-    changed), RestartFailed (switched; carries ``previous``) if the restart exits non-zero.
+    would be). Raises NotFound if the release is not staged (nothing changed), RestartFailed
+    (switched; carries ``previous``) if the restart exits non-zero.
     Rollback: ``switch_current(conn, deploy_path, previous)`` (or ``remove_current`` when the
     previous release is None, i.e. a first install).
     """

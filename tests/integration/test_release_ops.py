@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import os
+import pickle
 import tarfile
 import time
 from pathlib import Path
@@ -140,6 +141,8 @@ def test_failed_restart_is_reported_after_the_switch(conn, hosts, tmp_path):
     with pytest.raises(rel.RestartFailed, match="port 8080 in use") as caught:
         rel.switch_current(conn, base, "2.0.0", restart="echo 'port 8080 in use' >&2; exit 3")
     assert caught.value.previous == "1.0.0"
+    again = pickle.loads(pickle.dumps(caught.value))  # how Prefect persists a failed result
+    assert (again.previous, str(again)) == ("1.0.0", str(caught.value))
     assert os.readlink(Path(base) / "current") == "releases/2.0.0"  # switched: roll back
     assert rel.switch_current(conn, base, "1.0.0", restart="true") == "2.0.0"
 
