@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kmpops.config import OpsConfig, Policy
 from kmpops.plans.incident import (
     ESCALATION_LEVELS,
+    ContainmentAction,
     TimelineEntry,
     alert_key,
     eradication_steps,
@@ -46,6 +47,7 @@ from tasks.common import actor, audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (
     check_service_health,
+    disable_key_everywhere,
     gather_diagnostics,
     host_environment,
     instances_of,
@@ -54,6 +56,7 @@ from tasks.incident import (
     recent_history,
     record_phase,
     rollback_target,
+    run_service_command,
     wait_for_ack,
 )
 
@@ -183,11 +186,19 @@ def _containment(
 ) -> dict[str, Any]:
     cfg = ops_config()
     policy = _policy(cfg, hosts)
+    by_kind: dict[str, list[str]] = {}
+    fingerprint = signal.labels.get("fingerprint")
+    address = signal.labels.get("address") or signal.labels.get("source_ip")
+    if fingerprint:
+        by_kind["disable_key"] = [fingerprint]
+    if address:
+        by_kind["block_address"] = [address]
     plan = plan_containment(
         incident_type,
         severity=signal.severity,
         targets=hosts,
         auto_containment=policy.auto_containment,
+        targets_by_kind=by_kind,
     )
     record_phase(
         incident_id,
@@ -197,6 +208,7 @@ def _containment(
     )
     actions: list[str] = []
     rolled_back: dict[str, dict[str, str | None]] = {}
+    drained: list[str] = []
     if plan.needs_approval:
         outcome = request_approval(
             subject=f"incident/{incident_id}/containment",
@@ -208,7 +220,12 @@ def _containment(
         )
         record_phase(incident_id, "containment", f"approval {outcome.summary()}")
         if not outcome.approved:
-            return {"contained": False, "actions": actions, "rolled_back": rolled_back}
+            return {
+                "contained": False,
+                "actions": actions,
+                "rolled_back": rolled_back,
+                "drained": drained,
+            }
     ok = True
     for action in plan.actions:
         if action.kind == "rollback_release":
@@ -228,16 +245,72 @@ def _containment(
                 incident_id, "containment", f"rolled back {line}", rolled_back[action.target]
             )
         else:
-            # no connector does this yet: it becomes an action item for the on-call engineer
-            actions.append(f"manual: {action.description} ({action.target})")
-            record_phase(incident_id, "containment", f"manual action required: {action.kind}")
-            ok = False
+            done = _contain_other(incident_id, action, fingerprint, address, hosts, options)
+            if done is None:
+                actions.append(f"manual: {action.description} ({action.target})")
+                ok = False
+            else:
+                actions.append(done)
+                if action.kind == "drain_host":
+                    drained.append(action.target)
     close_connections()
     contained = ok and bool(plan.actions)
     if contained:
         records().update_incident(incident_id, contained_at=_now(), state="contained")
         record_phase(incident_id, "containment", "contained")
-    return {"contained": contained, "actions": actions, "rolled_back": rolled_back}
+    return {
+        "contained": contained,
+        "actions": actions,
+        "rolled_back": rolled_back,
+        "drained": drained,
+    }
+
+
+def _contain_other(
+    incident_id: int,
+    action: ContainmentAction,
+    fingerprint: str | None,
+    address: str | None,
+    hosts: list[str],
+    options: IncidentOptions,
+) -> str | None:
+    """Carry out a drain / disable-key / block-address action; the line for the postmortem,
+    or None when it stays a manual item (not configured, no target in the alert, or failed:
+    the reason is on the timeline)."""
+    try:
+        if action.kind == "drain_host":
+            run_service_command(options.service, action.target, "drain")
+            line = f"drained {action.target} (out of rotation)"
+        elif action.kind == "disable_key" and fingerprint:
+            from kmpops.access import fingerprint_of_key_file
+
+            own = {
+                fingerprint_of_key_file(h.key_file)
+                for env in ops_config().environments.values()
+                for h in env.hosts
+            }
+            removed = disable_key_everywhere(fingerprint, sorted(own))
+            line = f"disabled key {fingerprint} on {', '.join(removed) or 'no host (not found)'}"
+        elif action.kind == "block_address" and address:
+            for host in hosts:
+                run_service_command(options.service, host, "block_address", address)
+            line = f"blocked {address} on {', '.join(hosts)}"
+        else:
+            record_phase(
+                incident_id,
+                "containment",
+                f"manual action required: {action.kind} (no target in the alert's labels)",
+            )
+            return None
+    except Exception as exc:
+        record_phase(
+            incident_id,
+            "containment",
+            f"manual action required: {action.kind} on {action.target}: {exc}",
+        )
+        return None
+    record_phase(incident_id, "containment", line)
+    return line
 
 
 def _eradication(
@@ -269,8 +342,15 @@ def _recovery(
     key: str | None,
     hosts: list[str],
     options: IncidentOptions,
+    drained: list[str] | None = None,
 ) -> dict[str, Any]:
     cfg = ops_config()
+    for host in drained or []:  # back into rotation before the health checks
+        try:
+            run_service_command(options.service, host, "undrain")
+            record_phase(incident_id, "recovery", f"{host} back in rotation")
+        except Exception as exc:
+            record_phase(incident_id, "recovery", f"{host} could not be undrained: {exc}")
     healthy = True
     for host in hosts:
         ok, detail = check_service_health(options.service, host)
@@ -439,7 +519,7 @@ def incident_response(
     # 4. eradication
     eradication = _eradication(incident_id, incident_type, opts.service, containment["rolled_back"])
     # 5. recovery
-    recovery = _recovery(incident_id, signal, key, hosts, opts)
+    recovery = _recovery(incident_id, signal, key, hosts, opts, containment["drained"])
     # 6. lessons learned
     post = _lessons_learned(
         incident_id, incident_type, signal, containment["actions"] + eradication, recovery

@@ -245,6 +245,15 @@ class ServiceConfig(Strict):
     config_paths: list[str] = Field(default_factory=list)
     integration_tests: list[HealthCheck] = Field(default_factory=list)
     smoke_checks: list[HealthCheck] = Field(default_factory=list)
+    drain: str | None = Field(
+        default=None, description="command that takes an instance out of rotation (containment)"
+    )
+    undrain: str | None = Field(
+        default=None, description="command that puts it back (incident recovery)"
+    )
+    block_address: str | None = Field(
+        default=None, description="command that blocks ``{address}`` on a host (containment)"
+    )
 
     @field_validator("deploy_path")
     @classmethod

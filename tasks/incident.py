@@ -9,7 +9,9 @@ called from the flow, not from a task) with an :class:`AckForm`; its pause key
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -27,7 +29,7 @@ from kmpops import shellsafe
 from kmpops.config import Host, OpsConfig
 from kmpops.connectors.notify import Notifier
 from kmpops.connectors.ssh import SSHConnection
-from kmpops.errors import NotFound
+from kmpops.errors import NotFound, UnsafeValueError
 from kmpops.plans.incident import instance_of
 from kmpops.redact import redact
 from tasks.approval import resume_after_timeout
@@ -306,3 +308,80 @@ def check_service_health(service: str, host_name: str) -> tuple[bool, str]:
             timeout=check.timeout,
         )
     return result.healthy, result.detail
+
+
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+@task(
+    name="containment-command",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="{kind}-{host_name}",
+)
+def run_service_command(service: str, host_name: str, kind: str, address: str = "") -> str:
+    """Run the service's ``drain``, ``undrain`` or ``block_address`` command on a host.
+
+    ``address`` (for ``block_address``) must be an IP address or network. Raises NotFound if
+    the service has no such command configured (the action stays manual), UnsafeValueError for
+    a bad address, CommandFailed if the command exits non-zero. Audited."""
+    if kind not in ("drain", "undrain", "block_address"):
+        raise ValueError(f"unknown service command {kind!r}")
+    cfg = ops_config()
+    _, host = host_environment(cfg, host_name)
+    svc = cfg.service(service)
+    template = getattr(svc, kind)
+    if not template:
+        raise NotFound(f"service {service} has no {kind} command in ops.yaml")
+    values: dict[str, str | int] = {
+        **host.template_values(),
+        "deploy_path": svc.deploy_path_for(host),
+    }
+    if kind == "block_address":
+        try:
+            values["address"] = str(ipaddress.ip_network(address, strict=False))
+        except ValueError:
+            raise UnsafeValueError(
+                f"address: {address!r} is not an IP address or network"
+            ) from None
+    command = shellsafe.render_command(template, values)
+    with SSHConnection.from_host(host, connect_timeout=5) as conn:
+        result = conn.run(command, timeout=60, check=True)
+    audit(f"incident.{kind}", f"{service}/{host_name}", address=address or None)
+    return result.stdout.strip()[-200:]
+
+
+@task(name="disable-key", cache_policy=NO_CACHE, task_run_name="disable-key-{fingerprint}")
+def disable_key_everywhere(fingerprint: str, keep: list[str]) -> list[str]:
+    """Remove the public key ``fingerprint`` from authorized_keys on every host of every
+    environment; returns the hosts it was removed from. ``keep`` are kmp-ops' own key
+    fingerprints, which are never removed (refused with PolicyViolation). Raises
+    UnsafeValueError for a malformed fingerprint; hosts that cannot be reached raise after
+    the others are done (HostUnreachable naming them)."""
+    from kmpops import access
+    from kmpops.errors import HostUnreachable, PolicyViolation
+
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise UnsafeValueError(f"fingerprint: {fingerprint!r} is not an OpenSSH SHA256 fingerprint")
+    if fingerprint in keep:
+        raise PolicyViolation("refusing to disable kmp-ops' own key (it would lock kmp-ops out)")
+    cfg = ops_config()
+    removed, unreachable = [], []
+    for env in cfg.environments.values():
+        for host in env.hosts:
+            path = access.authorized_keys_path(host)
+            try:
+                with SSHConnection.from_host(host, connect_timeout=5) as conn:
+                    text = access.read_authorized_keys(conn, path)
+                    kept = access.remove_keys(text, [fingerprint])
+                    if kept != text:
+                        access.write_authorized_keys(conn, path, kept)
+                        removed.append(host.name)
+            except HostUnreachable as exc:
+                unreachable.append(f"{host.name}: {exc}")
+    audit("incident.disable_key", fingerprint, hosts=removed, unreachable=unreachable)
+    if unreachable:
+        raise HostUnreachable("; ".join(unreachable))
+    return removed

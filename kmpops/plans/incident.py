@@ -247,8 +247,12 @@ def plan_containment(
     targets: Sequence[str],
     auto_containment: Iterable[str] = (),
     playbooks: Mapping[str, Sequence[str]] | None = None,
+    targets_by_kind: Mapping[str, Sequence[str]] | None = None,
 ) -> ContainmentPlan:
     """The containment actions for ``incident_type`` on each target, in playbook order.
+
+    ``targets`` are the affected hosts; ``targets_by_kind`` gives other targets for an action
+    kind (``disable_key``: key fingerprints, ``block_address``: addresses).
 
     Needs an approval when any action is destructive and ``severity`` is not listed in the
     environment policy's ``auto_containment``. Raises ValueError for an unknown action kind in
@@ -261,7 +265,8 @@ def plan_containment(
         if kind not in ACTIONS:
             raise ValueError(f"unknown containment action {kind!r} for {incident_type!r}")
         text, destructive = ACTIONS[kind]
-        actions.extend(ContainmentAction(kind, t, text, destructive) for t in targets)
+        on = (targets_by_kind or {}).get(kind, targets)
+        actions.extend(ContainmentAction(kind, t, text, destructive) for t in on)
     destructive = any(a.destructive for a in actions)
     auto = severity in set(auto_containment)
     if not destructive:

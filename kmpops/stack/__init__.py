@@ -358,6 +358,11 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 "config_paths": ["{root}/etc/web"],
                 "integration_tests": [{"url": "http://{address}:{web_port}/work", "retries": 3}],
                 "smoke_checks": [{"url": "http://{address}:{web_port}/version", "retries": 3}],
+                "drain": "{deploy_path}/current/control drain",
+                "undrain": "{deploy_path}/current/control undrain",
+                # the local stack records the block; production runs e.g. an nft command
+                "block_address": "mkdir -p {deploy_path}/shared"
+                " && echo {address} >> {deploy_path}/shared/blocked-addresses",
             }
         },
         "alerts": {

@@ -47,6 +47,27 @@ def test_plan_containment(itype, severity, auto, kinds, needs):
     assert plan.incident_type in plan.markdown()
 
 
+def test_plan_containment_targets_by_kind():
+    fp = "SHA256:" + "A" * 43
+    plan = plan_containment(
+        "compromised_credentials",
+        severity="critical",
+        targets=["prd-1", "prd-2"],
+        targets_by_kind={"disable_key": [fp]},
+    )
+    assert [(a.kind, a.target) for a in plan.actions] == [("disable_key", fp)]
+    drain = plan_containment(
+        "resource_exhaustion",
+        severity="warning",
+        targets=["prd-1", "prd-2"],
+        targets_by_kind={"disable_key": [fp]},
+    )
+    assert [(a.kind, a.target) for a in drain.actions] == [
+        ("drain_host", "prd-1"),
+        ("drain_host", "prd-2"),
+    ]
+
+
 def test_plan_containment_rejects_unknown_action():
     with pytest.raises(ValueError, match="unknown containment action"):
         plan_containment("x", severity="critical", targets=["a"], playbooks={"x": ["reboot"]})

@@ -2,7 +2,8 @@
 """The sample web service that kmp-ops deploys: stdlib only, one file, Python 3.10+.
 
 Endpoints: ``/`` and ``/work`` (counted requests), ``/health`` (200 + JSON, 503 when the release
-is the "unhealthy" variant), ``/version``, ``/metrics`` (Prometheus text format 0.0.4).
+is the "unhealthy" variant or the instance is drained: ``<deploy>/shared/drain`` exists),
+``/version``, ``/metrics`` (Prometheus text format 0.0.4).
 
 The release directory holds ``VERSION`` and ``variant``. Variants, for rollback tests:
   good                healthy, no errors
@@ -25,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# `control drain` creates it: /health answers 503, so a load balancer takes the instance out.
+DRAIN_FILE = HERE.parent.parent / "shared" / "drain"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 APP_PATHS = ("/", "/work")
 
@@ -153,9 +156,10 @@ class Handler(BaseHTTPRequestHandler):
         if path in APP_PATHS:
             self._app(path)
         elif path == "/health":
-            healthy = self.variant != "unhealthy"
+            draining = DRAIN_FILE.exists()
+            healthy = self.variant != "unhealthy" and not draining
             body = {
-                "status": "ok" if healthy else "unhealthy",
+                "status": "draining" if draining else "ok" if healthy else "unhealthy",
                 "version": self.version,
                 "variant": self.variant,
                 "pid": os.getpid(),

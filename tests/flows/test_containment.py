@@ -1,0 +1,182 @@
+"""incident-response containment beyond rollback, on the real sshd hosts of the session stack:
+drain (the sample service's /health answers 503) and recovery's undrain, a compromised key
+removed from every host's authorized_keys (never kmp-ops' own), an address blocked."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+HOST = "prd-2"
+
+
+@pytest.fixture
+def contain_env(stack, tmp_path, monkeypatch):
+    """The stack's ops.yaml with automatic containment for critical incidents, no alert rules,
+    records and notifications under ``tmp_path``."""
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    data["records"] = {"url": f"sqlite:///{tmp_path / 'records.db'}"}
+    sink = [f"jsonl://{tmp_path / 'notifications.jsonl'}"]
+    data["notifications"] = {
+        "routes": {"critical": sink, "warning": sink, "info": sink},
+        "escalation": {"L1": sink, "L2": sink, "L3": sink},
+        "ack_timeout": "1s",
+    }
+    data["alerts"] = {}
+    for env in data["environments"].values():
+        env["policy"]["auto_containment"] = ["critical"]
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+    return path
+
+
+def timeline(incident_id: int) -> list[str]:
+    from tasks.common import records
+
+    _, events = records().incident(incident_id)
+    return [e.message for e in events]
+
+
+def health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return r.status, json.loads(r.read())["status"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["status"]
+
+
+@pytest.fixture
+def running_service(stack, tmp_path_factory):
+    """The sample service live on prd-2 (installed and started here if it is not)."""
+    import subprocess
+
+    from kmpops.stack.sample_service import build_release, install_release
+
+    host = stack.host(HOST)
+    deploy = Path(host.root) / "srv" / "web"
+    if not (deploy / "current").exists():
+        dist = tmp_path_factory.mktemp("contain-dist")
+        install_release(build_release("0.9.0-contain", dist), deploy)
+    control = str(deploy / "current" / "control")
+    subprocess.run([control, "start", "--port", str(host.web_port)], check=True, timeout=30)
+    yield host
+    (deploy / "shared" / "drain").unlink(missing_ok=True)
+
+
+def test_drain_then_recovery_puts_it_back(contain_env, running_service):
+    from flows.incident_response import incident_response
+    from tasks.incident import run_service_command
+
+    port = running_service.web_port
+    assert health(port) == (200, "ok")
+    run_service_command.fn("web", HOST, "drain")  # what containment runs: out of rotation
+    assert health(port) == (503, "draining")
+    run_service_command.fn("web", HOST, "undrain")
+    assert health(port) == (200, "ok")
+
+    result = incident_response(
+        alert={"rule": "high_cpu", "severity": "critical", "hosts": [HOST], "title": "cpu"},
+        options={"escalate": False},
+    )
+    assert result["contained"] is True
+    text = timeline(result["incident_id"])
+    assert f"drained {HOST} (out of rotation)" in text
+    assert f"{HOST} back in rotation" in text
+    assert text.index(f"drained {HOST} (out of rotation)") < text.index(f"{HOST} back in rotation")
+    assert health(port) == (200, "ok")
+
+
+def test_compromised_key_is_disabled_on_every_host(contain_env, stack):
+    from flows.incident_response import incident_response
+    from kmpops.access import fingerprint_of_key_file, new_ed25519_keypair, parse_authorized_keys
+    from kmpops.connectors.ssh import SSHConnection
+    from tasks.common import ops_config
+
+    _, leaked = new_ed25519_keypair("ci-deployer@leaked")
+    holders = [stack.host("prd-1"), stack.host("stg-1")]
+    for h in holders:
+        keys = Path(h.root) / "etc" / "authorized_keys"
+        keys.write_text(keys.read_text() + leaked.public_line() + "\n")
+
+    result = incident_response(
+        alert={
+            "rule": "auth_failures",
+            "severity": "critical",
+            "hosts": ["prd-1"],
+            "labels": {"fingerprint": leaked.fingerprint},
+        },
+        options={"escalate": False},
+    )
+    assert result["contained"] is True
+    lines = [m for m in timeline(result["incident_id"]) if m.startswith("disabled key")]
+    assert len(lines) == 1 and lines[0].startswith(f"disabled key {leaked.fingerprint} on ")
+    assert sorted(lines[0].rsplit(" on ", 1)[1].split(", ")) == ["prd-1", "stg-1"]
+    own = fingerprint_of_key_file(Path(stack.key_file))
+    for h in stack.hosts:
+        fps = [
+            k.fingerprint
+            for k in parse_authorized_keys(Path(h.root, "etc/authorized_keys").read_text())
+        ]
+        assert leaked.fingerprint not in fps and own in fps
+    with SSHConnection.from_host(ops_config().host("prd-1")[1]) as conn:  # kmp-ops still gets in
+        assert conn.run("echo in", check=True).stdout.strip() == "in"
+
+    # kmp-ops' own key is never disabled: the action stays manual, every host keeps it.
+    refused = incident_response(
+        alert={
+            "rule": "auth_failures",
+            "severity": "critical",
+            "hosts": ["prd-1"],
+            "labels": {"fingerprint": own},
+        },
+        options={"escalate": False},
+    )
+    assert refused["contained"] is False
+    assert any(
+        "refusing to disable kmp-ops' own key" in m for m in timeline(refused["incident_id"])
+    )
+    for h in stack.hosts:
+        fps = [
+            k.fingerprint
+            for k in parse_authorized_keys(Path(h.root, "etc/authorized_keys").read_text())
+        ]
+        assert own in fps
+
+
+def test_hostile_address_is_blocked_and_a_bad_one_changes_nothing(contain_env, stack):
+    from flows.incident_response import incident_response
+
+    blocked = Path(stack.host("prd-1").root) / "srv" / "web" / "shared" / "blocked-addresses"
+    blocked.unlink(missing_ok=True)
+    result = incident_response(
+        alert={
+            "rule": "request_flood",
+            "severity": "critical",
+            "hosts": ["prd-1"],
+            "labels": {"address": "203.0.113.7"},
+        },
+        options={"escalate": False},
+    )
+    assert result["contained"] is True, timeline(result["incident_id"])
+    assert blocked.read_text() == "203.0.113.7/32\n"
+
+    bad = incident_response(
+        alert={
+            "rule": "request_flood",
+            "severity": "critical",
+            "hosts": ["prd-1"],
+            "labels": {"address": "203.0.113.8; touch /tmp/pwned"},
+        },
+        options={"escalate": False},
+    )
+    assert bad["contained"] is False
+    assert any("is not an IP address" in m for m in timeline(bad["incident_id"]))
+    assert blocked.read_text() == "203.0.113.7/32\n"
