@@ -23,6 +23,7 @@ import os
 import queue
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ def _write_verified(
     return result
 
 
-class _StoreBase(Closing):
+class _StoreBase(Closing, ABC):
     """What S3Store and LocalStore share: put_bytes, download (verified) and context management.
 
     Subclasses provide ``put_stream`` and ``_verified_source``.
@@ -259,6 +260,7 @@ class _StoreBase(Closing):
 
     put_stream: Callable[..., PutResult]  # see ObjectStore.put_stream
 
+    @abstractmethod
     def _verified_source(
         self, key: str, *, need_recorded: bool
     ) -> tuple[Iterator[bytes], str | None]:
@@ -266,7 +268,6 @@ class _StoreBase(Closing):
 
         Raises NotFound if the object does not exist.
         """
-        raise NotImplementedError
 
     def put_bytes(
         self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
