@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -110,41 +111,23 @@ def sha_of(path: Path) -> str:
 
 
 def write_ops_yaml(info: stack.StackInfo, root: Path, batch: str) -> Path:
-    """ops.yaml for the bench: production only, no approval, bake 0, local evidence store."""
-    hosts = [
-        {
-            "name": h.name,
-            "address": "127.0.0.1",
-            "port": h.port,
-            "user": "root",
-            "key_file": info.key_file,
-            "known_hosts": info.known_hosts,
-            "vars": {"root": h.root},
+    """The stack's ops.yaml made into the bench's: production only, no approval, bake 0, the
+    bench service, records and evidence under ``root``."""
+    cfg = yaml.safe_load(Path(info.ops_yaml).read_text())
+    production = cfg["environments"]["production"]
+    production["policy"] = {"approval_required": False, "batch_size": batch, "max_failures": 0}
+    cfg["environments"] = {"production": production}
+    cfg["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
+    cfg["notifications"] = {"routes": {"critical": [f"jsonl://{root / 'notifications.jsonl'}"]}}
+    cfg["storage"] = {"backend": "local", "path": str(root / "objects")}
+    cfg.pop("databases", None)
+    cfg["services"] = {
+        "app": {
+            "deploy_path": "{root}/srv/app",
+            "keep_releases": 3,
+            "restart": "{deploy_path}/current/control restart",
+            "health_check": {"command": "{deploy_path}/current/control health", "retries": 1},
         }
-        for h in info.hosts
-    ]
-    cfg = {
-        "project": "bench",
-        "records": {"url": f"sqlite:///{root / 'records.db'}"},
-        "notifications": {"routes": {"critical": [f"jsonl://{root / 'notifications.jsonl'}"]}},
-        "storage": {"backend": "local", "path": str(root / "objects")},
-        "environments": {
-            "production": {
-                "hosts": hosts,
-                "policy": {"approval_required": False, "batch_size": batch, "max_failures": 0},
-            }
-        },
-        "services": {
-            "app": {
-                "deploy_path": "{root}/srv/app",
-                "keep_releases": 3,
-                "restart": "{deploy_path}/current/control restart",
-                "health_check": {
-                    "command": "{deploy_path}/current/control health",
-                    "retries": 1,
-                },
-            }
-        },
     }
     path = root / "ops.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -219,20 +202,14 @@ def paramiko_deploy(
         sftp = client.open_sftp()
         sftp.put(str(tarball), remote, confirm=False)
         sftp.close()
-        args = " ".join(shq(a) for a in (base, version, sha_of(tarball), remote))
-        _, stdout, stderr = client.exec_command(f"sh -c {shq(ACTIVATE)} activate {args}")
+        args = " ".join(shlex.quote(a) for a in (base, version, sha_of(tarball), remote))
+        _, stdout, stderr = client.exec_command(f"sh -c {shlex.quote(ACTIVATE)} activate {args}")
         out, err = stdout.read(), stderr.read()
         status = stdout.channel.recv_exit_status()
         if status != 0 or b"healthy" not in out:
             raise RuntimeError(f"{host.name}: exit {status}: {err[-300:]!r}")
     finally:
         client.close()
-
-
-def shq(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def run_floor(info: stack.StackInfo, tarball: Path, version: str, workers: int) -> None:
@@ -304,7 +281,7 @@ def run_pyinfra(bin_dir: Path, work: Path, tarball: Path, version: str, parallel
         "BENCH_VERSION": version,
         "BENCH_SHA": sha_of(tarball),
         "BENCH_TARBALL": str(tarball),
-        "BENCH_SCRIPT_Q": shq(ACTIVATE),
+        "BENCH_SCRIPT_Q": shlex.quote(ACTIVATE),
     }
     proc = subprocess.run(
         [str(bin_dir / "pyinfra"), "inventory.py", "deploy.py", "-y", "--parallel", str(parallel)],

@@ -284,12 +284,9 @@ def _contain_other(
         elif action.kind == "disable_key" and fingerprint:
             from kmpops.access import fingerprint_of_key_file
 
-            own = {
-                fingerprint_of_key_file(h.key_file)
-                for env in ops_config().environments.values()
-                for h in env.hosts
-            }
-            removed = disable_key_everywhere(fingerprint, sorted(own))
+            key_files = {h.key_file for e in ops_config().environments.values() for h in e.hosts}
+            own = sorted(fingerprint_of_key_file(k) for k in key_files)  # never disabled
+            removed = disable_key_everywhere(fingerprint, own)
             line = f"disabled key {fingerprint} on {', '.join(removed) or 'no host (not found)'}"
         elif action.kind == "block_address" and address:
             for host in hosts:

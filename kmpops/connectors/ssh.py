@@ -15,6 +15,7 @@ CommandTimeout, CommandFailed (``check=True``), NotFound (missing remote file).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import select
@@ -372,17 +373,13 @@ class SSHConnection(Closing):
             channel.settimeout(timeout)
             channel.exec_command(remote)
             sender = None
-            if stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview):
+            if stdin:  # bytes or a file, sent from a thread: large input never blocks output
+                source = io.BytesIO(stdin) if isinstance(stdin, bytes | bytearray) else stdin
                 sender = threading.Thread(
                     target=_stream_stdin,
-                    args=(channel, stdin, read_errors),
+                    args=(channel, source, read_errors),
                     daemon=True,
                     name="ssh-stdin",
-                )
-                sender.start()
-            elif stdin:
-                sender = threading.Thread(
-                    target=_send_stdin, args=(channel, stdin), daemon=True, name="ssh-stdin"
                 )
                 sender.start()
             else:
@@ -529,14 +526,6 @@ class SSHConnection(Closing):
 
 class _Deadline(Exception):
     """Internal: the command's deadline passed."""
-
-
-def _send_stdin(channel: paramiko.Channel, data: bytes) -> None:
-    with contextlib.suppress(Exception):
-        view = memoryview(data)
-        for offset in range(0, len(view), 1 << 15):
-            channel.sendall(view[offset : offset + (1 << 15)])
-        channel.shutdown_write()
 
 
 def _stream_stdin(channel: paramiko.Channel, source: IO[bytes], errors: list[Exception]) -> None:

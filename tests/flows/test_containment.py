@@ -45,6 +45,25 @@ def timeline(incident_id: int) -> list[str]:
     return [e.message for e in events]
 
 
+def respond(rule: str, **labels: str) -> tuple[dict, list[str]]:
+    """incident-response for a critical ``rule`` on prd-1 with ``labels``, no escalation:
+    its result and its timeline."""
+    from flows.incident_response import incident_response
+
+    result = incident_response(
+        alert={"rule": rule, "severity": "critical", "hosts": ["prd-1"], "labels": labels},
+        options={"escalate": False},
+    )
+    return result, timeline(result["incident_id"])
+
+
+def key_fingerprints(host) -> list[str]:
+    from kmpops.access import parse_authorized_keys
+
+    text = Path(host.root, "etc/authorized_keys").read_text()
+    return [k.fingerprint for k in parse_authorized_keys(text)]
+
+
 def health(port: int) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
@@ -95,8 +114,7 @@ def test_drain_then_recovery_puts_it_back(contain_env, running_service):
 
 
 def test_compromised_key_is_disabled_on_every_host(contain_env, stack):
-    from flows.incident_response import incident_response
-    from kmpops.access import fingerprint_of_key_file, new_ed25519_keypair, parse_authorized_keys
+    from kmpops.access import fingerprint_of_key_file, new_ed25519_keypair
     from kmpops.connectors.ssh import SSHConnection
     from tasks.common import ops_config
 
@@ -106,77 +124,34 @@ def test_compromised_key_is_disabled_on_every_host(contain_env, stack):
         keys = Path(h.root) / "etc" / "authorized_keys"
         keys.write_text(keys.read_text() + leaked.public_line() + "\n")
 
-    result = incident_response(
-        alert={
-            "rule": "auth_failures",
-            "severity": "critical",
-            "hosts": ["prd-1"],
-            "labels": {"fingerprint": leaked.fingerprint},
-        },
-        options={"escalate": False},
-    )
+    result, result_text = respond("auth_failures", fingerprint=leaked.fingerprint)
     assert result["contained"] is True
-    lines = [m for m in timeline(result["incident_id"]) if m.startswith("disabled key")]
+    lines = [m for m in result_text if m.startswith("disabled key")]
     assert len(lines) == 1 and lines[0].startswith(f"disabled key {leaked.fingerprint} on ")
     assert sorted(lines[0].rsplit(" on ", 1)[1].split(", ")) == ["prd-1", "stg-1"]
     own = fingerprint_of_key_file(Path(stack.key_file))
     for h in stack.hosts:
-        fps = [
-            k.fingerprint
-            for k in parse_authorized_keys(Path(h.root, "etc/authorized_keys").read_text())
-        ]
-        assert leaked.fingerprint not in fps and own in fps
+        assert leaked.fingerprint not in key_fingerprints(h) and own in key_fingerprints(h)
     with SSHConnection.from_host(ops_config().host("prd-1")[1]) as conn:  # kmp-ops still gets in
         assert conn.run("echo in", check=True).stdout.strip() == "in"
 
     # kmp-ops' own key is never disabled: the action stays manual, every host keeps it.
-    refused = incident_response(
-        alert={
-            "rule": "auth_failures",
-            "severity": "critical",
-            "hosts": ["prd-1"],
-            "labels": {"fingerprint": own},
-        },
-        options={"escalate": False},
-    )
+    refused, refused_text = respond("auth_failures", fingerprint=own)
     assert refused["contained"] is False
-    assert any(
-        "refusing to disable kmp-ops' own key" in m for m in timeline(refused["incident_id"])
-    )
+    assert any("refusing to disable kmp-ops' own key" in m for m in refused_text)
     for h in stack.hosts:
-        fps = [
-            k.fingerprint
-            for k in parse_authorized_keys(Path(h.root, "etc/authorized_keys").read_text())
-        ]
-        assert own in fps
+        assert own in key_fingerprints(h)
 
 
 def test_hostile_address_is_blocked_and_a_bad_one_changes_nothing(contain_env, stack):
-    from flows.incident_response import incident_response
 
     blocked = Path(stack.host("prd-1").root) / "srv" / "web" / "shared" / "blocked-addresses"
     blocked.unlink(missing_ok=True)
-    result = incident_response(
-        alert={
-            "rule": "request_flood",
-            "severity": "critical",
-            "hosts": ["prd-1"],
-            "labels": {"address": "203.0.113.7"},
-        },
-        options={"escalate": False},
-    )
-    assert result["contained"] is True, timeline(result["incident_id"])
+    result, result_text = respond("request_flood", address="203.0.113.7")
+    assert result["contained"] is True, result_text
     assert blocked.read_text() == "203.0.113.7/32\n"
 
-    bad = incident_response(
-        alert={
-            "rule": "request_flood",
-            "severity": "critical",
-            "hosts": ["prd-1"],
-            "labels": {"address": "203.0.113.8; touch /tmp/pwned"},
-        },
-        options={"escalate": False},
-    )
+    bad, bad_text = respond("request_flood", address="203.0.113.8; touch /tmp/pwned")
     assert bad["contained"] is False
-    assert any("is not an IP address" in m for m in timeline(bad["incident_id"]))
+    assert any("is not an IP address" in m for m in bad_text)
     assert blocked.read_text() == "203.0.113.7/32\n"
