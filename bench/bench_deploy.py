@@ -338,12 +338,24 @@ def setup_ansible(work: Path, info: stack.StackInfo, forks: int) -> Path:
             interpreter_python = /usr/bin/python3
             [ssh_connection]
             pipelining = True
+            control_path_dir = {work / "cp"}
             ssh_args = -o ControlMaster=auto -o ControlPersist=60s \
 -o UserKnownHostsFile={info.known_hosts} -o StrictHostKeyChecking=yes
             """
         )
     )
     return work
+
+
+def stop_ansible_masters(work: Path) -> None:
+    """Close the SSH control masters Ansible left running (ControlPersist), so their sessions
+    on the hosts end with the bench."""
+    for socket_path in (work / "cp").glob("*"):
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "bench"],
+            capture_output=True,
+            timeout=10,
+        )
 
 
 def run_ansible(bin_dir: Path, work: Path, tarball: Path, version: str) -> None:
@@ -572,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 APILogHandler().flush()
                 EventsWorker.drain_all()
+        stop_ansible_masters(root / "ansible")
         stack.down(root / "stack")
     return 0
 
