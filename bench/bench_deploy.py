@@ -172,8 +172,15 @@ def run_kmpops(version: str, tarball: Path, *, first: bool = False) -> float:
     )
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
-    state.result()  # raises the flow's error
+    result = state.result()  # raises the flow's error
     assert run.end_time is not None
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items())
+    print(f"  {'    ... stages (s)':<34} {stages}", flush=True)
+    assert run.start_time is not None
+    print(
+        f"  {'    ... Running after (s)':<34} {(run.start_time - started).total_seconds():7.2f}",
+        flush=True,
+    )
     return (run.end_time - started).total_seconds()
 
 
@@ -391,11 +398,72 @@ def verify(info: stack.StackInfo, version: str) -> None:
             raise RuntimeError(f"{host.name}: current -> {target}, expected {version}")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu(pid: int, children: dict[int, list[int]], skip: set[int]) -> float:
+    """CPU seconds of ``pid`` and every live descendant not in ``skip``, reaped children
+    included (utime, stime, cutime, cstime of each live process of the tree)."""
+    total, queue = 0.0, [pid]
+    while queue:
+        p = queue.pop()
+        if p in skip and p != pid:
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / _TICK
+        queue.extend(children.get(p, []))
+    return total
+
+
+class CpuMeter:
+    """CPU seconds per process group (sshd daemons and everything they run, this process and
+    its subprocesses, the Prefect server, PostgreSQL) and of the whole machine, from /proc."""
+
+    def __init__(self, stack_root: Path) -> None:
+        self.groups: dict[str, list[int]] = {"client": [os.getpid()]}
+        found = {
+            "sshd": sorted(stack_root.glob("hosts/*/run/sshd.pid")),
+            "prefect": [stack_root / "prefect" / "server.pid"],
+            "postgres": [stack_root / "postgres" / "postgres.pid"],
+        }
+        for group, files in found.items():
+            pids = [int(f.read_text().split()[0]) for f in files if f.exists()]
+            if pids:
+                self.groups[group] = pids
+
+    def snapshot(self) -> dict[str, float]:
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(ppid, []).append(int(entry.name))
+        roots = {p for pids in self.groups.values() for p in pids}
+        out = {
+            g: sum(_tree_cpu(p, children, roots) for p in pids) for g, pids in self.groups.items()
+        }
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        out["machine"] = (sum(v) - v[3] - v[4]) / _TICK
+        return out
+
+
+METER: CpuMeter | None = None
+CPU: dict[str, list[dict[str, float]]] = {}
+
+
 def timed(label: str, fn: Callable[[], object]) -> float:
+    before = METER.snapshot() if METER else {}
     started = time.perf_counter()
     fn()
     elapsed = time.perf_counter() - started
     print(f"  {label:<34} {elapsed:7.2f} s", flush=True)
+    if METER:
+        after = METER.snapshot()
+        used = {g: after[g] - before[g] for g in after}
+        CPU.setdefault(label, []).append(used)
+        parts = ", ".join(f"{g} {v:.1f}" for g, v in used.items())
+        print(f"  {'    ... CPU s':<34} {parts}", flush=True)
     return elapsed
 
 
@@ -460,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Prefect on PostgreSQL",
             flush=True,
         )
+        global METER
+        METER = CpuMeter(root / "stack")
         os.environ.update(
             {
                 "PREFECT_API_URL": info.prefect["api_url"],

@@ -36,16 +36,15 @@ from tasks.approval import request_approval
 from tasks.common import actor, audit, notify, ops_config, records, run_id
 from tasks.deploy import (
     ResolvedArtifact,
-    activate_release,
+    activate_releases,
     check_hosts,
     close_connections,
     measure_error_rate,
-    prune_host_releases,
     read_current_releases,
     resolve_artifact,
     rollback_host,
     run_checklist,
-    stage_release,
+    stage_releases,
 )
 
 
@@ -108,9 +107,11 @@ class _Run:
         self.done = 0
         self.total = 0
         self.progress_id: Any = None
+        self.pruned: dict[str, list[str]] = {}
 
     def stage(self, name: str, started: float) -> None:
-        self.timings[name] = round(time.monotonic() - started, 3)
+        """Record (add to) the seconds spent in ``name`` since ``started``."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - started, 3)
 
 
 def _plans(
@@ -140,30 +141,37 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
     logger = get_run_logger()
     failures: list[str] = []
     for number, batch in enumerate(plan.batches, start=1):
-        staging = {
-            h: stage_release.submit(req.service, env, h, req.version, artifact) for h in batch
-        }
-        staged = []
-        for host, fut in staging.items():
-            fut.wait()
-            if fut.state.is_completed():
-                staged.append(host)
-            else:
-                failures.append(f"{host}: {_error(fut)}")
+        t = time.monotonic()
+        try:
+            outcome = stage_releases(
+                req.service, env, list(batch), req.version, artifact, label=f"batch-{number}"
+            )
+        except Exception as exc:  # the task itself broke: no host counts as staged
+            outcome = {h: f"failed: {type(exc).__name__}: {exc}" for h in batch}
+        staged = [h for h in batch if not outcome[h].startswith("failed")]
+        failures += [f"{h}: {outcome[h][8:]}" for h in batch if h not in staged]
+        run.stage(f"upload {env}", t)
+        if rollout_must_stop(len(failures), plan.max_failures):  # nothing of this batch is live
+            raise RolloutFailed(
+                f"{env} rollout stopped while staging batch {number}/{len(plan.batches)} "
+                f"(none of it switched): {len(failures)} host(s) failed "
+                f"(max_failures {plan.max_failures}): " + "; ".join(failures)
+            )
         for host in staged:
             run.ledger[(env, host)] = plan.previous.get(host)
-        activating = {
-            h: activate_release.submit(req.service, env, h, req.version, artifact.sha256)
-            for h in staged
-        }
-        failed_here = []
-        for host, fut in activating.items():
-            fut.wait()
-            if fut.state.is_completed():
-                run.done += 1
-            else:
-                failures.append(f"{host}: {_error(fut)}")
-                failed_here.append(host)
+        t = time.monotonic()
+        try:
+            activated = activate_releases(
+                req.service, env, staged, req.version, artifact.sha256, label=f"batch-{number}"
+            )
+        except Exception as exc:  # the task itself broke: every staged host needs the rollback
+            activated = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in staged}
+        failed_here = [h for h in staged if "error" in activated[h]]
+        failures += [f"{h}: {activated[h]['error']}" for h in failed_here]
+        run.done += len(staged) - len(failed_here)
+        for h in staged:
+            run.pruned[h] = activated[h].get("pruned", [])
+        run.stage(f"activate {env}", t)
         if run.progress_id is not None:
             update_progress_artifact(run.progress_id, progress=100.0 * run.done / run.total)
         audit(
@@ -243,7 +251,7 @@ def _approval_from_change_request(req: DeployRequest, needed: int) -> bool:
 
 @flow(
     name="deploy-pipeline",
-    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    task_runner=ThreadPoolTaskRunner(max_workers=64),
     flow_run_name="deploy-{request.service}-{request.version}-{request.environment}",
 )
 def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
@@ -390,14 +398,9 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             raise
         close_connections()
         raise
-    # post-deployment
+    # post-deployment (old releases were pruned on each host once it was healthy)
     t = time.monotonic()
-    try:
-        pruned = prune_host_releases(svc_name, all_hosts, current)
-    except Exception as exc:  # pruning is housekeeping: the release is live and recorded
-        pruned = {h: [f"prune failed: {type(exc).__name__}: {exc}"] for _, h in all_hosts}
     close_connections()
-    run.stage("post-deployment", t)
     total = round(time.monotonic() - started, 2)
     notes = _release_notes(req, subject, all_hosts, current, approvals, report.table(), run, total)
     create_markdown_artifact(notes, key="release-notes", description=f"Release notes {subject}")
@@ -407,13 +410,14 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         f"Deployed {svc_name} {req.version} to {target}",
         f"{len(all_hosts)} hosts in {total}s",
     )
+    run.stage("post-deployment", t)
     return {
         "status": "deployed",
         "hosts": [h for _, h in all_hosts],
         "previous": current,
         "approvals": approvals,
         "timings": run.timings,
-        "pruned": pruned,
+        "pruned": run.pruned,
         "notes": run.notes,
     }
 

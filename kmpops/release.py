@@ -34,6 +34,8 @@ __all__ = [
     "HealthResult",
     "RemoteHost",
     "RestartFailed",
+    "Switched",
+    "activate",
     "check_health_command",
     "check_health_url",
     "current_release",
@@ -175,7 +177,33 @@ def current_release(conn: RemoteHost, deploy_path: str) -> str | None:
     return _release_of(result.stdout) if result.exit_status == 0 else None
 
 
-_SWITCH_SCRIPT = r"""
+# prune <deploy_path> <keep> [protected...]: remove releases beyond the <keep> newest (mtime),
+# never current, a protected one, or a name that is not a release name; prints removed=<name>.
+# Clears .incoming leftovers older than an hour. Exit 1 if a removal failed. Runs in a subshell.
+_PRUNE_FN = r"""
+prune() (
+    cd "$1" 2>/dev/null || exit 0
+    keep=$2; shift 2
+    [ -d .incoming ] && find .incoming -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} +
+    cur=$(readlink current 2>/dev/null || true); cur=${cur%/}; cur=${cur##*/}
+    cd releases 2>/dev/null || exit 0
+    ls -1t | {
+        n=0; rc=0
+        while IFS= read -r r; do
+            n=$((n + 1))
+            [ "$n" -gt "$keep" ] && [ "$r" != "$cur" ] || continue
+            for p in "$@"; do [ "$r" = "$p" ] && continue 2; done
+            case $r in [!A-Za-z0-9]*|*..*|*[!A-Za-z0-9._-]*) echo "skipped=$r"; continue ;; esac
+            if rm -rf -- "$r"; then echo "removed=$r"; else rc=1; fi
+        done
+        exit $rc
+    }
+)
+"""
+
+_SWITCH_SCRIPT = (
+    _PRUNE_FN
+    + r"""
 set -eu
 home=$(pwd); cd "$1"; v=$2
 [ -d "releases/$v" ] || { echo "releases/$v is not staged" >&2; exit 6; }
@@ -186,10 +214,19 @@ mv -T "$tmp" current
 echo "prev=$prev"
 [ $# -ge 3 ] || exit 0
 cd "$home"
-if "${SHELL:-/bin/sh}" -c "$3"; then exit 0; else rc=$?; fi
-echo "restart exited $rc" >&2
-exit 7
+if "${SHELL:-/bin/sh}" -c "$3"; then :; else
+    rc=$?; echo "restart exited $rc" >&2; exit 7
+fi
+[ $# -ge 5 ] || exit 0
+if out=$(timeout "$5" "${SHELL:-/bin/sh}" -c "$4" 2>&1 </dev/null); then rc=0; else rc=$?; fi
+printf '%s\n%s\n' "health-probe=$rc" "$out"
+[ "$rc" = 0 ] && [ $# -ge 6 ] || exit 0
+root=$1; keep=$6; shift 6
+echo "prune:"
+prune "$root" "$keep" "${prev##*/}" "$@" || echo "pruning failed" >&2
 """
+)
+_PROBE = "health-probe="
 
 
 class RestartFailed(CommandFailed):
@@ -202,6 +239,17 @@ class RestartFailed(CommandFailed):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), None, self.previous))
+
+
+@dataclass(frozen=True)
+class Switched:
+    """What :func:`activate` did: the release ``current`` pointed at before (None: first
+    install), the first health probe's verdict (None when no probe was asked for), and the
+    releases pruned after a healthy probe."""
+
+    previous: str | None
+    probe: tuple[bool, str] | None = None
+    pruned: tuple[str, ...] = ()
 
 
 def switch_current(
@@ -223,12 +271,50 @@ def switch_current(
     Rollback: ``switch_current(conn, deploy_path, previous)`` (or ``remove_current`` when the
     previous release is None, i.e. a first install).
     """
+    return activate(
+        conn, deploy_path, version, restart=restart, restart_timeout=restart_timeout
+    ).previous
+
+
+def activate(
+    conn: RemoteHost,
+    deploy_path: str,
+    version: str,
+    *,
+    restart: str | None = None,
+    restart_timeout: float = 60.0,
+    health: str | None = None,
+    health_timeout: float = 5.0,
+    prune_keep: int | None = None,
+    protect: Sequence[str | None] = (),
+) -> Switched:
+    """:func:`switch_current`, then, if ``restart`` succeeded and ``health`` (a rendered health
+    command) is given, its first probe, and if that is healthy and ``prune_keep`` is given,
+    :func:`prune_releases` (``protect`` plus the previous release), all in one round trip.
+
+    The probe runs like :func:`check_health_command`'s: the login shell, ``health_timeout``
+    seconds at most (exit 124 past it), its verdict and last output line in ``probe``; an
+    unhealthy probe is not an error here (the caller retries or rolls back, and nothing was
+    pruned). A failed removal is not an error either (it is missing from ``pruned``). Raises
+    as :func:`switch_current` does, ValueError for inconsistent options (nothing changed).
+    Rollback: as for :func:`switch_current` (pruned releases were neither current nor previous).
+    """
     root = _deploy_path(deploy_path)
     validate_version(version)
+    if health is not None and (restart is None or not 0 < health_timeout <= 3600):
+        raise ValueError("a health probe needs a restart command and 0 < health_timeout <= 3600")
+    if prune_keep is not None and (health is None or prune_keep < 1):
+        raise ValueError("pruning needs a health probe and prune_keep >= 1")
+    kept = [validate_version(p) for p in protect if p]
     command = ["sh", "-c", _SWITCH_SCRIPT, "switch", root, version]
     if restart is not None:
         command.append(restart)
-    result = conn.run(command, timeout=30 + (restart_timeout if restart is not None else 0))
+        if health is not None:
+            command += [health, f"{health_timeout:g}"]
+            if prune_keep is not None:
+                command += [str(prune_keep), *kept]
+    budget = 30 + (restart_timeout if restart is not None else 0)
+    result = conn.run(command, timeout=budget + (health_timeout if health else 0))
     if result.exit_status == 6:
         raise NotFound(f"host {conn.name}: release {version} is not staged in {root}")
     lines = result.stdout.splitlines()
@@ -250,7 +336,20 @@ def switch_current(
             result,
             previous,
         )
-    return previous
+    probe, pruned = None, ()
+    if health is not None:
+        at = next((i for i, line in enumerate(lines) if line.startswith(_PROBE)), None)
+        if at is None:
+            raise CommandFailed(f"host {conn.name}: no health probe after switching", result)
+        code = lines[at].removeprefix(_PROBE)
+        end = lines.index("prune:", at) if "prune:" in lines[at:] else len(lines)
+        pruned = tuple(x[8:] for x in lines[end + 1 :] if x.startswith("removed="))
+        out = [x.strip() for x in lines[at + 1 : end] if x.strip()]
+        detail = f"timed out after {health_timeout:g}s" if code == "124" else f"exit {code}"
+        if out:
+            detail += f": {out[-1][:200]}"
+        probe = (code == "0", detail)
+    return Switched(previous, probe, pruned)
 
 
 def remove_current(conn: RemoteHost, deploy_path: str) -> None:
@@ -357,34 +456,25 @@ def list_releases(conn: RemoteHost, deploy_path: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
-_PRUNE_LIST_SCRIPT = r"""
-cd "$1" 2>/dev/null || exit 0
-[ -d .incoming ] && find .incoming -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} +
-printf 'current=%s\n' "$(readlink current 2>/dev/null || true)"
-cd releases 2>/dev/null && ls -1t
-"""
+_PRUNE_SCRIPT = _PRUNE_FN + 'prune "$@"\n'
 
 
 def prune_releases(
     conn: RemoteHost, deploy_path: str, *, keep: int, protect: Sequence[str | None] = ()
 ) -> list[str]:
-    """Remove releases beyond the ``keep`` newest; never ``current`` nor anything in ``protect``
-    (pass the previous release). Also clears ``.incoming`` leftovers older than an hour (an
-    interrupted upload). Returns the removed names. Two round trips at most."""
+    """Remove releases beyond the ``keep`` newest (by mtime); never ``current`` nor anything in
+    ``protect`` (pass the previous release), nor a directory whose name is not a valid release
+    name. Also clears ``.incoming`` leftovers older than an hour (an interrupted upload).
+    Returns the removed names. One round trip; raises CommandFailed if it fails (what was
+    removed before the failure stays removed: releases beyond ``keep`` are not live)."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
     root = _deploy_path(deploy_path)
-    listing = conn.run(["sh", "-c", _PRUNE_LIST_SCRIPT, "prune", root], timeout=60)
-    lines = [line for line in listing.stdout.splitlines() if line.strip()]
-    current = next((_release_of(x[8:]) for x in lines if x.startswith("current=")), None)
-    releases = [x for x in lines if not x.startswith("current=")]
-    keep_set = {p for p in protect if p} | {current}
-    doomed = [r for r in releases[keep:] if r not in keep_set]
-    for name in doomed:
-        validate_version(name)
-    if doomed:
-        conn.run(["rm", "-rf", *[f"{root}/releases/{n}" for n in doomed]], timeout=120, check=True)
-    return doomed
+    kept = [validate_version(p) for p in protect if p]
+    result = conn.run(
+        ["sh", "-c", _PRUNE_SCRIPT, "prune", root, str(keep), *kept], timeout=120, check=True
+    )
+    return [x[8:] for x in result.stdout.splitlines() if x.startswith("removed=")]
 
 
 def render_values(

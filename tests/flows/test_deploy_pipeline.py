@@ -433,6 +433,28 @@ def test_freeze_refusal_and_emergency_override(stack, baseline, use_config):
     assert {v for k, v in snapshot(stack).items() if k.startswith("prd")} == {"6.0.0"}
 
 
+def test_old_releases_are_pruned_once_a_host_is_healthy(stack, baseline, use_config):
+    def mutate(d):
+        no_staging(d)
+        quick(d, approval_required=False)
+        d["services"]["web"]["keep_releases"] = 2
+
+    use_config(mutate)
+    prod = [h for h in stack.hosts if h.environment == "production"]
+    before = snapshot(stack)
+    state = run_deploy(version="7.0.0", bake_seconds=0)
+    assert state.is_completed(), failure_text(state)
+    result = state.result()
+    for host in prod:
+        left = sorted(os.listdir(Path(host.root) / "srv/web/releases"))
+        # keep 2: the new one and the newest before it, which is the previous (never pruned)
+        assert left == sorted({"7.0.0", before[host.name]}), host.name
+        assert result["pruned"][host.name]  # the older releases went in this run
+        assert set(result["pruned"][host.name]).isdisjoint(left)
+    staging = [h for h in stack.hosts if h.environment == "staging"]
+    assert all(current_of(h.root) == before[h.name] for h in staging)
+
+
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------
 
 

@@ -160,3 +160,70 @@ def test_crashed_host_drops_established_connections(hosts):
         start_host(victim)
     with SSHConnection.from_host(victim) as again:
         assert again.run("echo back", check=True).stdout.strip() == "back"
+
+
+def test_activate_probes_health_in_the_same_round_trip(conn, hosts, tmp_path):
+    base = f"{hosts[0].root}/srv/probe"
+    local = Path(base)
+    for v in ("1.0.0", "2.0.0", "3.0.0"):
+        t = tarball(tmp_path, v)
+        rel.stage_release(conn, base, v, t, rel.file_sha256(t))
+    # The probe runs after the restart (it sees the restart's mark) in the session's directory.
+    ok = rel.activate(
+        conn,
+        base,
+        "1.0.0",
+        restart=f"echo up > {local}/state; echo restarting",
+        health=f"cat {local}/state; echo from $(pwd)",
+    )
+    assert ok == rel.Switched(None, (True, f"exit 0: from {conn.run('pwd').stdout.strip()}"))
+    bad = rel.activate(
+        conn,
+        base,
+        "2.0.0",
+        restart="true",
+        health="echo 'db unreachable' >&2; exit 3",
+    )
+    assert bad == rel.Switched("1.0.0", (False, "exit 3: db unreachable"))
+    assert os.readlink(local / "current") == "releases/2.0.0"  # switched: the caller decides
+    slow = rel.activate(
+        conn, base, "3.0.0", restart="true", health="sleep 30; echo late", health_timeout=0.5
+    )
+    assert slow == rel.Switched("2.0.0", (False, "timed out after 0.5s"))
+    with pytest.raises(ValueError, match="restart"):
+        rel.activate(conn, base, "1.0.0", health="true")
+    with pytest.raises(ValueError, match="prun"):
+        rel.activate(conn, base, "1.0.0", restart="true", prune_keep=1)
+    assert os.readlink(local / "current") == "releases/3.0.0"  # the refused calls changed nothing
+    assert slow.pruned == ()  # an unhealthy host prunes nothing
+    # Healthy: prune in the same trip, never the new current (1.0.0, the oldest) nor the
+    # previous (3.0.0), even beyond keep.
+    back = rel.activate(conn, base, "1.0.0", restart="true", health="true", prune_keep=1)
+    assert back == rel.Switched("3.0.0", (True, "exit 0"), ("2.0.0",))
+    assert sorted(os.listdir(local / "releases")) == ["1.0.0", "3.0.0"]
+
+
+def test_prune_keeps_current_protected_and_foreign_names(conn, hosts, tmp_path):
+    base = f"{hosts[0].root}/srv/prune"
+    local = Path(base)
+    for v in ("1.0.0", "2.0.0", "3.0.0", "4.0.0", "5.0.0"):
+        t = tarball(tmp_path, v)
+        rel.stage_release(conn, base, v, t, rel.file_sha256(t))
+        time.sleep(0.01)
+    rel.switch_current(conn, base, "1.0.0")  # the oldest is live
+    odd = local / "releases" / "not a release"
+    odd.mkdir()
+    old = time.time() - 3600
+    os.utime(odd, (old, old))
+    removed = rel.prune_releases(conn, base, keep=2, protect=["2.0.0", None])
+    assert removed == ["3.0.0"]
+    assert sorted(os.listdir(local / "releases")) == [
+        "1.0.0",
+        "2.0.0",
+        "4.0.0",
+        "5.0.0",
+        "not a release",
+    ]
+    with pytest.raises(rel.UnsafeValueError):
+        rel.prune_releases(conn, base, keep=1, protect=["x; rm -rf /"])
+    assert rel.prune_releases(conn, f"{hosts[0].root}/srv/nothing-here", keep=1) == []
