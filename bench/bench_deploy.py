@@ -9,18 +9,19 @@ restart``), health check (``control health``), keep 3 releases.
 
 (a) kmp-ops: the ``deploy-pipeline`` flow (checklist, plan, rolling batches, smoke checks, bake 0,
     no approval, release records, audit chain), orchestrated by the PostgreSQL-backed Prefect
-    server of the local stack; (b) the floor: ``ThreadPoolExecutor`` + paramiko, SFTP put + one
-    script per host; (c) pyinfra (``files.put`` + ``server.shell``, ``--parallel N``) and (d)
-    ``ansible-playbook`` (forks=N, pipelining on; ``copy`` + ``command``), each installed into
-    its own virtualenv under ``--venvs`` by this script. (a), (b), (c) alternate, median of
-    ``--runs``; Ansible runs ``--ansible-runs`` times (it is slow). Then the rollback: a release
-    whose health check fails on every host is deployed with batch 100%, and the pipeline's
-    compensation puts all N hosts back; its time is read from the ``deploy.rolled_back`` audit
-    event. Every run checks afterwards that each host's ``current`` is the expected release.
+    server of the local stack; (b) the floor: ``ThreadPoolExecutor`` (one thread per host) +
+    paramiko, SFTP put + one script per host; (c) pyinfra (``files.put`` + ``server.shell``,
+    ``--parallel N``) and (d) ``ansible-playbook`` (forks=N, pipelining on; ``copy`` +
+    ``command``), each installed into its own virtualenv under ``--venvs`` by this script.
+    (a), (b), (c) alternate, median of ``--runs``; Ansible runs ``--ansible-runs`` times (it
+    is slow). Then the rollback: a release whose health check fails on every host is deployed
+    with batch 100%, and the pipeline's compensation puts all N hosts back; its time is read
+    from the ``deploy.rolled_back`` audit event. Every run checks afterwards that each host's
+    ``current`` is the expected release.
 
-Measured 2026-12-01 (2 cores, 50 hosts, median of 3): kmp-ops 7.22 s (run Completed on the
-server at 6.44 s), paramiko floor 6.72 s (1.07x), pyinfra 5.35 s (kmp-ops 1.35x), Ansible 31.2 s
-(4.3x slower than kmp-ops); rollback of 50 hosts 1.47 s. See bench/README.md.
+Measured 2026-12-01 (2 cores, 50 hosts, median of 5): kmp-ops 5.15 s (run Completed on the
+server at 5.02 s), paramiko floor 4.56 s (kmp-ops 1.13x), pyinfra 5.42 s (kmp-ops 0.95x),
+Ansible 33.1 s (6.4x slower than kmp-ops); rollback of 50 hosts 1.56 s. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -491,12 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pyinfra", action="store_true")
     parser.add_argument("--size-mb", type=float, default=5.0)
     parser.add_argument("--batch", default="100%", help="production batch_size for kmp-ops")
-    parser.add_argument("--workers", type=int, default=16, help="floor thread pool size")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="floor thread pool size (0: one per host)"
+    )
     parser.add_argument("--root", type=Path, default=REPO / "var" / "bench-deploy")
     parser.add_argument("--venvs", type=Path, default=REPO / "var" / "bench-venvs")
     args = parser.parse_args(argv)
     if not 1 <= args.hosts <= 99:
         parser.error("--hosts must be between 1 and 99")
+    args.workers = args.workers or args.hosts  # the fastest pool size measured (bench/README.md)
 
     root = args.root.resolve()
     if root.exists():

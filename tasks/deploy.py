@@ -161,9 +161,8 @@ def _on_hosts(
 ) -> dict[str, T | Exception]:
     """``fn(environment, host)`` for every host, ``workers`` at a time, on the shared
     connections, in the caller's (Prefect run) context; each host's value or the exception it
-    raised. (Many at once is cheaper than
-    few here: 50 hosts' handshakes and uploads cost sshd ~30 % less CPU at 50 threads than at 16,
-    bench/README.md.)"""
+    raised. Many at once is cheaper than few here: 50 hosts' handshakes and uploads cost the
+    daemons ~25 % less CPU with 50 threads than with 16 (bench/README.md)."""
     if not hosts:
         return {}
     size = min(workers, len(hosts))
@@ -274,7 +273,7 @@ def run_checklist(
     return report
 
 
-# -- per-host release steps ------------------------------------------------------------------
+# -- release steps ---------------------------------------------------------------------------
 
 
 _STAGE_ATTEMPTS = 3  # a host's staging is tried again on transient errors, 0.5 s apart
@@ -313,7 +312,7 @@ def stage_releases(
                 time.sleep(0.5)
         raise AssertionError("unreachable")
 
-    outcomes = _on_hosts(one, [(environment, h) for h in host_names], workers=64)
+    outcomes = _on_hosts(one, [(environment, h) for h in host_names])
     return {
         h: f"failed: {type(o).__name__}: {o}" if isinstance(o, Exception) else o
         for h, o in outcomes.items()
