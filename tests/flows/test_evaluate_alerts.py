@@ -117,15 +117,19 @@ def served_incident_response(alert_env):
 
         deadline = time.monotonic() + 60
         with get_client(sync_client=True) as client:
-            while True:
+            while True:  # the deployment, then its trigger's automation (created after it)
                 try:
-                    client.read_deployment_by_name(f"incident-response/{name}")
-                    break
+                    deployment = client.read_deployment_by_name(f"incident-response/{name}")
+                    related = f"prefect.deployment.{deployment.id}"
+                    if client.read_resource_related_automations(related):
+                        break
                 except Exception:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise
-                    time.sleep(0.5)
-        time.sleep(2)  # the trigger is registered with the deployment
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise TimeoutError(f"no trigger for incident-response/{name}; see serve.log")
+                time.sleep(0.5)
+        time.sleep(0.5)  # the server's trigger engine loads it (pg NOTIFY, milliseconds)
         yield name
     finally:
         os.kill(proc.pid, signal.SIGTERM)
