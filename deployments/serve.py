@@ -6,7 +6,8 @@ Run from the repository root with ``KMPOPS_CONFIG`` and ``PREFECT_API_URL`` set:
     python -m deployments.serve --list     # what would be served, with schedules
 
 Backup schedules come from the guide's ``backups:`` block in ops.yaml. A critical alert firing
-(event ``kmpops.alert.firing``) starts ``incident-response``.
+(event ``kmpops.alert.firing``) starts ``incident-response``; a deploy-pipeline run that turns
+Crashed (event ``prefect.flow-run.Crashed``) starts ``deploy-recover`` for it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Plan:
 
     cron: str | None = None
     interval: float | None = None
-    trigger: bool = False
+    trigger: str | None = None  # "alert" (incident-response) or "deploy-crashed" (deploy-recover)
 
 
 def schedules(config: Any | None) -> dict[str, Plan]:
@@ -46,7 +47,8 @@ def schedules(config: Any | None) -> dict[str, Plan]:
         "backup-retention": Plan(cron="0 2 * * *"),
         "dr-drill": Plan(cron="0 3 * * 0"),
         "evaluate-alerts": Plan(interval=60),
-        "incident-response": Plan(trigger=True),
+        "incident-response": Plan(trigger="alert"),
+        "deploy-recover": Plan(trigger="deploy-crashed"),
         "maintenance-daily": Plan(cron="0 6 * * *"),
         "maintenance-weekly": Plan(cron="0 7 * * 1"),
         "maintenance-monthly": Plan(cron="0 8 1 * *"),
@@ -87,8 +89,12 @@ def build(config: Any | None) -> list[Any]:
             kwargs["cron"] = plan.cron
         if plan.interval:
             kwargs["interval"] = plan.interval
-        if plan.trigger:
+        if plan.trigger == "alert":
             kwargs["triggers"] = [alert_trigger()]
+        elif plan.trigger == "deploy-crashed":
+            from tasks.deploy import recover_trigger
+
+            kwargs["triggers"] = [recover_trigger()]
         deployments.append(fl.to_deployment(**kwargs))
     return deployments
 
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         for fl in discover():
             plan = plans.get(fl.name, Plan())
             how = plan.cron or (f"every {plan.interval:g}s" if plan.interval else None)
-            how = how or (f"on {ALERT_EVENT}" if plan.trigger else "manual")
+            events = {"alert": ALERT_EVENT, "deploy-crashed": "a crashed deploy-pipeline run"}
+            how = how or (f"on {events[plan.trigger]}" if plan.trigger else "manual")
             print(f"{fl.name:28s} {how}")
         return
     serve(*build(config))

@@ -159,6 +159,14 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
             )
         for host in staged:
             run.ledger[(env, host)] = plan.previous.get(host)
+        # Before anything is switched: what deploy-recover needs if this process dies now.
+        audit(
+            "deploy.activating",
+            f"{req.service}/{env}",
+            version=req.version,
+            batch=number,
+            previous={h: plan.previous.get(h) for h in staged},
+        )
         t = time.monotonic()
         try:
             activated = activate_releases(

@@ -614,3 +614,55 @@ def measure_error_rate(
         window_s=seconds,
     )
     return result
+
+
+# -- crash recovery --------------------------------------------------------------------------
+
+RECOVER_TRIGGER: dict[str, Any] = {
+    "expect": ["prefect.flow-run.Crashed"],
+    "match": {"prefect.resource.id": "prefect.flow-run.*"},
+    "match_related": {"prefect.resource.role": "flow", "prefect.resource.name": "deploy-pipeline"},
+    "parameters": {"flow_run_id": "{{ event.resource.id }}"},
+}
+"""What ``DeploymentEventTrigger(**RECOVER_TRIGGER)`` on deploy-recover needs: a deploy-pipeline
+run that crashed (its runner saw the process die, or a zombie automation marked it)."""
+
+
+def recover_trigger() -> Any:
+    """The ``DeploymentEventTrigger`` that starts deploy-recover for a crashed deploy run."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(name="kmpops-deploy-crashed", **RECOVER_TRIGGER)
+
+
+@task(name="read-flow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def read_flow_run(flow_run_id: str) -> dict[str, Any]:
+    """The run's flow name, state type and name from the Prefect API. Raises NotFound."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+        except ObjectNotFound:
+            raise NotFound(f"no flow run {flow_run_id}") from None
+        flow = client.read_flow(run.flow_id)
+    state = run.state
+    return {
+        "flow": flow.name,
+        "name": run.name,
+        "state_type": state.type.value if state else None,
+        "state_name": state.name if state else None,
+        "final": bool(state and state.is_final()),
+    }
+
+
+@task(name="mark-run-crashed", cache_policy=NO_CACHE)
+def mark_run_crashed(flow_run_id: str, why: str) -> None:
+    """Force the run into Crashed (an operator said its process is gone) and audit it."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)  # type: ignore[arg-type]
+    audit("deploy.marked_crashed", f"flow-run/{flow_run_id}", reason=why)

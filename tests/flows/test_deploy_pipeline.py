@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+REPO = Path(__file__).resolve().parents[2]
 
 GATES5 = (
     "code_review",
@@ -87,6 +93,7 @@ def releases(stack, tmp_path_factory):
         "5.0.0": "good",
         "6.0.0": "good",
         "7.0.0": "good",
+        "8.0.0": "good",
     }
     for version, variant in specs.items():
         tarball = build_release(
@@ -453,6 +460,116 @@ def test_old_releases_are_pruned_once_a_host_is_healthy(stack, baseline, use_con
         assert set(result["pruned"][host.name]).isdisjoint(left)
     staging = [h for h in stack.hosts if h.environment == "staging"]
     assert all(current_of(h.root) == before[h.name] for h in staging)
+
+
+def _serve(code: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(REPO)}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, use_config):
+    """The process running the deploy is SIGKILLed mid-rollout (no in-process rollback can
+    run); the served deploy-recover deployment's trigger puts every host back once the run
+    is marked Crashed, as Prefect's runner does when it sees its flow process die."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Crashed
+
+    from flows.deploy_recover import deploy_recover
+    from kmpops.errors import PolicyViolation
+    from tasks.common import records
+    from tests.flows.alert_fixtures import wait_for_deployment_run
+
+    def mutate(d):
+        no_staging(d)
+        quick(d, approval_required=False)
+
+    config = use_config(mutate)
+    before = snapshot(stack)
+    prod = [h for h in stack.hosts if h.environment == "production"]
+    name = f"recover-test-{uuid.uuid4().hex[:8]}"
+    server = _serve(
+        "from flows.deploy_recover import deploy_recover\n"
+        "from tasks.deploy import recover_trigger\n"
+        "from prefect import serve\n"
+        f"serve(deploy_recover.to_deployment(name={name!r}, triggers=[recover_trigger()]))\n",
+        config.parent / "serve-recover.log",
+    )
+    deploy = None
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 90
+            while True:  # the deployment and its trigger's automation
+                try:
+                    dep = client.read_deployment_by_name(f"deploy-recover/{name}")
+                    if client.read_resource_related_automations(f"prefect.deployment.{dep.id}"):
+                        break
+                except Exception:
+                    pass
+                assert time.monotonic() < deadline and server.poll() is None, "serve failed"
+                time.sleep(0.5)
+        deploy = _serve(
+            "from flows.deploy_pipeline import DeployRequest, deploy_pipeline\n"
+            "deploy_pipeline(DeployRequest(service='web', version='8.0.0', bake_seconds=0,"
+            " requested_by='dave'))\n",
+            config.parent / "deploy.log",
+        )
+        deadline = time.monotonic() + 120
+        while not any(current_of(h.root) == "8.0.0" for h in prod):
+            assert time.monotonic() < deadline and deploy.poll() is None, "no host switched"
+            time.sleep(0.02)
+        os.kill(deploy.pid, signal.SIGKILL)  # mid-rollout: nothing in that process runs again
+        deploy.wait()
+        assert any(current_of(h.root) == "8.0.0" for h in prod)
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    name=FlowRunFilterName(any_=["deploy-web-8.0.0-production"])
+                )
+            )
+            assert run.state.is_running()  # a zombie: nobody will end it
+            # An operator's recover of a run shown Running is refused without force.
+            state = deploy_recover(str(run.id), return_state=True)
+            assert state.is_failed()
+            with pytest.raises(PolicyViolation, match="force=True"):
+                state.result()
+            assert any(current_of(h.root) == "8.0.0" for h in prod)
+            client.set_flow_run_state(run.id, Crashed(message="process died"), force=True)
+        runs, done = wait_for_deployment_run(name, timeout=120)
+        assert done and done[0].state.is_completed(), (runs, config.parent)
+        assert snapshot(stack) == before
+        rec = records()
+        (event,) = [
+            e
+            for e in rec.audit_events(action="deploy.recovered")
+            if e.details["crashed_run"] == str(run.id)
+        ]
+        assert event.details["hosts"] and not event.details["rollback_failed"]
+        for host in prod:
+            row = rec.current_release("web", "production", host.name)
+            assert row.version == before[host.name]
+        # Idempotent: a second recovery of the same run changes nothing.
+        again = deploy_recover(f"prefect.flow-run.{run.id}")
+        assert again["status"] == "already recovered"
+        assert rec.verify_audit().ok
+    finally:
+        if deploy is not None and deploy.poll() is None:
+            os.kill(deploy.pid, signal.SIGKILL)
+            deploy.wait()
+        _stop(server)
 
 
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------

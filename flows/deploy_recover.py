@@ -1,0 +1,134 @@
+"""deploy-recover: put back the hosts of a deploy-pipeline run whose process died.
+
+deploy-pipeline rolls back in-process on any error; a process that is killed (OOM, SIGKILL, its
+machine lost) cannot. Its audit trail can: the run announces each batch (``deploy.activating``,
+hosts and the release each had) before it switches anything. This flow reads that trail for the
+crashed run (``kmpops.plans.recovery``) and rolls every announced host that was not rolled back
+already onto its previous release (switch back, restart, health check, record), like the
+pipeline's own compensation. Served, it starts by itself when a deploy-pipeline run turns
+Crashed (the runner saw its process die); operators can run it for a run that is still shown
+Running with ``force=True``, which first marks that run Crashed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from kmpops.errors import KmpOpsError, PolicyViolation
+from kmpops.plans.recovery import plan_recovery
+from tasks.common import audit, notify, records, run_id
+from tasks.deploy import close_connections, mark_run_crashed, read_flow_run, rollback_host
+
+PREFIX = "prefect.flow-run."
+
+
+class RecoveryFailed(KmpOpsError):
+    """Some hosts could not be put back (each is flagged and a critical notification sent)."""
+
+
+def _run_uuid(flow_run_id: str) -> str:
+    text = flow_run_id.strip().removeprefix(PREFIX)
+    try:
+        return str(UUID(text))
+    except ValueError:
+        raise ValueError(f"flow_run_id: {flow_run_id!r} is not a flow run id") from None
+
+
+def _already_recovered(crashed: str) -> bool:
+    return any(
+        (e.details or {}).get("crashed_run") == crashed
+        for e in records().audit_events(action="deploy.recovered")
+    )
+
+
+@flow(
+    name="deploy-recover",
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    flow_run_name="recover-deploy-{flow_run_id}",
+)
+def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
+    """Roll back what the crashed deploy-pipeline run ``flow_run_id`` left switched.
+
+    Raises ValueError for a malformed id, NotFound for an unknown run, PolicyViolation (nothing
+    changed) for a run of another flow or one still in progress without ``force``,
+    RecoveryFailed naming the hosts that could not be put back. Idempotent: a run already
+    recovered, or one that finished on its own, is left alone.
+    """
+    logger = get_run_logger()
+    crashed = _run_uuid(flow_run_id)
+    info = read_flow_run(crashed)
+    if info["flow"] != "deploy-pipeline":
+        raise PolicyViolation(f"flow run {crashed} is a {info['flow']!r} run, not deploy-pipeline")
+    if not info["final"]:
+        if not force:
+            raise PolicyViolation(
+                f"flow run {crashed} ({info['name']}) is {info['state_name']}: if its process "
+                "is gone, run again with force=True to mark it Crashed and recover it"
+            )
+        mark_run_crashed(crashed, f"marked Crashed by deploy-recover run {run_id()}")
+    subject = f"flow-run/{crashed}"
+    if _already_recovered(crashed):
+        return {"status": "already recovered", "run": crashed}
+    events = records().audit_events(run_id=crashed)
+    plan = plan_recovery([(e.action, e.subject, e.details or {}) for e in events])
+    if plan.finished:
+        logger.info("run %s ended with %s: nothing to recover", crashed, plan.finished)
+        return {"status": "nothing to recover", "run": crashed, "finished": plan.finished}
+    if not plan.hosts or plan.service is None:
+        audit("deploy.recovered", subject, crashed_run=crashed, hosts=[], rollback_failed=[])
+        return {"status": "nothing switched", "run": crashed}
+
+    version = plan.version or "unknown"
+    close_connections()
+    futures = {
+        key: rollback_host.submit(plan.service, key[0], key[1], previous, version)
+        for key, previous in plan.hosts.items()
+    }
+    done, failed = [], []
+    for (env, host), fut in futures.items():
+        fut.wait()
+        if fut.state.is_completed():
+            done.append(fut.result())
+            continue
+        why = f"ended {fut.state.name}"
+        try:
+            fut.result()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        failed.append(f"{host}: {why}")
+        records().flag_release(
+            service=plan.service,
+            environment=env,
+            host=host,
+            version=version,
+            state="rollback_failed",
+            run_id=crashed,
+        )
+    close_connections()
+    audit(
+        "deploy.recovered",
+        subject,
+        crashed_run=crashed,
+        service=plan.service,
+        version=version,
+        hosts=done,
+        rollback_failed=failed,
+    )
+    if failed:
+        notify(
+            "critical",
+            f"RECOVERY FAILED: {plan.service} {version} on {len(failed)} host(s)",
+            f"The deploy run {crashed} crashed; these hosts could not be put back on their "
+            "previous release and need a human:\n" + "\n".join(failed),
+        )
+        raise RecoveryFailed(f"recovery of run {crashed} failed on: {'; '.join(failed)}")
+    notify(
+        "warning",
+        f"Recovered crashed deploy of {plan.service} {version}",
+        f"Run {crashed} crashed; {len(done)} host(s) put back:\n" + "\n".join(done),
+    )
+    return {"status": "recovered", "run": crashed, "hosts": done}
