@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             how = how or (f"on {events[plan.trigger]}" if plan.trigger else "manual")
             print(f"{fl.name:28s} {how}")
         return
+    from deployments.automations import apply_automations
+
+    apply_automations()  # zombie runs -> Crashed (so a killed deploy gets deploy-recover)
     serve(*build(config))
 
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -643,7 +644,7 @@ def read_flow_run(flow_run_id: str) -> dict[str, Any]:
 
     with get_client(sync_client=True) as client:
         try:
-            run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+            run = client.read_flow_run(UUID(flow_run_id))
         except ObjectNotFound:
             raise NotFound(f"no flow run {flow_run_id}") from None
         flow = client.read_flow(run.flow_id)
@@ -664,5 +665,5 @@ def mark_run_crashed(flow_run_id: str, why: str) -> None:
     from prefect.states import Crashed
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)  # type: ignore[arg-type]
+        client.set_flow_run_state(UUID(flow_run_id), Crashed(message=why), force=True)
     audit("deploy.marked_crashed", f"flow-run/{flow_run_id}", reason=why)

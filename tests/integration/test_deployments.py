@@ -350,3 +350,45 @@ def test_production_templates_hold_no_secrets_and_parse() -> None:
                 if line.strip() and "is not executable" not in line
             ]
             assert problems == [], problems
+
+
+def test_zombie_automation_marks_a_run_whose_heartbeats_stop_crashed(stack: Any) -> None:
+    """A run that sent a heartbeat and then went silent is Crashed by the server (what starts
+    deploy-recover for a deploy killed with its machine); the automation is applied once."""
+    from datetime import timedelta
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Running
+
+    from deployments.automations import ZOMBIE_AUTOMATION, apply_automations
+
+    @flow(name="zombie-probe")
+    def probe() -> None:
+        """Never run: its flow run is set Running by hand, like a process that then died."""
+
+    with get_client(sync_client=True) as client:
+        try:
+            assert apply_automations(timedelta(seconds=10)) == [ZOMBIE_AUTOMATION]
+            assert apply_automations(timedelta(seconds=10)) == []  # unchanged: left alone
+            silent = client.create_flow_run(probe)
+            client.set_flow_run_state(silent.id, Running(), force=True)
+            emit_event(
+                "prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{silent.id}"},
+            )
+            EventsWorker.drain_all()
+            deadline = time.monotonic() + 60
+            while True:
+                state = client.read_flow_run(silent.id).state
+                assert state is not None
+                if state.is_crashed():
+                    break
+                assert time.monotonic() < deadline, f"still {state.name} after 60 s"
+                time.sleep(1)
+            assert "no heartbeat" in (state.message or "")
+        finally:
+            for automation in client.read_automations_by_name(ZOMBIE_AUTOMATION):
+                client.delete_automation(automation.id)
