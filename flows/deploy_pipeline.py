@@ -8,6 +8,8 @@ run's ledger with the release it had before; any failure after the first switch 
 beyond ``max_failures``, failed check, error-rate breach, refused approval, unreachable host, a
 crash inside the flow) rolls every ledger host back in parallel (switch back, restart, health
 check, record). A host whose rollback fails is audited and reported with a critical notification.
+If the process itself dies, each batch's ``deploy.activating`` audit event (written before any
+switch) is what ``deploy-recover`` rolls back from once the run is Crashed.
 """
 
 from __future__ import annotations
