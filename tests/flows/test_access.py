@@ -1,7 +1,8 @@
 """access-review, provision-access and rotate-service-keys against real sshd hosts.
 
 Review and provisioning use the session stack's hosts and put every authorized_keys back as it
-was; rotation runs on a dedicated two-host sshd fleet (ports 40951-40952) with its own key.
+was; rotation runs on a dedicated two-host sshd fleet with its own key (ports 21301-21302: below
+Linux's ephemeral range, where a client socket could hold them).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def rotation_fleet(stack, tmp_path, monkeypatch):
     from kmpops.stack import sshd
 
     root = tmp_path / "fleet"
-    infos = sshd.start_fleet(root, ["rot-1", "rot-2"], [40951, 40952])
+    infos = sshd.start_fleet(root, ["rot-1", "rot-2"], [21301, 21302])
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     cfg = {
         "project": "kmp",

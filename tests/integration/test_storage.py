@@ -187,7 +187,7 @@ def test_endpoint_down_is_storage_unavailable_quickly():
     secret = "s3cr3t-never-shown"
     store = S3Store(
         bucket="kmp-ops",
-        endpoint_url="http://127.0.0.1:33199",
+        endpoint_url="http://127.0.0.1:24397",
         access_key_id="AKIAEXAMPLE",
         secret_access_key=secret,
         connect_timeout=1,
@@ -197,7 +197,7 @@ def test_endpoint_down_is_storage_unavailable_quickly():
     with pytest.raises(StorageUnavailable) as err:
         store.put_bytes("x.bin", b"data")
     assert time.monotonic() - started < 5
-    assert "127.0.0.1:33199" in str(err.value) and secret not in str(err.value)
+    assert "127.0.0.1:24397" in str(err.value) and secret not in str(err.value)
     assert secret not in repr(store)
     with pytest.raises(StorageUnavailable):
         store.head("x.bin")
