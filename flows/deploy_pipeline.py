@@ -149,9 +149,9 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
                 req.service, env, list(batch), req.version, artifact, label=f"batch-{number}"
             )
         except Exception as exc:  # the task itself broke: no host counts as staged
-            outcome = {h: f"failed: {type(exc).__name__}: {exc}" for h in batch}
-        staged = [h for h in batch if not outcome[h].startswith("failed")]
-        failures += [f"{h}: {outcome[h][8:]}" for h in batch if h not in staged]
+            outcome = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in batch}
+        staged = [h for h in batch if "error" not in outcome[h]]
+        failures += [f"{h}: {outcome[h]['error']}" for h in batch if h not in staged]
         run.stage(f"upload {env}", t)
         if rollout_must_stop(len(failures), plan.max_failures):  # nothing of this batch is live
             raise RolloutFailed(

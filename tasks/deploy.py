@@ -288,24 +288,25 @@ def stage_releases(
     version: str,
     artifact: ResolvedArtifact,
     label: str = "batch",
-) -> dict[str, str]:
+) -> dict[str, dict[str, str]]:
     """Upload and extract the release on every host of a batch, all at once (not live yet:
     staging changes nothing a host serves). Idempotent. A host's transient error (unreachable,
-    timeout) is tried again twice. Never raises for one host: returns host -> ``staged``,
-    ``present`` (already staged, same sha256) or ``failed: <error>``.
+    timeout) is tried again twice. Never raises for one host: returns host -> ``{"status":
+    "staged"}``, ``{"status": "present"}`` (already staged, same sha256) or ``{"error":
+    "<type>: <message>"}``.
     """
     cfg = ops_config()
     svc = cfg.service(service)
     logger = get_run_logger()
 
-    def one(env: str, host_name: str) -> str:
+    def one(env: str, host_name: str) -> dict[str, str]:
         host = _host(cfg, env, host_name)
         path, tarball = svc.deploy_path_for(host), Path(artifact.path)
         for attempt in range(1, _STAGE_ATTEMPTS + 1):
             try:
                 with host_connection(host) as conn:
                     staged = rel.stage_release(conn, path, version, tarball, artifact.sha256)
-                return "staged" if staged else "present"
+                return {"status": "staged" if staged else "present"}
             except TransientError as exc:
                 if attempt == _STAGE_ATTEMPTS:
                     raise
@@ -315,7 +316,7 @@ def stage_releases(
 
     outcomes = _on_hosts(one, [(environment, h) for h in host_names])
     return {
-        h: f"failed: {type(o).__name__}: {o}" if isinstance(o, Exception) else o
+        h: {"error": f"{type(o).__name__}: {o}"} if isinstance(o, Exception) else o
         for h, o in outcomes.items()
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def releases(stack, tmp_path_factory):
         "6.0.0": "good",
         "7.0.0": "good",
         "8.0.0": "good",
+        "9.0.0": "good",
     }
     for version, variant in specs.items():
         tarball = build_release(
@@ -570,6 +572,37 @@ def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, 
             os.kill(deploy.pid, signal.SIGKILL)
             deploy.wait()
         _stop(server)
+
+
+def test_staging_failure_in_batch_two_switches_none_of_it(stack, baseline, use_config):
+    """prd-3 already holds a different 9.0.0: staging batch 2 fails there, so the rollout stops
+    before switching any of batch 2, and batch 1 is rolled back."""
+    from tasks.common import records
+
+    def mutate(d):
+        no_staging(d)
+        quick(d, approval_required=False)
+
+    use_config(mutate)
+    before = snapshot(stack)
+    prod = {h.name: h for h in stack.hosts if h.environment == "production"}
+    squatter = Path(prod["prd-3"].root) / "srv/web/releases/9.0.0"
+    squatter.mkdir(parents=True)
+    (squatter / "VERSION").write_text("not 9.0.0\n")
+    try:
+        state = run_deploy(version="9.0.0", bake_seconds=0)
+    finally:
+        shutil.rmtree(squatter)
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "while staging batch 2/2 (none of it switched)" in text
+    assert "prd-3" in text and "exists with other content" in text
+    assert snapshot(stack) == before
+    events = records().audit_events(run_id=str(state.state_details.flow_run_id))
+    switched = {e.subject.rsplit("/", 1)[-1] for e in events if e.action == "deploy.switch"}
+    assert switched == {"prd-1", "prd-2"}  # batch 1 only, and it was rolled back
+    rolled = {e.subject.rsplit("/", 1)[-1] for e in events if e.action == "deploy.rollback"}
+    assert rolled == {"prd-1", "prd-2"}
 
 
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------
