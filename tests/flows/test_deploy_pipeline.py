@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,8 +20,6 @@ import pytest
 import yaml
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
-
-REPO = Path(__file__).resolve().parents[2]
 
 GATES5 = (
     "code_review",
@@ -464,24 +460,6 @@ def test_old_releases_are_pruned_once_a_host_is_healthy(stack, baseline, use_con
     assert all(current_of(h.root) == before[h.name] for h in staging)
 
 
-def _serve(code: str, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(REPO)}
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, use_config):
     """The process running the deploy is SIGKILLed mid-rollout (no in-process rollback can
     run); the served deploy-recover deployment's trigger puts every host back once the run
@@ -494,6 +472,7 @@ def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, 
     from kmpops.errors import PolicyViolation
     from tasks.common import records
     from tests.flows.alert_fixtures import wait_for_deployment_run
+    from tests.serving import serve_subprocess, stop_process, wait_for_trigger
 
     def mutate(d):
         no_staging(d)
@@ -503,7 +482,7 @@ def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, 
     before = snapshot(stack)
     prod = [h for h in stack.hosts if h.environment == "production"]
     name = f"recover-test-{uuid.uuid4().hex[:8]}"
-    server = _serve(
+    server = serve_subprocess(
         "from flows.deploy_recover import deploy_recover\n"
         "from tasks.deploy import recover_trigger\n"
         "from prefect import serve\n"
@@ -512,18 +491,8 @@ def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, 
     )
     deploy = None
     try:
-        with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 90
-            while True:  # the deployment and its trigger's automation
-                try:
-                    dep = client.read_deployment_by_name(f"deploy-recover/{name}")
-                    if client.read_resource_related_automations(f"prefect.deployment.{dep.id}"):
-                        break
-                except Exception:
-                    pass
-                assert time.monotonic() < deadline and server.poll() is None, "serve failed"
-                time.sleep(0.5)
-        deploy = _serve(
+        wait_for_trigger(f"deploy-recover/{name}", server)
+        deploy = serve_subprocess(
             "from flows.deploy_pipeline import DeployRequest, deploy_pipeline\n"
             "deploy_pipeline(DeployRequest(service='web', version='8.0.0', bake_seconds=0,"
             " requested_by='dave'))\n",
@@ -571,7 +540,7 @@ def test_killed_deploy_is_recovered_when_its_run_turns_crashed(stack, baseline, 
         if deploy is not None and deploy.poll() is None:
             os.kill(deploy.pid, signal.SIGKILL)
             deploy.wait()
-        _stop(server)
+        stop_process(server)
 
 
 def test_staging_failure_in_batch_two_switches_none_of_it(stack, baseline, use_config):

@@ -10,10 +10,6 @@ served incident-response deployment with the trigger starts on the emitted event
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.flows.alert_fixtures import ops_yaml_writer, wait_for_deployment_run
+from tests.serving import serve_subprocess, stop_process, wait_for_trigger
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -107,38 +102,12 @@ def served_incident_response(alert_env):
         "from prefect import serve\n"
         f"serve(incident_response.to_deployment(name={name!r}, triggers=[incident_trigger()]))\n"
     )
-    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(REPO)}
-    log = open(Path(os.environ["KMPOPS_CONFIG"]).parent / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = serve_subprocess(code, Path(os.environ["KMPOPS_CONFIG"]).parent / "serve.log")
     try:
-        from prefect.client.orchestration import get_client
-
-        deadline = time.monotonic() + 60
-        with get_client(sync_client=True) as client:
-            while True:  # the deployment, then its trigger's automation (created after it)
-                try:
-                    deployment = client.read_deployment_by_name(f"incident-response/{name}")
-                    related = f"prefect.deployment.{deployment.id}"
-                    if client.read_resource_related_automations(related):
-                        break
-                except Exception:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise TimeoutError(f"no trigger for incident-response/{name}; see serve.log")
-                time.sleep(0.5)
-        time.sleep(0.5)  # the server's trigger engine loads it (pg NOTIFY, milliseconds)
+        wait_for_trigger(f"incident-response/{name}", proc, timeout=60)
         yield name
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        stop_process(proc)
 
 
 def test_critical_firing_triggers_incident_response(alert_env, served_incident_response):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from tests.serving import stop_process
 
 pytestmark = [pytest.mark.stack]
 
@@ -39,17 +40,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process by pid, wait, SIGKILL if it does not exit."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _api(stack: Any) -> str:
@@ -150,7 +140,7 @@ class TestServed:
                 time.sleep(0.3)
             yield {"proc": proc, "log": log, "ready_s": time.monotonic() - t0}
         finally:
-            _stop(proc)
+            stop_process(proc)
 
     def test_deployments_carry_their_schedules(self, stack: Any, served: dict) -> None:
         from deployments.serve import schedules
@@ -219,7 +209,7 @@ class TestServed:
 
     def test_sigterm_to_serve_pauses_its_deployments(self, stack: Any, served: dict) -> None:
         """What the notes warn about, checked: a stopped serve process pauses what it served."""
-        _stop(served["proc"])
+        stop_process(served["proc"])
         assert served["proc"].returncode is not None
         for name in SERVED:
             dep = deployment(stack, name)
@@ -302,7 +292,7 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
             f"{seen['pickup_s']:.2f}s, completed {time.monotonic() - t1:.2f}s after POST"
         )
     finally:
-        _stop(worker)
+        stop_process(worker)
         # leave no schedules or alert triggers behind for the rest of the session
         for name in flows:
             dep = deployment(stack, name)
