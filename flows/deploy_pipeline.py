@@ -44,6 +44,7 @@ from tasks.deploy import (
     measure_error_rate,
     read_current_releases,
     resolve_artifact,
+    roll_back_hosts,
     rollback_host,
     run_checklist,
     stage_releases,
@@ -88,14 +89,6 @@ class DeployRequest(BaseModel):
 class RolloutFailed(KmpOpsError):
     """A rollout stopped; every touched host was rolled back (see the message for any that
     could not be)."""
-
-
-def _error(future: Any) -> str:
-    try:
-        future.result()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "ok"
 
 
 class _Run:
@@ -206,33 +199,7 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
 def _compensate(run: _Run) -> tuple[list[str], list[str]]:
     """Roll every ledger host back in parallel; returns (rolled back, failed)."""
     req = run.req
-    close_connections()
-    futures = {
-        key: rollback_host.submit(req.service, key[0], key[1], previous, req.version)
-        for key, previous in run.ledger.items()
-    }
-    done, failed = [], []
-    for (env, host), fut in futures.items():
-        fut.wait()
-        if fut.state.is_completed():
-            done.append(fut.result())
-        else:
-            why = _error(fut)
-            failed.append(f"{host}: {why}")
-            audit(
-                "deploy.rollback_failed",
-                f"{req.service}/{env}/{host}",
-                error=why,
-                version=req.version,
-            )
-            records().flag_release(
-                service=req.service,
-                environment=env,
-                host=host,
-                version=req.version,
-                state="rollback_failed",
-                run_id=run_id(),
-            )
+    done, failed = roll_back_hosts(req.service, req.version, run.ledger, flag_run_id=run_id())
     if failed:
         notify(
             "critical",

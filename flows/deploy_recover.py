@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.recovery import plan_recovery
 from tasks.common import audit, notify, records, run_id
-from tasks.deploy import close_connections, mark_run_crashed, read_flow_run, rollback_host
+from tasks.deploy import mark_run_crashed, read_flow_run, roll_back_hosts
 
 PREFIX = "prefect.flow-run."
 
@@ -83,32 +83,7 @@ def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
         return {"status": "nothing switched", "run": crashed}
 
     version = plan.version or "unknown"
-    close_connections()
-    futures = {
-        key: rollback_host.submit(plan.service, key[0], key[1], previous, version)
-        for key, previous in plan.hosts.items()
-    }
-    done, failed = [], []
-    for (env, host), fut in futures.items():
-        fut.wait()
-        if fut.state.is_completed():
-            done.append(fut.result())
-            continue
-        why = f"ended {fut.state.name}"
-        try:
-            fut.result()
-        except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
-        failed.append(f"{host}: {why}")
-        records().flag_release(
-            service=plan.service,
-            environment=env,
-            host=host,
-            version=version,
-            state="rollback_failed",
-            run_id=crashed,
-        )
-    close_connections()
+    done, failed = roll_back_hosts(plan.service, version, plan.hosts, flag_run_id=crashed)
     audit(
         "deploy.recovered",
         subject,

@@ -48,6 +48,7 @@ __all__ = [
     "measure_error_rate",
     "read_current_releases",
     "resolve_artifact",
+    "roll_back_hosts",
     "rollback_host",
     "run_checklist",
     "stage_releases",
@@ -500,6 +501,48 @@ def rollback_host(
         )
     audit("deploy.rollback", subject, to=to_version, rolled_back=from_version)
     return f"{host_name}: {from_version} -> {to_version or '(removed: first install)'}"
+
+
+def roll_back_hosts(
+    service: str,
+    version: str,
+    hosts: Mapping[tuple[str, str], str | None],
+    *,
+    flag_run_id: str | None,
+) -> tuple[list[str], list[str]]:
+    """Roll ``hosts`` ((environment, host) -> the release to go back to) back in parallel with
+    ``rollback_host`` tasks on fresh connections; call it from inside a flow. A host whose
+    rollback fails is audited (``deploy.rollback_failed``) and its ``version`` release flagged
+    ``rollback_failed`` under ``flag_run_id``. Returns (what was put back, ``host: error`` of
+    each failure); never raises for a host."""
+    close_connections()
+    futures = {
+        key: rollback_host.submit(service, key[0], key[1], previous, version)
+        for key, previous in hosts.items()
+    }
+    done, failed = [], []
+    for (env, host), fut in futures.items():
+        fut.wait()
+        if fut.state.is_completed():
+            done.append(fut.result())
+            continue
+        why = f"ended {fut.state.name}"
+        try:
+            fut.result()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        failed.append(f"{host}: {why}")
+        audit("deploy.rollback_failed", f"{service}/{env}/{host}", error=why, version=version)
+        records().flag_release(
+            service=service,
+            environment=env,
+            host=host,
+            version=version,
+            state="rollback_failed",
+            run_id=flag_run_id,
+        )
+    close_connections()
+    return done, failed
 
 
 @task(name="check-hosts", cache_policy=NO_CACHE, task_run_name="{kind}-checks-{environment}")

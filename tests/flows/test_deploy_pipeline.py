@@ -92,6 +92,7 @@ def releases(stack, tmp_path_factory):
         "7.0.0": "good",
         "8.0.0": "good",
         "9.0.0": "good",
+        "9.1.0": "good",
     }
     for version, variant in specs.items():
         tarball = build_release(
@@ -572,6 +573,80 @@ def test_staging_failure_in_batch_two_switches_none_of_it(stack, baseline, use_c
     assert switched == {"prd-1", "prd-2"}  # batch 1 only, and it was rolled back
     rolled = {e.subject.rsplit("/", 1)[-1] for e in events if e.action == "deploy.rollback"}
     assert rolled == {"prd-1", "prd-2"}
+
+
+def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_config):
+    """prd-1's previous release vanishes while batch 2 fails its health check: the rollback of
+    prd-1 cannot land, so the host is audited, its release flagged and a critical notification
+    sent; every other host is back."""
+    from kmpops import release as rel
+    from kmpops import shellsafe
+    from kmpops.connectors.ssh import SSHConnection
+    from tasks.common import ops_config, records
+
+    def mutate(d):
+        no_staging(d)
+        quick(d, approval_required=False)
+        d["services"]["web"]["health_check"] = {
+            "command": "{deploy_path}/current/control health --port {web_port}"
+            ' && test "$(cat {root}/missing-dependency-of 2>/dev/null)"'
+            ' != "$(cat {deploy_path}/current/VERSION)"',
+            "retries": 2,
+            "interval": 0.2,
+        }
+
+    config = use_config(mutate)
+    sink = Path(yaml.safe_load(config.read_text())["notifications"]["routes"]["critical"][0][7:])
+    before = snapshot(stack)
+    prod = {h.name: h for h in stack.hosts if h.environment == "production"}
+    previous = Path(prod["prd-1"].root) / "srv/web/releases" / before["prd-1"]
+    hidden = Path(prod["prd-1"].root) / f"hidden-{before['prd-1']}"  # beyond pruning's reach
+    flags = [Path(prod[h].root) / "missing-dependency-of" for h in ("prd-3", "prd-4")]
+    for flag in flags:
+        flag.write_text("9.1.0\n")
+
+    def hide_previous() -> None:  # once prd-1 is on 9.1.0, its way back is gone
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if current_of(prod["prd-1"].root) == "9.1.0":
+                previous.rename(hidden)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=hide_previous, daemon=True)
+    thread.start()
+    try:
+        state = run_deploy(version="9.1.0", bake_seconds=0)
+    finally:
+        thread.join(10)
+        for flag in flags:
+            flag.unlink()
+        if hidden.exists():
+            hidden.rename(previous)
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "ROLLBACK FAILED on prd-1" in text and "not staged" in text
+    after = snapshot(stack)
+    assert after["prd-1"] == "9.1.0"  # left where it is, for a human
+    assert {h: v for h, v in after.items() if h != "prd-1"} == {
+        h: v for h, v in before.items() if h != "prd-1"
+    }
+    run = str(state.state_details.flow_run_id)
+    rec = records()
+    failed = [e for e in rec.audit_events(run_id=run) if e.action == "deploy.rollback_failed"]
+    assert [e.subject for e in failed] == ["web/production/prd-1"]
+    flagged = [r for r in rec.flagged_releases() if r.run_id == run]
+    assert [(r.host, r.version) for r in flagged] == [("prd-1", "9.1.0")]
+    notes = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert any("ROLLBACK FAILED: web 9.1.0" in json.dumps(n) for n in notes)
+    # Put prd-1 back by hand, as the notification asks, for the tests that follow.
+    cfg = ops_config()
+    svc, host = cfg.service("web"), cfg.host("prd-1")[1]
+    path = svc.deploy_path_for(host)
+    restart = shellsafe.render_command(svc.restart, {**host.template_values(), "deploy_path": path})
+    with SSHConnection.from_host(host) as conn:
+        rel.switch_current(conn, path, before["prd-1"], restart=restart)
+    assert snapshot(stack) == before
 
 
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------
