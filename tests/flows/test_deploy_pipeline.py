@@ -70,6 +70,35 @@ def quick(data, **policy) -> None:
     data["environments"]["production"]["policy"].update(policy)
 
 
+def flag_gated_health(data, *, retries: int) -> None:
+    """The web health check also fails on a host whose ``<root>/missing-dependency-of`` names
+    the release being checked (how a test makes chosen hosts fail a chosen release)."""
+    data["services"]["web"]["health_check"] = {
+        "command": "{deploy_path}/current/control health --port {web_port}"
+        ' && test "$(cat {root}/missing-dependency-of 2>/dev/null)"'
+        ' != "$(cat {deploy_path}/current/VERSION)"',
+        "retries": retries,
+        "interval": 0.2,
+    }
+
+
+def when_switched(host_root: str, version: str, action) -> threading.Thread:
+    """Start a thread that runs ``action()`` as soon as the host's ``current`` is ``version``
+    (it gives up after 60 s); join it after the run."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if current_of(host_root) == version:
+                action()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture(scope="module")
 def releases(stack, tmp_path_factory):
     """Publish sample releases (tarball + evidence) to the stack's S3 bucket."""
@@ -275,13 +304,7 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
     def mutate(d):
         no_staging(d)
         quick(d, approval_required=False)
-        d["services"]["web"]["health_check"] = {
-            "command": "{deploy_path}/current/control health --port {web_port}"
-            ' && test "$(cat {root}/missing-dependency-of 2>/dev/null)"'
-            ' != "$(cat {deploy_path}/current/VERSION)"',
-            "retries": 3,
-            "interval": 0.2,
-        }
+        flag_gated_health(d, retries=3)
 
     use_config(mutate)
     before = snapshot(stack)
@@ -343,17 +366,11 @@ def test_sshd_killed_mid_rollout(stack, baseline, use_config):
     info = host_info(Path(stack.root), victim.name, victim.port)
     killed = threading.Event()
 
-    def killer():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if current_of(prod[0].root) == "5.0.0":
-                crash_host(info)  # its established sessions die with it, like a host going down
-                killed.set()
-                return
-            time.sleep(0.02)
+    def kill() -> None:
+        crash_host(info)  # its established sessions die with it, like a host going down
+        killed.set()
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread = when_switched(prod[0].root, "5.0.0", kill)
     try:
         state = run_deploy(version="5.0.0", bake_seconds=0)
     finally:
@@ -587,13 +604,7 @@ def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_conf
     def mutate(d):
         no_staging(d)
         quick(d, approval_required=False)
-        d["services"]["web"]["health_check"] = {
-            "command": "{deploy_path}/current/control health --port {web_port}"
-            ' && test "$(cat {root}/missing-dependency-of 2>/dev/null)"'
-            ' != "$(cat {deploy_path}/current/VERSION)"',
-            "retries": 2,
-            "interval": 0.2,
-        }
+        flag_gated_health(d, retries=2)
 
     config = use_config(mutate)
     sink = Path(yaml.safe_load(config.read_text())["notifications"]["routes"]["critical"][0][7:])
@@ -605,16 +616,8 @@ def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_conf
     for flag in flags:
         flag.write_text("9.1.0\n")
 
-    def hide_previous() -> None:  # once prd-1 is on 9.1.0, its way back is gone
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if current_of(prod["prd-1"].root) == "9.1.0":
-                previous.rename(hidden)
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=hide_previous, daemon=True)
-    thread.start()
+    # once prd-1 is on 9.1.0, its way back is gone
+    thread = when_switched(prod["prd-1"].root, "9.1.0", lambda: previous.rename(hidden))
     try:
         state = run_deploy(version="9.1.0", bake_seconds=0)
     finally:
