@@ -368,8 +368,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             )
             tail = f"; rolled back {len(rolled)} host(s) in {seconds:g}s" + (
                 f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
-            )
-            close_connections()
+            )  # roll_back_hosts closed the connections
             if isinstance(exc, KmpOpsError):
                 raise type(exc)(f"{exc}{tail}") from exc
             raise

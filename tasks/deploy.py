@@ -682,7 +682,8 @@ def recover_trigger() -> Any:
 
 @task(name="read-flow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def read_flow_run(flow_run_id: str) -> dict[str, Any]:
-    """The run's flow name, state type and name from the Prefect API. Raises NotFound."""
+    """The run's flow name, run name, state name and whether it is final, from the Prefect
+    API. Raises NotFound."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -696,7 +697,6 @@ def read_flow_run(flow_run_id: str) -> dict[str, Any]:
     return {
         "flow": flow.name,
         "name": run.name,
-        "state_type": state.type.value if state else None,
         "state_name": state.name if state else None,
         "final": bool(state and state.is_final()),
     }
