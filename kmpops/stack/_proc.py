@@ -128,12 +128,19 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
 def wait_for_port(
     port: int, *, timeout: float = 30.0, what: str = "service", pid_file: Path | None = None
 ) -> None:
-    """Wait until ``port`` accepts connections; raise StackError naming ``what`` otherwise."""
+    """Wait until ``port`` accepts connections; raise StackError naming ``what`` otherwise.
+
+    With ``pid_file``, the pid it names when the wait starts is followed (the file itself is
+    read once, so a service rewriting it cannot look dead): its exit fails the wait at once.
+    """
     deadline = time.monotonic() + timeout
+    pid = read_pid(pid_file) if pid_file is not None else None
     while time.monotonic() < deadline:
         if port_open(port):
             return
-        if pid_file is not None and read_pid(pid_file) is None and pid_file.exists():
-            raise StackError(f"{what} exited before listening on 127.0.0.1:{port}")
+        if pid is not None and not pid_alive(pid):
+            _reap(pid)
+            if not port_open(port):
+                raise StackError(f"{what} exited before listening on 127.0.0.1:{port}")
         time.sleep(0.05)
     raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")

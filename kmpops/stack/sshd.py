@@ -131,7 +131,9 @@ def _sshd_config(info: SSHHostInfo, authorized_keys: Path) -> str:
             f"Port {info.port}",
             f"ListenAddress {ADDRESS}",
             f"HostKey {info.host_key_file}",
-            f"PidFile {info.pid_file}",
+            # Our pid file is written by the launcher; sshd writing it too (truncate, then write,
+            # after it listens) let a reader see it empty and take a live daemon for dead.
+            "PidFile none",
             f"AuthorizedKeysFile {authorized_keys}",
             "UsePAM no",
             "StrictModes no",
