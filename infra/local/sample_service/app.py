@@ -207,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr, flush=True)
         return 2
-    if args.pid_file is not None:
-        args.pid_file.write_text(f"{os.getpid()}\n")
+    if args.pid_file is not None:  # atomically: `control` may be reading it right now
+        tmp = args.pid_file.with_name(f"{args.pid_file.name}.{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, args.pid_file)
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)  # leaves serve_forever at once; no wait for its poll interval
