@@ -134,7 +134,10 @@ def wait_for_port(
     read once, so a service rewriting it cannot look dead): its exit fails the wait at once.
     """
     deadline = time.monotonic() + timeout
-    pid = read_pid(pid_file) if pid_file is not None else None
+    pid = None
+    if pid_file is not None:  # the pid as written, alive or not: one that already died fails
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
     while time.monotonic() < deadline:
         if port_open(port):
             return

@@ -21,6 +21,7 @@ def test_a_daemon_that_exits_before_listening_is_reported_at_once(tmp_path: Path
         pid_file=pid_file,
         log_file=tmp_path / "d.log",
     )
+    time.sleep(1)  # it has exited before the wait begins: still reported, not timed out
     t0 = time.monotonic()
     with pytest.raises(StackError, match=r"demo exited before listening on 127.0.0.1:21311"):
         wait_for_port(PORT, timeout=20, what="demo", pid_file=pid_file)
