@@ -22,10 +22,9 @@ def test_a_daemon_that_exits_before_listening_is_reported_at_once(tmp_path: Path
         log_file=tmp_path / "d.log",
     )
     time.sleep(1)  # it has exited before the wait begins: still reported, not timed out
-    t0 = time.monotonic()
+    # "exited before listening", not "did not listen ... within 20s"
     with pytest.raises(StackError, match=r"demo exited before listening on 127.0.0.1:21311"):
         wait_for_port(PORT, timeout=20, what="demo", pid_file=pid_file)
-    assert time.monotonic() - t0 < 10  # not the 20 s timeout
 
 
 def test_a_daemon_rewriting_its_pid_file_while_starting_is_waited_for(tmp_path: Path) -> None:
