@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
 from kmpops.plans.recovery import RecoveryPlan, plan_recovery
 
-REQ = ("deploy.requested", "web@2.0.0->production", {})
+Event = tuple[str, str, Mapping[str, Any]]  # (action, subject, details), as plan_recovery takes
+
+REQ: Event = ("deploy.requested", "web@2.0.0->production", {})
 
 
-def activating(env, previous, version="2.0.0"):
+def activating(env: str, previous: Mapping[str, str | None], version: str = "2.0.0") -> Event:
     return ("deploy.activating", f"web/{env}", {"version": version, "previous": previous})
 
 
@@ -45,7 +50,9 @@ def activating(env, previous, version="2.0.0"):
         ),
     ],
 )
-def test_plan_recovery(events, hosts, finished) -> None:
+def test_plan_recovery(
+    events: list[Event], hosts: dict[tuple[str, str], str | None], finished: str | None
+) -> None:
     plan = plan_recovery(events)
     assert plan == RecoveryPlan("web", "2.0.0", finished=finished, hosts=hosts)
 
