@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kmpops.stack._proc import StackError, read_pid
+from kmpops.stack._proc import StackError, busy_ports, read_pid
 
 __all__ = [
     "COMPONENTS",
@@ -100,15 +100,98 @@ def _host_names(spec: StackSpec) -> list[tuple[str, str]]:
     return names
 
 
+def _ports(spec: StackSpec) -> dict[int, str]:
+    """Every port ``up(spec)`` listens on, with what listens there."""
+    base = spec.port_base
+    ports: dict[int, str] = {}
+    if "sshd" in spec.components:
+        for i, (name, _env) in enumerate(_host_names(spec)):
+            ports[base + 1 + i] = f"sshd {name}"
+    if "s3" in spec.components:
+        for offset in range(8):
+            ports[base + 100 + offset] = "SeaweedFS"
+    if "postgres" in spec.components:
+        ports[base + 200] = "PostgreSQL"
+    if "prometheus" in spec.components:
+        ports[base + 300] = "Prometheus"
+    if "prefect" in spec.components:
+        ports[base + 400] = "Prefect server"
+    return ports
+
+
+def _live_pid_files(root: Path) -> dict[Path, int]:
+    """The pid files under ``root`` that name a live process."""
+    live: dict[Path, int] = {}
+    if root.is_dir():
+        for pid_file in root.rglob("*.pid"):
+            pid = read_pid(pid_file)
+            if pid is not None:
+                live[pid_file] = pid
+    return live
+
+
 def up(spec: StackSpec) -> StackInfo:
     """Start every component of ``spec`` (those already running are left as they are).
 
-    Raises StackError naming the component that failed; components already started stay up so
-    ``down`` can stop them.
+    Before starting anything, every port the stack needs is checked: a port held by a process
+    that is not part of this stack raises StackError naming the port, the holder (pid, command
+    line, working directory) and what to do, and nothing is started. If a component then fails,
+    everything this call started is stopped again (components that were already running stay
+    up) and StackError names the component that failed.
     """
-    t0 = time.monotonic()
     root = spec.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    before = _live_pid_files(root)
+    _refuse_busy_ports(spec, root)
+    try:
+        return _start(spec, root)
+    except BaseException:
+        _stop_started(root, before)
+        raise
+
+
+def _refuse_busy_ports(spec: StackSpec, root: Path, only: str | None = None) -> None:
+    """Raise StackError if a port of the stack (or of component ``only``) is held by a stranger.
+
+    "Stranger": any process that is not one of this stack's (by the pid files under ``root``,
+    children included). The message names each port, its holder and what to do.
+    """
+    labels = {
+        port: label
+        for port, label in _ports(spec).items()
+        if only is None or label.lower().startswith(only)
+    }
+    own = set(_live_pid_files(root).values())
+    busy = busy_ports(sorted(labels), own_pids=own)
+    if busy:
+        lines = [f"port {port} ({labels[port]}) is held by {who}" for port, who in busy.items()]
+        raise StackError(
+            "the stack's ports on 127.0.0.1 are taken: "
+            + "; ".join(lines)
+            + ". If that is a kmp-ops stack of another checkout, run `make stack-down` there "
+            "(the holder's cwd says where); or start this one on other ports with "
+            f"`kmpops stack up --port-base N` (now {spec.port_base}; it uses N+1 … N+600)."
+        )
+
+
+def _stop_started(root: Path, before: dict[Path, int]) -> None:
+    """Stop every process under ``root`` that was not running before this ``up`` began."""
+    from kmpops.stack import postgres
+    from kmpops.stack._proc import stop_process
+
+    started = {p: pid for p, pid in _live_pid_files(root).items() if before.get(p) != pid}
+    for pid_file in started:
+        try:
+            if pid_file == root / "postgres" / "postgres.pid":
+                postgres.stop(root)
+            else:
+                stop_process(pid_file, timeout=5.0)
+        except Exception as err:  # keep stopping the others; the error is reported after
+            print(f"could not stop {pid_file}: {err}")
+
+
+def _start(spec: StackSpec, root: Path) -> StackInfo:
+    t0 = time.monotonic()
     base = spec.port_base
     names = _host_names(spec)
     hosts = [
@@ -168,10 +251,14 @@ def up(spec: StackSpec) -> StackInfo:
     if "prometheus" in spec.components:
         from kmpops.stack import prometheus
 
+        _refuse_busy_ports(spec, root, only="prometheus")  # taken since the first check?
+
         targets = {"web": [f"127.0.0.1:{h.web_port}" for h in hosts]}
         info.prometheus = _plain(prometheus.start(root, base + 300, scrape_targets=targets))
     if "prefect" in spec.components:
         from kmpops.stack import prefect_server
+
+        _refuse_busy_ports(spec, root, only="prefect")
 
         db_url = None
         if spec.prefect_db == "postgres":
