@@ -74,6 +74,40 @@ def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
             stop.wait(0.5)
 
 
+def _serve_deployments(root: Path, timeout: float = 120.0) -> list[str]:
+    """(Re)start ``kmpops serve`` in the background with schedules paused; wait for every flow.
+
+    The process runs detached with its pid in ``root/serve/serve.pid`` (``make stack-down`` stops
+    it), logs to ``root/serve/serve.log`` and serves every flow as a deployment, so each procedure
+    can be started from the UI. A serve process left by an earlier demo is replaced, so a second
+    `make demo` serves the code and config it just used. Returns the deployments' names; raises
+    RuntimeError naming the missing ones if they do not all appear within ``timeout`` seconds.
+    """
+    from prefect.client.orchestration import get_client
+
+    from deployments.serve import discover
+    from kmpops.stack._proc import read_pid, start_process, stop_process
+
+    pid_file, log_file = root / "serve" / "serve.pid", root / "serve" / "serve.log"
+    stop_process(pid_file, timeout=15.0)
+    wanted = {fl.name for fl in discover()}
+    argv = [sys.executable, "-m", "deployments.serve", "--schedules", "paused"]
+    env = {"PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1"}
+    start_process(argv, pid_file=pid_file, log_file=log_file, env=env, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    found: set[str] = set()
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if read_pid(pid_file) is None:
+                raise RuntimeError(f"the serve process exited; see {log_file}")
+            found = {d.name for d in client.read_deployments() if d.name in wanted}
+            if found == wanted:
+                return sorted(found)
+            time.sleep(0.5)
+    missing = ", ".join(sorted(wanted - found))
+    raise RuntimeError(f"not served within {timeout:.0f}s: {missing}; see {log_file}")
+
+
 def _next_version(root: Path) -> str:
     counter = root / "demo-runs"
     n = int(counter.read_text()) + 1 if counter.exists() else 1
@@ -203,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     print("Backing up the sample database and verifying the backup by restoring it …")
     backup = _backup_verify_restore(cfg)
 
+    print("Serving every procedure as a deployment (schedules paused) …")
+    served = _serve_deployments(root)
+    serve_dir = root / "serve"
+    serve_pid = (serve_dir / "serve.pid").read_text().strip()
+    print(f"  {len(served)} deployments served by pid {serve_pid} (log: {serve_dir / 'serve.log'})")
+
     from kmpops.records import Records
 
     records = Records(cfg.records.url)
@@ -228,6 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     for dbname, counts in backup["counts"].items():
         print(f"  rows in {dbname:18s} {counts}")
     print(f"Audit chain:       {'intact' if chain.ok else 'BROKEN'} ({chain.events} events)")
+    ui = info.prefect["ui_url"]
+    print(f"Deployments:       {len(served)} procedures served, schedules paused")
+    print("Try one yourself:")
+    print(f"  1. open {ui}/deployments, click deploy-pipeline, then Run → Custom run")
+    print('  2. request: {"service": "web", "version": "' + version + '",')
+    print('               "environment": "staging", "requested_by": "bob"} → Submit')
+    print("  3. for production the run pauses: on its page click Resume, answer as alice with")
+    print(f"     the token in {root / 'secrets' / 'approver-alice.token'}")
+    print("  A schedule is turned on from its deployment's page (toggle next to the schedule).")
     print("Stop everything:   make stack-down")
     ok = chain.ok and all(current == version for _, _, current in rows)
     ok = ok and backup["counts"]["app"] == backup["counts"]["app_restored_demo"]

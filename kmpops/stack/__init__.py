@@ -502,9 +502,18 @@ def _write_ops_yaml(info: StackInfo) -> None:
 
 
 def down(root: Path) -> list[str]:
-    """Stop every component under ``root`` by pid file; returns the names of what was stopped."""
+    """Stop every component under ``root`` by pid file; returns the names of what was stopped.
+
+    That includes the deployments' serve process ``make demo`` leaves (``root/serve/serve.pid``)
+    and the sample-service instances deploys started on the hosts.
+    """
     root = root.resolve()
     stopped: list[str] = []
+    from kmpops.stack._proc import stop_process
+
+    # first what talks to the Prefect server: the demo's `kmpops serve` process
+    if stop_process(root / "serve" / "serve.pid", timeout=15.0):
+        stopped.append("serve")
     modules = (
         ("prefect", "prefect_server"),
         ("prometheus", "prometheus"),
