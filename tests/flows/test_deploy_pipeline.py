@@ -320,6 +320,16 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
     assert state.is_failed()
     text = failure_text(state)
     assert "batch 2/2" in text and "rolled back" in text
+    # both hosts failed for one reason: said once, with both names (issue 8: 50 hosts, 1 line)
+    assert "2 hosts: " in text and ": prd-3, prd-4" in text
+    assert state.message.count("health check") == 1
+    from tests.flows.backup_fixtures import latest_artifact
+
+    table = latest_artifact("deploy-host-failures")  # ... and each host's own words are kept
+    assert table["flow_run_id"] == str(state.state_details.flow_run_id)
+    rows = json.loads(table["data"])
+    assert [r["host"] for r in rows] == ["prd-3", "prd-4"]
+    assert all(r["error"].startswith(f"HostDeployFailed: {r['host']}: health") for r in rows)
     assert snapshot(stack) == before
     actions = [
         e.action for e in records().audit_events(run_id=str(state.state_details.flow_run_id))
