@@ -6,7 +6,9 @@
    integration tests, monitoring check, production approval (answered here as ``alice`` with her
    approver token, exactly as ``kmpops approve`` would), rolling batches, verification, bake;
 3. backs up the sample database, verifies the backup by restoring it into a scratch database;
-4. prints what a person can check: each host's ``current`` release read from the host itself, the
+4. serves every procedure as a deployment (``kmpops serve`` in the background, schedules paused),
+   so each can be started from the UI, and waits until all of them are READY;
+5. prints what a person can check: each host's ``current`` release read from the host itself, the
    backup's checksum and restored row counts, the audit chain, the Prefect UI address.
 
 Running it again deploys the next release (the previous one stays on the hosts for rollback).
@@ -36,8 +38,28 @@ def _env(root: Path, info: Any) -> None:
 
 
 def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
-    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does."""
+    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does.
+
+    A poll that fails (a busy SQLite-backed server answers 503 while it is locked) is retried
+    until ``stop`` is set: the thread never dies silently and leaves the approval to time out.
+    """
     from prefect.client.orchestration import get_client
+
+    from kmpops.stack import approver_token
+
+    answered: set[str] = set()
+    token = approver_token(root, "alice")
+    with get_client(sync_client=True) as client:
+        while not stop.is_set():
+            try:
+                _answer_paused(client, api_url, token, answered)
+            except Exception as err:  # the server is busy: try again, never die
+                print(f"  approval: could not answer yet ({type(err).__name__}: {err}); retrying")
+            stop.wait(0.5)
+
+
+def _answer_paused(client: Any, api_url: str, token: str, answered: set[str]) -> None:
+    """One poll: approve, as alice, each paused run not answered yet."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -46,36 +68,31 @@ def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
     from prefect.client.schemas.objects import StateType
 
     from kmpops.approve import approve_run
-    from kmpops.stack import approver_token
 
-    answered: set[str] = set()
-    token = approver_token(root, "alice")
-    with get_client(sync_client=True) as client:
-        while not stop.is_set():
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                )
-            )
-            for run in runs:
-                if str(run.id) in answered:
-                    continue
-                time.sleep(1.0)  # let a person watching the UI see the paused run
-                approve_run(
-                    api_url,
-                    str(run.id),
-                    decision="approve",
-                    approver="alice",
-                    reason="demo: staging green, change reviewed",
-                    token=token,
-                )
-                answered.add(str(run.id))
-                print(f"  approval: alice approved paused run {run.name}")
-            stop.wait(0.5)
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+        )
+    )
+    for run in runs:
+        if str(run.id) in answered:
+            continue
+        time.sleep(1.0)  # let a person watching the UI see the paused run
+        approve_run(
+            api_url,
+            str(run.id),
+            decision="approve",
+            approver="alice",
+            reason="demo: staging green, change reviewed",
+            token=token,
+        )
+        answered.add(str(run.id))
+        print(f"  approval: alice approved paused run {run.name}")
 
 
-def _serve_deployments(root: Path, timeout: float = 120.0) -> list[str]:
-    """(Re)start ``kmpops serve`` in the background with schedules paused; wait for every flow.
+def _serve_deployments(root: Path, timeout: float = 300.0) -> list[str]:
+    """(Re)start ``kmpops serve`` in the background with schedules paused; wait until every flow's
+    deployment is READY (the new process polls for its runs).
 
     The process runs detached with its pid in ``root/serve/serve.pid`` (``make stack-down`` stops
     it), logs to ``root/serve/serve.log`` and serves every flow as a deployment, so each procedure
@@ -100,12 +117,16 @@ def _serve_deployments(root: Path, timeout: float = 120.0) -> list[str]:
         while time.monotonic() < deadline:
             if read_pid(pid_file) is None:
                 raise RuntimeError(f"the serve process exited; see {log_file}")
-            found = {d.name for d in client.read_deployments() if d.name in wanted}
+            found = {  # READY: this process polls for their runs (not just an old registration)
+                d.name
+                for d in client.read_deployments()
+                if d.name in wanted and d.status is not None and d.status.value == "READY"
+            }
             if found == wanted:
                 return sorted(found)
             time.sleep(0.5)
     missing = ", ".join(sorted(wanted - found))
-    raise RuntimeError(f"not served within {timeout:.0f}s: {missing}; see {log_file}")
+    raise RuntimeError(f"not served (READY) within {timeout:.0f}s: {missing}; see {log_file}")
 
 
 def _next_version(root: Path) -> str:
@@ -223,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     info = stack.up(stack.StackSpec(root=root, port_base=args.port_base, prefect_db="sqlite"))
     print(f"  stack up in {info.started_s}s ({len(info.hosts)} hosts)")
     _env(root, info)
+    # A serve process left by an earlier demo is replaced at the end; stopped first, so it does not
+    # compete with this run's flows for the SQLite-backed server.
+    from kmpops.stack._proc import stop_process
+
+    stop_process(root / "serve" / "serve.pid", timeout=15.0)
 
     from kmpops.config import load_config
 

@@ -320,3 +320,13 @@ def stop(root: Path) -> None:
             cwd=paths["home"],
         )
     stop_process(paths["pid"], timeout=10.0)
+
+
+def remove(root: Path) -> None:
+    """Stop the cluster under ``root`` and delete its files, wherever they live (see the module
+    docstring): what ``rm -rf root`` alone would leave in /var/lib/kmpops goes too."""
+    stop(root)
+    paths = _layout(root)
+    if paths["home"] != paths["base"] and paths["home"].parent == EXTERNAL_HOME:
+        shutil.rmtree(paths["home"], ignore_errors=True)
+    shutil.rmtree(paths["base"], ignore_errors=True)

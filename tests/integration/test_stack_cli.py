@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kmpops.config import load_config
+from kmpops.stack import postgres
 from kmpops.stack._proc import pid_alive, port_open
 
 PORT_BASE = 28000
@@ -137,6 +138,7 @@ def test_a_start_that_fails_part_way_stops_everything_it_started(tmp_path: Path)
         holder.kill()
         holder.wait()
         stack.down(root)
+        postgres.remove(root)
 
 
 def test_postgres_starts_under_a_mode_700_directory(tmp_path: Path) -> None:
@@ -168,3 +170,5 @@ def test_postgres_starts_under_a_mode_700_directory(tmp_path: Path) -> None:
     finally:
         stack.down(root)
     assert _live_pids(root) == []
+    postgres.remove(root)
+    assert not cluster.exists()
