@@ -134,13 +134,13 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     assert rec.audit_events(action="backup.verification_failed")
 
     # default restore picks the newest *verified* backup, never the failed one
-    target = bk.dbname + "_copy"
-    result = restore_database("shop", target_dbname=target, environment="development")
+    target = bk.dbname + "_restore_copy"
+    result = restore_database("shop", target_dbname=target)
     assert result["backup"] == good["record_id"] and result["row_counts_match"]
 
     # asking for the failed one is refused, and refused again if the approver says no
     with pytest.raises(PolicyViolation, match="failed verification"):
-        restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_x")
+        restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_restore_x")
 
     def answer(decision: str):
         return _run_answering_approval(
@@ -151,8 +151,7 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
             approver="alice",
             reason="test",
             backup_id=bad["record_id"],
-            target_dbname=bk.dbname + "_forced",
-            environment="staging",
+            target_dbname=bk.dbname + "_restore_forced",
             force=True,
             requested_by="dave",
         )
@@ -162,7 +161,7 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     box = answer("approve")
     assert "error" not in box, box.get("error")
     assert box["result"]["backup"] == bad["record_id"]
-    assert bk.counts(bk.dbname + "_forced") == TABLES
+    assert bk.counts(bk.dbname + "_restore_forced") == TABLES
 
 
 def _paused(flow_run_id: str) -> bool:
