@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from kmpops import backup as core
 from kmpops.config import DatabaseConfig
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
-from kmpops.errors import IntegrityError, NotFound
+from kmpops.errors import ConnectorError, IntegrityError, NotFound
 from kmpops.plans.recovery import expired_previous_copies
 from kmpops.records.models import Backup
 from tasks.common import (
@@ -567,7 +567,8 @@ def drop_expired_previous_copies(*, dry_run: bool = False) -> list[str]:
 
     Their age is read from their names and measured against the real clock (never a
     parameter). ``dry_run`` only lists them. Idempotent (a copy already gone is skipped); each
-    drop is audited. Nothing else on the server is touched.
+    drop is audited. Nothing else on the server is touched. A server that cannot be reached is
+    logged and skipped (the next run tries again): it never blocks backup retention.
     """
     cfg = ops_config()
     now = datetime.now(UTC)
@@ -577,8 +578,13 @@ def drop_expired_previous_copies(*, dry_run: bool = False) -> list[str]:
             continue
         db = open_database(name)
         assert isinstance(db, PostgresDatabase)
+        try:
+            existing = db.list_databases()
+        except ConnectorError as exc:
+            get_run_logger().warning("old restore copies of %s not checked: %s", name, exc)
+            continue
         for copy in expired_previous_copies(
-            dbcfg.dbname, db.list_databases(), now=now, keep=dbcfg.keep_previous_copies
+            dbcfg.dbname, existing, now=now, keep=dbcfg.keep_previous_copies
         ):
             if not dry_run:
                 db.drop_database(copy)

@@ -301,11 +301,19 @@ def test_statements_and_lock_waits_are_bounded(pg, app_db):
     )
     with pytest.raises(CommandTimeout, match=r"conn_app: a statement ran past 0.5s"):
         db.run_sql("SELECT pg_sleep(30)")
+    patient = PostgresDatabase(
+        host=pg.host,
+        port=pg.port,
+        user=pg.user,
+        dbname="conn_app",
+        statement_timeout=60,
+        lock_timeout=0.5,
+    )
     with psycopg.connect(host=pg.host, port=pg.port, user=pg.user, dbname="conn_app") as other:
         other.execute("LOCK TABLE public.customers IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(ConnectorError, match=r"conn_app: waited more than 0.5s for a lock"):
-            db.table_row_counts()
-    assert db.table_row_counts() == EXPECTED  # the lock is gone with the other session
+            patient.table_row_counts()
+    assert patient.table_row_counts() == EXPECTED  # the lock is gone with the other session
 
 
 def test_sqlite_online_backup(tmp_path):
