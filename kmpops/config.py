@@ -320,7 +320,7 @@ class DatabaseConfig(Strict):
     rpo: Duration = timedelta(hours=25)
     rto: Duration = timedelta(minutes=30)
     restore_scratch_pattern: str = Field(
-        default="{dbname}_restore_*",
+        default="{dbname}_restore*",
         description="names a restore may create besides the database itself (a glob; "
         "``{dbname}`` is this database's dbname); never another configured database",
     )

@@ -119,14 +119,13 @@ class _Passfile:
 
     ``env`` is the child's environment with ``PGPASSFILE`` pointing at it (no ``PGPASSWORD``);
     ``remove()`` deletes file and directory (idempotent, never raises). Without a password
-    there is no file and ``PGPASSFILE`` points at ``/dev/null`` (no ~/.pgpass is read).
+    there is no file (libpq then reads the operator's own ``~/.pgpass``, if any, as before).
     """
 
     def __init__(self, base_env: dict[str, str], user: str, password: SecretStr | None) -> None:
         self.env = dict(base_env)
         self._dir: str | None = None
         if password is None:
-            self.env["PGPASSFILE"] = os.devnull
             return
         self._dir = tempfile.mkdtemp(prefix="kmpops-pgpass-")
         path = os.path.join(self._dir, "pgpass")
