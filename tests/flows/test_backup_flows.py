@@ -412,3 +412,33 @@ def test_restore_configuration_in_production_waits_for_approval(bk):
     assert "error" not in box, box.get("error")
     assert (conf / "app.conf").read_text() == "workers = 4\n"
     assert box["result"]["safety_backup"] is not None
+
+
+def test_restore_failing_a_sanity_query_never_goes_live(bk):
+    """The sanity queries run on the restored copy before the swap: one that fails there keeps
+    the target as it is, drops the copy, and the run names the query; the refusal is audited."""
+    import yaml
+
+    from flows.backup_database import backup_database
+    from flows.restore_database import restore_database
+    from kmpops.errors import IntegrityError
+
+    cfg = yaml.safe_load(bk.ops_yaml.read_text())
+    cfg["environments"]["development"] = {"hosts": [], "policy": {}}
+    cfg["databases"]["shop"]["environment"] = "development"
+    cfg["databases"]["shop"]["sanity_queries"].append("SELECT count(*) > 5000 FROM customers")
+    bk.ops_yaml.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    [manifest] = backup_database(["shop"])
+    with bk.pg() as conn:
+        conn.execute("INSERT INTO customers SELECT g, 'new' FROM generate_series(2001, 6000) g")
+
+    with pytest.raises(IntegrityError, match=r"sanity query failed: SELECT count\(\*\) > 5000"):
+        restore_database("shop", backup_id=manifest["record_id"])
+    assert bk.counts(bk.dbname)["customers"] == 6000  # the target kept its rows
+    with bk.pg("postgres") as conn:
+        copies = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (bk.dbname + "\\_\\_%",)
+        ).fetchall()
+    assert copies == []
+    [event] = bk.records().audit_events(action="backup.restore_failed")
+    assert "sanity query failed" in event.details["error"]

@@ -269,6 +269,62 @@ def test_sftp_server_stopped_mid_transfer_fails_within_bound(
     assert rows and all(r.state == "failed" for r in rows)
 
 
+class _StallingSource:
+    """A file to upload that stops the host's sftp-server (SIGSTOP) once the upload is under
+    way: its second read happens after the first chunk went out."""
+
+    def __init__(self, sshd_pid: int) -> None:
+        self.sshd_pid = sshd_pid
+        self.stopped: list[int] = []
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads == 2:
+            for pid in _descendants(self.sshd_pid):
+                if b"internal-sftp" in _cmdline(pid):
+                    os.kill(pid, signal.SIGSTOP)
+                    self.stopped.append(pid)
+        return os.urandom(32768) if self.reads < 4000 else b""  # ~128 MB if never stopped
+
+
+def test_sftp_upload_to_a_stopped_server_fails_within_bound(stack: Any, tmp_path: Path) -> None:
+    """The upload direction: put() into a stopped sftp-server blocked forever (the window
+    fills, keepalives are still answered). With the configured ``timeouts.sftp`` it fails with
+    CommandTimeout naming the host and the file, and the connection works again afterwards."""
+    from kmpops.config import load_config
+    from kmpops.connectors.ssh import SSHConnection
+    from kmpops.errors import CommandTimeout
+
+    cfg_data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    cfg_data["timeouts"] = {"sftp": "2s"}
+    ops_yaml = tmp_path / "ops.yaml"
+    ops_yaml.write_text(yaml.safe_dump(cfg_data, sort_keys=False))
+    cfg = load_config(ops_yaml)
+    _, host = cfg.host("stg-2")
+    remote = f"{stack.host('stg-2').root}/upload-{os.urandom(4).hex()}.bin"
+    sshd_pid = int((Path(stack.host("stg-2").root) / "run" / "sshd.pid").read_text().strip())
+    source = _StallingSource(sshd_pid)
+    with SSHConnection.from_host(host, **cfg.timeouts.ssh_options()) as conn:
+        thread, box = run_in_thread(conn.put, source, remote)  # type: ignore[arg-type]
+        try:
+            thread.join(HUNG_AFTER_S)
+            assert not thread.is_alive(), "put() hung on a stopped sftp-server"
+        finally:
+            for pid in source.stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGCONT)
+        assert source.stopped, "no sftp-server was seen"
+        error = box.get("error")
+        assert isinstance(error, CommandTimeout), box
+        assert "host stg-2" in str(error) and remote in str(error) and "2s" in str(error)
+        assert not Path(remote).exists()  # the file never appeared under its name
+        conn.put_bytes(b"after\n", remote)  # a fresh SFTP session on the same connection
+        assert conn.stat(remote).size == 6
+    Path(remote).unlink()
+
+
 @contextlib.contextmanager
 def _table_locked(env: BackupEnv, table: str) -> Iterator[int]:
     """Hold ``table`` ACCESS EXCLUSIVE in another session; yields that session's pid."""
