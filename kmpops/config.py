@@ -319,6 +319,26 @@ class DatabaseConfig(Strict):
     sanity_queries: list[str] = Field(default_factory=list)
     rpo: Duration = timedelta(hours=25)
     rto: Duration = timedelta(minutes=30)
+    restore_scratch_pattern: str = Field(
+        default="{dbname}_restore*",
+        description="names a restore may create besides the database itself (a glob; "
+        "``{dbname}`` is this database's dbname); never another configured database",
+    )
+    keep_previous_copies: Duration = Field(
+        default=timedelta(days=7),
+        description="how long the copy a restore replaced (``<dbname>__pre_<time>``) is kept "
+        "before backup-retention drops it",
+    )
+
+    @field_validator("restore_scratch_pattern")
+    @classmethod
+    def _scratch_pattern(cls, value: str) -> str:
+        if not re.fullmatch(r"(\{dbname\}|[A-Za-z0-9._*?-])+", value) or "*" not in value:
+            raise ValueError(
+                f"{value!r} is not a scratch name pattern: letters, digits, '.', '_', '-', "
+                "'{dbname}' and at least one '*'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _kind(self) -> DatabaseConfig:
@@ -402,6 +422,7 @@ class OpsConfig(Strict):
     databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
     alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
 
     @model_validator(mode="after")
     def _hosts_unique_across_environments(self) -> OpsConfig:
@@ -518,3 +539,62 @@ def summary(config: OpsConfig) -> str:
         f"{len(config.services)} services, {len(config.databases)} databases, "
         f"{len(config.alerts)} alert rules, {len(config.backups)} backup schedules"
     )
+
+
+class Timeouts(Strict):
+    """How long kmp-ops waits for the outside world before it fails the step (``timeouts:``).
+
+    Every wait has a bound: a step that runs past one fails with a message naming the host or
+    database and what it was doing, and its compensation runs.
+    """
+
+    connect: Duration = Field(
+        default=timedelta(seconds=10),
+        description="TCP connect + SSH handshake + authentication; a database connection",
+    )
+    sftp: Duration = Field(
+        default=timedelta(seconds=60),
+        description="one SFTP request (put/get/stat) without progress from the host",
+    )
+    database_lock: Duration = Field(
+        default=timedelta(seconds=60),
+        description="waiting for a table lock (pg_dump --lock-wait-timeout, lock_timeout)",
+    )
+    database_statement: Duration = Field(
+        default=timedelta(minutes=10),
+        description="one SQL statement of kmp-ops (row counts, sanity queries, renames)",
+    )
+    database_tool: Duration = Field(
+        default=timedelta(hours=6),
+        description="the whole run of one pg_dump / pg_restore",
+    )
+    task: Duration = Field(
+        default=timedelta(hours=8),
+        description="one Prefect task run (the connector bounds above fire first)",
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> Timeouts:
+        for name in type(self).model_fields:
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be longer than 0s")
+        return self
+
+    def ssh_options(self) -> dict[str, float]:
+        """Keyword options of ``SSHConnection.from_host`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "sftp_timeout": self.sftp.total_seconds(),
+        }
+
+    def database_options(self) -> dict[str, float]:
+        """Keyword options of ``PostgresDatabase`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "lock_timeout": self.database_lock.total_seconds(),
+            "statement_timeout": self.database_statement.total_seconds(),
+            "tool_timeout": self.database_tool.total_seconds(),
+        }
+
+
+OpsConfig.model_rebuild()  # ``timeouts`` refers to Timeouts, defined after OpsConfig
