@@ -217,7 +217,7 @@ def _backup_verify_restore(cfg: Any) -> dict[str, Any]:
     backups = backup_database(databases=["app"])
     verify_backups(databases=["app"], hosts=[], apply_retention=False)
     target = "app_restored_demo"
-    restore_database(database="app", target_dbname=target, environment="development")
+    restore_database(database="app", target_dbname=target)
     db = cfg.databases["app"]
     counts = {}
     for dbname in ("app", target):
