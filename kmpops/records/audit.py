@@ -295,11 +295,12 @@ def verify_chain(
     good: list[Checkpoint] = []
     for cp in checkpoints:
         if cp.key_id != key.key_id or not cp.signed_by(key):
+            label = f"checkpoint {cp.where}" if cp.where else cp.describe()
             problems.append(
                 ChainProblem(
                     max(cp.seq, 1),
-                    f"checkpoint {cp.where or cp.describe()} has a bad signature "
-                    f"(forged, or signed with another key: {cp.key_id})",
+                    f"{label} has a bad signature (forged, or signed with another key: "
+                    f"{cp.key_id})",
                     "checkpoint",
                 )
             )
