@@ -295,6 +295,14 @@ def test_happy_path_staging_then_production_with_approval(stack, baseline, use_c
     ):
         assert action in actions
     assert rec.verify_audit().ok
+    # the production change is anchored: a checkpoint that saw deploy.completed
+    completed = rec.audit_events(action="deploy.completed")[-1]
+    anchored, unreadable = rec.audit_checkpoints()
+    assert unreadable == []
+    assert any(
+        c.reason == "deploy-pipeline web@2.0.0->production" and c.seq >= completed.seq
+        for c in anchored
+    )
 
 
 def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use_config):
