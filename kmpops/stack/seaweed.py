@@ -3,7 +3,9 @@
 Ports: S3 on ``port``; master ``port+1`` (grpc ``+2``), volume ``+3`` (grpc ``+4``), filer ``+5``
 (grpc ``+6``), S3 grpc ``+7``. Telemetry, the Iceberg/Lance side servers, WebDAV, SFTP and the
 admin UI are off. S3 requires the access key / secret generated on first start and kept in
-``root/secrets/s3_access_key`` and ``root/secrets/s3_secret_key`` (mode 0600).
+``root/secrets/s3_access_key`` and ``root/secrets/s3_secret_key`` (mode 0600). Besides the main
+bucket, a bucket for the audit checkpoints is created with Object Lock enabled (SeaweedFS refuses
+to delete a COMPLIANCE-locked version or to shorten its lock: AccessDenied).
 """
 
 from __future__ import annotations

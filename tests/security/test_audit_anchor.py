@@ -367,4 +367,11 @@ def test_audit_checkpoint_flow_anchors_the_stack_chain(stack: Any) -> None:
     ok = _cli("audit", "verify", "--config", stack.ops_yaml)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("audit chain intact: ")
+    # the stack's key: outside the records, created 0600, never printed
+    key_file = Path(stack.root) / "secrets" / "audit_key"
+    assert str(cfg.records.audit_key) == f"file:{key_file}"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    exported = _cli("audit", "export", "--config", stack.ops_yaml)
+    key = key_file.read_text().strip()
+    assert key not in ok.stdout + ok.stderr + exported.stdout + exported.stderr + str(result)
     rec.close()
