@@ -375,3 +375,36 @@ def test_audit_checkpoint_flow_anchors_the_stack_chain(stack: Any) -> None:
     key = key_file.read_text().strip()
     assert key not in ok.stdout + ok.stderr + exported.stdout + exported.stderr + str(result)
     rec.close()
+
+
+def test_store_put_locked_writes_once_and_reads_back_its_lock(stack: Any) -> None:
+    """The connector's write-once put: a second put to the key is refused, the lock is read back,
+    and ``list_versions`` still lists a version hidden behind a delete marker."""
+    from kmpops.connectors.storage import S3Store
+    from kmpops.errors import ConnectorError
+
+    cfg = load_config(Path(stack.ops_yaml))
+    root = Path(stack.root)
+    store = S3Store(
+        bucket=cfg.records.checkpoints.bucket,
+        endpoint_url=stack.s3["endpoint_url"],
+        access_key_id=(root / "secrets" / "s3_access_key").read_text().strip(),
+        secret_access_key=(root / "secrets" / "s3_secret_key").read_text().strip(),
+    )
+    key = f"test-locked/{uuid.uuid4().hex[:8]}.json"
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    assert store.object_lock_enabled()
+    locked = store.put_locked(key, b'{"a":1}', retain_until=until)
+    assert store.retention(key, locked.version_id) == ("COMPLIANCE", until)
+    with pytest.raises(ConnectorError, match="PreconditionFailed"):
+        store.put_locked(key, b'{"a":2}', retain_until=until)
+    store.delete(key)  # a delete marker; the locked version stays
+    assert (key, locked.version_id) in store.list_versions("test-locked/")
+    assert store.get_version(key, locked.version_id) == b'{"a":1}'
+    main = S3Store(
+        bucket=cfg.storage.bucket,
+        endpoint_url=stack.s3["endpoint_url"],
+        access_key_id=(root / "secrets" / "s3_access_key").read_text().strip(),
+        secret_access_key=(root / "secrets" / "s3_secret_key").read_text().strip(),
+    )
+    assert not main.object_lock_enabled()
