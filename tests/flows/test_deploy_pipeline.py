@@ -334,6 +334,11 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
     ]
     assert actions.count("deploy.rollback") == 4  # two of batch 1, two switched in batch 2
     assert "deploy.rolled_back" in actions
+    # the rolled-back production change is anchored too
+    rolled_back = records().audit_events(action="deploy.rolled_back")[-1]
+    anchored, _ = records().audit_checkpoints()
+    reason = "deploy-pipeline rolled back web@2.1.0->production"
+    assert any(c.reason == reason and c.seq >= rolled_back.seq for c in anchored)
 
 
 def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):
