@@ -16,7 +16,9 @@ Two stores behind one narrow interface (``write`` one checkpoint, ``read`` them 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +27,8 @@ from kmpops.config import AuditCheckpoints, OpsConfig
 from kmpops.connectors.storage import S3Store
 from kmpops.errors import ConfigError, ConnectorError
 from kmpops.records.audit import Checkpoint
+
+_NAMED_SEQ = re.compile(r"^(\d{12})-")
 
 __all__ = [
     "CheckpointStore",
@@ -43,8 +47,9 @@ class CheckpointStore(Protocol):
         """Store one checkpoint for good; return where it is (a key@version or file:line)."""
         ...
 
-    def read(self) -> tuple[list[Checkpoint], list[str]]:
-        """Every checkpoint stored, and one message per entry that could not be parsed."""
+    def read(self, *, limit: int | None = None) -> tuple[list[Checkpoint], list[str]]:
+        """The stored checkpoints (at most the ``limit`` newest, where the store can tell which
+        are newest without reading them), and one message per entry that could not be parsed."""
         ...
 
 
@@ -77,8 +82,9 @@ class LocalCheckpointStore:
             ) from None
         return f"{self.path}:{count}"
 
-    def read(self) -> tuple[list[Checkpoint], list[str]]:
-        """Every line of the file (a missing file holds none)."""
+    def read(self, *, limit: int | None = None) -> tuple[list[Checkpoint], list[str]]:
+        """Every line of the file (a missing file holds none; ``limit`` is not needed: reading
+        a local file is cheap)."""
         try:
             lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
@@ -127,20 +133,33 @@ class S3CheckpointStore:
         )
         return f"{key}@{locked.version_id}"
 
-    def read(self) -> tuple[list[Checkpoint], list[str]]:
+    def read(self, *, limit: int | None = None) -> tuple[list[Checkpoint], list[str]]:
         """Every version of every object directly under the prefix (not in sub-folders, which
-        may hold other chains' checkpoints)."""
-        found, bad = [], []
+        may hold other chains' checkpoints), newest ``seq`` first by the seq in its name, at most
+        ``limit`` of them.
+
+        Each checkpoint carries the seq its name claims (``named_seq``): a valid checkpoint
+        copied under a newer name (to hide the newer ones) is reported by ``verify_chain``, and
+        forged ones under newer names fail their signature, so the limit cannot hide a
+        truncation without a reported problem.
+        """
+        entries = []
         for key, version in self.store.list_versions(self.prefix):
-            if "/" in key[len(self.prefix) :]:
+            name = key[len(self.prefix) :]
+            if "/" in name:
                 continue
+            match = _NAMED_SEQ.match(name)
+            entries.append((int(match.group(1)) if match else -1, key, version))
+        entries.sort(reverse=True)
+        found, bad = [], []
+        for named_seq, key, version in entries[:limit] if limit else entries:
             where = f"s3://{self.store.bucket}/{key}@{version}"
             try:
-                found.append(
-                    Checkpoint.from_json(self.store.get_version(key, version), where=where)
-                )
+                checkpoint = Checkpoint.from_json(self.store.get_version(key, version), where=where)
             except ValueError as err:
                 bad.append(str(err))
+                continue
+            found.append(replace(checkpoint, named_seq=named_seq))
         return found, bad
 
 

@@ -146,6 +146,7 @@ class Checkpoint:
     reason: str = ""
     sig: str = ""
     where: str = field(default="", compare=False)
+    named_seq: int | None = field(default=None, compare=False)
 
     def _body(self) -> str:
         return canonical(
@@ -301,6 +302,15 @@ def verify_chain(
                     max(cp.seq, 1),
                     f"{label} has a bad signature (forged, or signed with another key: "
                     f"{cp.key_id})",
+                    "checkpoint",
+                )
+            )
+        elif cp.named_seq is not None and cp.named_seq != cp.seq:
+            problems.append(
+                ChainProblem(
+                    max(cp.seq, 1),
+                    f"checkpoint {cp.where} (seq {cp.seq}) is stored under the name of seq "
+                    f"{cp.named_seq}: a copy",
                     "checkpoint",
                 )
             )

@@ -55,6 +55,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _Row = TypeVar("_Row", bound=Base)
 _MIGRATE_LOCK = threading.Lock()
 _KEY_LOCK = threading.Lock()
+VERIFY_CHECKPOINTS = 200  # verify reads at most this many of the newest checkpoints
 
 
 def _redact_details(details: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +328,7 @@ class Records:
         notes: list[str] = []
         try:
             store = self.checkpoint_store()
-            found, bad = store.read() if store is not None else ([], [])
+            found, bad = store.read(limit=VERIFY_CHECKPOINTS) if store is not None else ([], [])
         except KmpOpsError as err:
             found, bad = [], [f"the checkpoints cannot be read: {err}"]
             store = None
@@ -335,7 +336,8 @@ class Records:
             notes.append("no checkpoint store configured (records.checkpoints)")
         report = verify_chain(events, key=key, checkpoints=found, unreadable=bad)
         if store is not None:
-            notes.append(f"checkpoints read from {store.where}")
+            newest = " (the newest)" if len(found) + len(bad) >= VERIFY_CHECKPOINTS else ""
+            notes.append(f"{len(found) + len(bad)} checkpoints{newest} read from {store.where}")
         return replace(report, notes=report.notes + tuple(notes))
 
     def checkpoint_audit(self, reason: str) -> tuple[Checkpoint, str]:

@@ -235,11 +235,8 @@ def test_export_includes_the_checkpoints(chain: Chain) -> None:
     ]
 
 
-def test_locked_checkpoint_cannot_be_deleted_or_overwritten_on_seaweedfs(
-    stack: Any, tmp_path: Path
-) -> None:
-    """The S3 API refuses to delete a COMPLIANCE-locked checkpoint or shorten its lock; a put to
-    the same key only adds a version, and verify still reads the locked one."""
+def _s3_chain(stack: Any, tmp_path: Path) -> tuple[Records, Path, str]:
+    """Four events on PostgreSQL, checkpoints in the lock bucket under a prefix of their own."""
     base = yaml.safe_load(Path(stack.ops_yaml).read_text())
     key = tmp_path / "audit_key"
     key.write_text(secrets.token_hex(32))
@@ -255,9 +252,35 @@ def test_locked_checkpoint_cannot_be_deleted_or_overwritten_on_seaweedfs(
     rec.migrate()
     for i in range(4):
         rec.audit(actor="alice", action="deploy.step", subject="web", details={"i": i})
+    return rec, ops_yaml, base["records"]["checkpoints"]["bucket"]
+
+
+def test_old_checkpoint_copied_under_a_newer_name_is_reported(stack: Any, tmp_path: Path) -> None:
+    """Verify reads the newest checkpoints by the seq in their names: a genuine old checkpoint
+    copied under a higher seq's name (to push the real newest out of sight) is reported."""
+    rec, ops_yaml, bucket = _s3_chain(stack, tmp_path)
+    _, where = rec.checkpoint_audit("genuine")
+    object_key, version = where.split("@")
+    s3 = _s3(stack)
+    body = s3.get_object(Bucket=bucket, Key=object_key, VersionId=version)["Body"].read()
+    copy_key = object_key.rsplit("/", 1)[0] + "/000000000009-20990101T000000000000Z-copy.json"
+    s3.put_object(Bucket=bucket, Key=copy_key, Body=body)
+
+    copied = _cli("audit", "verify", "--config", str(ops_yaml))
+    assert copied.returncode == 1
+    assert f"{copy_key}@" in copied.stderr
+    assert "(seq 4) is stored under the name of seq 9: a copy" in copied.stderr
+    rec.close()
+
+
+def test_locked_checkpoint_cannot_be_deleted_or_overwritten_on_seaweedfs(
+    stack: Any, tmp_path: Path
+) -> None:
+    """The S3 API refuses to delete a COMPLIANCE-locked checkpoint or shorten its lock; a put to
+    the same key only adds a version, and verify still reads the locked one."""
+    rec, ops_yaml, bucket = _s3_chain(stack, tmp_path)
     checkpoint, where = rec.checkpoint_audit("to be attacked")
     object_key, version = where.split("@")
-    bucket = base["records"]["checkpoints"]["bucket"]
     s3 = _s3(stack)
     original = s3.get_object(Bucket=bucket, Key=object_key, VersionId=version)["Body"].read()
     lock = s3.get_object_retention(Bucket=bucket, Key=object_key, VersionId=version)["Retention"]

@@ -146,6 +146,11 @@ CASES: list[tuple[str, Case, str | None]] = [
         f"signature (forged, or signed with another key: {OTHER.key_id})",
     ),
     (
+        "old checkpoint copied under a newer name (to hide the newer ones)",
+        lambda: (chain(2), [replace(cp(chain(4), 2), named_seq=4, where="s3://b/k@v")]),
+        "#2 checkpoint: checkpoint s3://b/k@v (seq 2) is stored under the name of seq 4: a copy",
+    ),
+    (
         "checkpoint edited after signing",
         lambda: (chain(2), [replace(cp(chain(4), 4), seq=2, mac=chain(2)[1].hash)]),
         "#2 checkpoint: the checkpoint of 2026-12-01T16:00:00+00:00 (seq 2) has a bad "
