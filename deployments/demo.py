@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kmpops.records import Records
 
-    records = Records(cfg.records.url)
+    records = Records.from_config(cfg)
     chain = records.verify_audit()
     rows = _host_current(cfg, "web")
 

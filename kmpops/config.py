@@ -397,10 +397,54 @@ class NotificationConfig(Strict):
     ack_timeout: Duration = timedelta(minutes=15)
 
 
+class AuditCheckpoints(Strict):
+    """Where the audit chain's head is anchored: write-once storage outside the records database.
+
+    ``s3``: objects in ``bucket`` (created with Object Lock enabled) under ``prefix``, each put in
+    COMPLIANCE mode until its time + ``retention``; endpoint and credentials are ``storage``'s.
+    ``local``: one append-only JSON Lines file at ``path`` (the embedded default: next to a
+    SQLite records database, ``<db>.checkpoints.jsonl``).
+    """
+
+    backend: Literal["s3", "local"] = "local"
+    bucket: Name | None = None
+    prefix: str = Field(default="audit-checkpoints/", pattern=r"^[A-Za-z0-9._/-]*$")
+    retention: Duration = timedelta(days=400)
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> AuditCheckpoints:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("backend s3 needs a bucket (created with Object Lock enabled)")
+        if self.backend == "local" and self.path is None:
+            raise ValueError("backend local needs a path")
+        if self.retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        return self
+
+
 class RecordsConfig(Strict):
-    """Where the records (audit chain, releases, approvals, backups, incidents) live."""
+    """Where the records (audit chain, releases, approvals, backups, incidents) live.
+
+    ``audit_key`` is the secret (a reference: ``file:``/``env:``/``prefect:``) that authenticates
+    every audit event (HMAC-SHA256) and signs the checkpoints; it never lives in the records
+    database. Without it kmp-ops fails closed: no audit event is written and ``kmpops audit
+    verify`` fails.
+    """
 
     url: str = "sqlite:///var/records.db"
+    audit_key: Secret | None = None
+    checkpoints: AuditCheckpoints | None = None
+
+    def checkpoint_target(self) -> AuditCheckpoints | None:
+        """The configured checkpoint store, else the embedded default for a SQLite database."""
+        if self.checkpoints is not None:
+            return self.checkpoints
+        if self.url.startswith("sqlite:///"):
+            db = self.url.removeprefix("sqlite:///")
+            if db not in ("", ":memory:"):
+                return AuditCheckpoints(backend="local", path=Path(db + ".checkpoints.jsonl"))
+        return None
 
 
 class PrometheusConfig(Strict):
@@ -423,6 +467,22 @@ class OpsConfig(Strict):
     alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+
+    @model_validator(mode="after")
+    def _checkpoints_on_s3_storage(self) -> OpsConfig:
+        cp = self.records.checkpoints
+        if cp is not None and cp.backend == "s3":
+            if self.storage is None or self.storage.backend != "s3":
+                raise ValueError(
+                    "records.checkpoints: backend s3 uses storage's endpoint and credentials; "
+                    "storage.backend must be s3"
+                )
+            if cp.bucket == self.storage.bucket:
+                raise ValueError(
+                    "records.checkpoints.bucket must not be storage.bucket "
+                    "(checkpoints need a bucket of their own, created with Object Lock)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _hosts_unique_across_environments(self) -> OpsConfig:
@@ -466,6 +526,7 @@ class OpsConfig(Strict):
         if self.storage:
             refs += [r for r in (self.storage.access_key_id, self.storage.secret_access_key) if r]
         refs += [db.password for db in self.databases.values() if db.password]
+        refs += [self.records.audit_key] if self.records.audit_key else []
         refs += [
             env.policy.approver_tokens
             for env in self.environments.values()
