@@ -308,7 +308,8 @@ def _write_audit_key(root: Path) -> Path:
     """Generate the audit chain's HMAC key once: ``secrets/audit_key``, created mode 0600.
 
     The key lives outside the records database (that is the point of it); an existing key is
-    kept, since events tagged with it must stay verifiable.
+    kept, since events tagged with it must stay verifiable. A records database found without a
+    key is renamed ``records.db.before-audit-key-<time>`` (its chain predates the key).
     """
     import os
     import secrets as pysecrets
@@ -317,6 +318,13 @@ def _write_audit_key(root: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "audit_key"
     if not path.exists():
+        # Records written before this stack had a key (a checkout from before the audit key, or
+        # a deleted key) can never verify under the new one: set them aside, named, not mixed in.
+        records_db = root / "records.db"
+        if records_db.exists():
+            kept = records_db.with_name(f"records.db.before-audit-key-{int(time.time())}")
+            records_db.rename(kept)
+            print(f"audit: a new audit key; the records written without it are kept in {kept}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(pysecrets.token_hex(32) + "\n")
