@@ -154,7 +154,15 @@ def _load_private_key(key_file: Path) -> paramiko.PKey:
         raise ConnectorError(f"SSH key file {key_file} is not readable") from exc
     except paramiko.PasswordRequiredException as exc:
         raise ConnectorError(
-            f"SSH key file {key_file} is encrypted; use an unencrypted key or an agent"
+            f"SSH key file {key_file} is encrypted; give key_passphrase (env:NAME or "
+            "file:/path) or use an agent"
+        ) from exc
+    except TypeError as exc:  # cryptography's word for an OpenSSH-format encrypted key
+        if "password" not in str(exc):
+            raise
+        raise ConnectorError(
+            f"SSH key file {key_file} is encrypted; give key_passphrase (env:NAME or "
+            "file:/path) or use an agent"
         ) from exc
     except (paramiko.SSHException, ValueError, OSError) as exc:
         raise ConnectorError(f"SSH key file {key_file} is not a usable private key") from exc
@@ -237,13 +245,9 @@ def _load_key(endpoint: Endpoint) -> paramiko.PKey | None:
     if passphrase is None:
         pkey = _load_private_key(key_file)
     else:
-        ref = (
-            endpoint.key_passphrase
-            if isinstance(endpoint.key_passphrase, SecretRef)
-            else "the given passphrase"
-        )
+        ref = SecretRef.parse(endpoint.key_passphrase)  # str() shows a literal as stars
         try:
-            pkey = paramiko.PKey.from_path(key_file, passphrase=passphrase.encode())
+            pkey = paramiko.PKey.from_path(key_file, password=passphrase.encode())
         except FileNotFoundError as exc:
             raise ConnectorError(f"SSH key file {key_file} does not exist") from exc
         except PermissionError as exc:
