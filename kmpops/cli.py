@@ -54,6 +54,9 @@ def stack_up(
     staging_hosts: Annotated[int, typer.Option(help="staging hosts")] = 2,
     prefect_db: Annotated[str, typer.Option(help="sqlite or postgres")] = "sqlite",
     without: Annotated[list[str] | None, typer.Option(help="component to leave out")] = None,
+    bastion: Annotated[
+        bool, typer.Option(help="reach the hosts through a bastion sshd (port_base + 600)")
+    ] = False,
 ) -> None:
     """Start the local stack (idempotent) and write <root>/ops.yaml."""
     from kmpops import stack
@@ -75,6 +78,7 @@ def stack_up(
                 staging_hosts=staging_hosts,
                 prefect_db=prefect_db,  # type: ignore[arg-type]
                 components=components,
+                bastion=bastion,
             )
         )
     except KmpOpsError as err:

@@ -443,3 +443,35 @@ def test_inventory_with_an_unsafe_value_is_refused(tmp_path):
     assert done.returncode == 1
     assert f"{inventory}:3: 'a;rm -rf /' is not a host name or IP address" in done.stderr
     assert done.stdout == ""
+
+
+def test_local_stack_with_a_bastion(tmp_path):
+    from kmpops import stack
+    from kmpops.config import load_config
+
+    root = tmp_path / "stack"
+    spec = stack.StackSpec(
+        root=root,
+        port_base=PORT_BASE + 809,  # hosts at +810, +811
+        production_hosts=2,
+        staging_hosts=0,
+        components=("sshd",),
+        bastion=True,
+        bastion_port=PORT_BASE + 812,
+    )
+    try:
+        info = stack.up(spec)
+        cfg = load_config(info.ops_yaml)
+        hosts = cfg.environments["production"].hosts
+        assert [(h.name, h.jump[0].port) for h in hosts] == [
+            ("prd-1", PORT_BASE + 812),
+            ("prd-2", PORT_BASE + 812),
+        ]
+        with Fleet(hosts) as fl:
+            outcomes = fl.run(lambda c: c.run(["printenv", "KMPOPS_HOST"], check=True).stdout)
+        assert {n: o.value for n, o in outcomes.items()} == {"prd-1": "prd-1\n", "prd-2": "prd-2\n"}
+        log = Path(info.bastion["log"]).read_text()
+        for port in (PORT_BASE + 810, PORT_BASE + 811):
+            assert f"target 127.0.0.1 port {port}" in log
+    finally:
+        stack.down(root)
