@@ -29,6 +29,7 @@ naming the file's line. Nothing is half-mapped: the first problem stops the impo
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -262,14 +263,12 @@ def _expand(pattern: str, where: str) -> list[str]:
 
 
 def _ini_value(raw: str) -> Any:
-    """An INI value as Ansible reads it in a host line: int, bool or string (quotes removed)."""
-    if re.fullmatch(r"-?\d+", raw):
-        return int(raw)
-    if raw.lower() in ("true", "yes"):
-        return True
-    if raw.lower() in ("false", "no"):
-        return False
-    return raw
+    """An INI value as Ansible reads it: a Python literal if it is one (``22``, ``True``,
+    ``'x'``), else the text itself (``true`` stays the string "true", as in Ansible)."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
 
 
 def _ini_pairs(tokens: Sequence[str], where: str) -> dict[str, Any]:
@@ -313,8 +312,6 @@ def _parse_ini(text: str, source: str) -> Inventory:
             key, value = key.strip(), value.strip()
             if not sep or not key:
                 raise InventoryError(f"{where}: {line!r} is not key=value")
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
             group.vars[key] = _ini_value(value)
             group.var_lines[key] = number
         elif kind == "children":
