@@ -530,6 +530,10 @@ class OpsConfig(Strict):
             for env in self.environments.values()
             if env.policy.approver_tokens
         ]
+        for env in self.environments.values():
+            for host in env.hosts:
+                refs += [host.key_passphrase] if host.key_passphrase else []
+                refs += [hop.key_passphrase for hop in host.jump if hop.key_passphrase]
         return refs
 
 

@@ -303,6 +303,46 @@ def test_agent_key(fleet, tmp_path):
         agent.wait(10)
 
 
+def test_agent_certificate_through_bastion(fleet, tmp_path):
+    # ssh-add loads the key and the certificate beside it; the hosts accept only the latter.
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not create its socket"
+            time.sleep(0.05)
+        subprocess.run(
+            ["ssh-add", str(fleet.client_key)],
+            env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)},
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        hop = Endpoint(
+            "bastion",
+            "127.0.0.1",
+            BASTION_PORT,
+            USER,
+            fleet.known_hosts,
+            agent=True,
+            agent_socket=socket_path,
+        )
+        before = forwarded_to(fleet, HOST_PORTS[0])
+        with through_bastion(
+            fleet, 0, key_file=None, agent=True, agent_socket=socket_path, jump=[hop]
+        ) as conn:
+            assert conn.run(["printenv", "KMPOPS_HOST"], check=True).stdout == "fl-1\n"
+        assert forwarded_to(fleet, HOST_PORTS[0]) == before + 1
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
 INI = """\
 # production fleet, reached through the bastion
 [web]
