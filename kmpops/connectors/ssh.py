@@ -544,7 +544,10 @@ def _verify_server_key(
             ) from paramiko.BadHostKeyException(hostname, server_key, shown)
         return
     if server_key.public_blob is not None:
-        cert = parse_certificate(server_key.public_blob.key_blob)
+        try:
+            cert = parse_certificate(server_key.public_blob.key_blob)
+        except (ValueError, paramiko.SSHException) as exc:
+            raise HostKeyRejected(f"{where}: unreadable host certificate: {exc}") from None
         if any(r.asbytes() == cert.signature_key for r in known.revoked):
             raise HostKeyRejected(f"{where}: the CA of its host certificate is @revoked")
         check_host_certificate(

@@ -205,6 +205,19 @@ def test_host_certificate_from_unknown_ca_is_refused(fleet, tmp_path):
         ).run("true")
 
 
+@pytest.mark.parametrize("revoked", ["host key", "CA"])
+def test_revoked_keys_are_refused(fleet, tmp_path, revoked):
+    if revoked == "host key":
+        key = (fleet.hosts[0].root / "etc" / "ssh_host_ed25519_key.pub").read_text()
+    else:
+        key = fleet.host_ca.with_suffix(".pub").read_text()
+    known = tmp_path / "known_hosts"
+    known.write_text(fleet.known_hosts.read_text() + f"@revoked * {' '.join(key.split()[:2])}\n")
+    with pytest.raises(HostKeyRejected) as err:
+        through_bastion(fleet, 0, known_hosts=known, jump=[]).run("true")
+    assert "fl-1" in str(err.value) and "@revoked" in str(err.value)
+
+
 def test_unknown_bastion_key_is_refused(fleet, tmp_path):
     # Only the hosts' CA is known: the bastion's own key is not, so the first hop is refused.
     known = tmp_path / "known_hosts"
