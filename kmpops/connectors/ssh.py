@@ -7,6 +7,14 @@ against the given known_hosts file and unknown or changed keys are refused unles
 ``Fleet`` runs one step per host with bounded concurrency and returns a per-host outcome; one
 host's failure never raises.
 
+Production paths (``kmpops.config.Host`` fields, read by ``from_host``): ``jump`` hops, each a
+real SSH login whose host key is checked, the next hop reached through a ``direct-tcpip``
+channel (OpenSSH's ProxyJump); ssh-agent keys; encrypted keys with a passphrase reference
+resolved at connect time; OpenSSH user certificates (``certificate`` or ``<key>-cert.pub``);
+host certificates verified against ``@cert-authority`` lines (paramiko does not: see
+``check_host_certificate``), ``@revoked`` keys refused. A certificate is never trusted on first
+use.
+
 Errors (``kmpops.errors``): HostUnreachable (TCP connect / handshake / transport lost),
 HostKeyRejected, AuthenticationFailed, ConnectorError (bad key file, SFTP failure),
 CommandTimeout, CommandFailed (``check=True``), NotFound (missing remote file).
@@ -88,7 +96,7 @@ class HostLike(Protocol):
     @property
     def user(self) -> str: ...
     @property
-    def key_file(self) -> Path: ...
+    def key_file(self) -> Path | None: ...
     @property
     def known_hosts(self) -> Path: ...
 
