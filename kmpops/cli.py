@@ -254,9 +254,9 @@ def inventory_import(
         for item in group:
             name, _, env = item.partition("=")
             chosen[name] = env or name
-    defaults: dict[str, object] = {"known_hosts": str(known_hosts.expanduser())}
+    defaults: dict[str, object] = {"known_hosts": str(known_hosts.expanduser().absolute())}
     if key_file is not None:
-        defaults["key_file"] = str(key_file.expanduser())
+        defaults["key_file"] = str(key_file.expanduser().absolute())
     if agent:
         defaults["agent"] = True
     try:
@@ -269,8 +269,18 @@ def inventory_import(
     try:
         parse_config(document, source=str(inventory))
     except ConfigError as err:
+        import re
+
+        by_env = {env.name: env for env in mapped}
         for problem in err.problems:
-            typer.echo(f"{inventory}: {problem}", err=True)
+            match = re.match(r"environments\.([^.]+)\.hosts\[(\d+)\]", problem)
+            where = ""
+            if match and match.group(1) in by_env:
+                name = by_env[match.group(1)].hosts[int(match.group(2))]["name"]
+                where = f" (host {name}, {inventory}:{parsed.hosts[name].line})"
+            typer.echo(f"{inventory}: {problem}{where}", err=True)
+        if any("give key_file" in p for p in err.problems):
+            typer.echo("hint: --key-file PATH or --agent for hosts without a key", err=True)
         raise typer.Exit(1) from None
     for env in mapped:
         typer.echo(f"{env.name}: {len(env.hosts)} hosts from group {env.group}", err=True)

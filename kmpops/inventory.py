@@ -640,6 +640,7 @@ def map_environments(
     ``key_file``, ``agent``...) that inventory values override; ``base`` resolves relative key
     file paths (the inventory's directory). Raises InventoryError for an unknown group, a group
     without hosts, a host in two chosen groups, or any bad value (naming its line)."""
+    base = Path(base).absolute() if base is not None else None
     chosen = dict(groups) if groups else {g: g for g in inventory.top_level_groups()}
     if not chosen:
         raise InventoryError(f"{inventory.source}: no groups to import")

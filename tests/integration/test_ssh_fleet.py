@@ -528,3 +528,18 @@ def test_local_stack_with_a_bastion(tmp_path):
             assert f"target 127.0.0.1 port {port}" in log
     finally:
         stack.down(root)
+
+
+def test_inventory_host_without_a_key_is_named(tmp_path):
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[production]\nweb1 ansible_host=10.0.0.1\n\n[staging]\nstg1\n")
+    done = subprocess.run(
+        [str(Path(os.sys.executable).with_name("kmpops")), "inventory", "import", str(inventory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"give key_file, or agent: true (host web1, {inventory}:2)" in done.stderr
+    assert "hint: --key-file PATH or --agent" in done.stderr
