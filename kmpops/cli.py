@@ -294,6 +294,10 @@ def inventory_import(
             typer.echo(
                 f"  not mapped {item.where}: {item.key} ({item.host}): {item.reason}", err=True
             )
+    from kmpops.inventory import unimported_hosts
+
+    for item in unimported_hosts(parsed, mapped):
+        typer.echo(f"not imported: {item}: in none of the imported groups", err=True)
     typer.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "load_inventory",
     "map_environments",
     "parse_inventory",
+    "unimported_hosts",
 ]
 
 InventoryFormat = Literal["ini", "yaml"]
@@ -670,3 +671,14 @@ def map_environments(
             mapped.not_mapped += skipped
         result.append(mapped)
     return result
+
+
+def unimported_hosts(inventory: Inventory, environments: Sequence[MappedEnvironment]) -> list[str]:
+    """Hosts of the inventory that none of ``environments`` took (ungrouped hosts, hosts of
+    groups not chosen), as "name (file:line)", in inventory order: the import reports them."""
+    taken = {h["name"] for env in environments for h in env.hosts}
+    return [
+        f"{name} ({inventory.source}:{host.line})"
+        for name, host in inventory.hosts.items()
+        if name not in taken
+    ]

@@ -13,6 +13,7 @@ from kmpops.inventory import (
     detect_format,
     map_environments,
     parse_inventory,
+    unimported_hosts,
 )
 
 DEFAULTS = {"known_hosts": "/etc/kmpops/known_hosts", "key_file": "/etc/kmpops/id_ed25519"}
@@ -259,3 +260,22 @@ def test_host_connection_fields_are_checked(fields, message):
     with pytest.raises(ConfigError) as err:
         parse_config({"environments": {"production": {"hosts": [host]}}})
     assert any(message in problem for problem in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "groups", "left"),
+    [
+        ("lonely\n[prod]\nh1\n", "ini", None, ["lonely (inv:1)"]),
+        (
+            "all:\n  hosts:\n    lonely:\n  children:\n    prod:\n      hosts:\n        h1:\n",
+            "yaml",
+            None,
+            ["lonely (inv:3)"],
+        ),
+        ("[prod]\nh1\n[qa]\nq1\n", "ini", {"prod": "prod"}, ["q1 (inv:4)"]),
+        ("[prod]\nh1\n", "ini", None, []),
+    ],
+)
+def test_hosts_left_out_are_reported(text, fmt, groups, left):
+    inventory = parse_inventory(text, fmt, source="inv")
+    assert unimported_hosts(inventory, map_environments(inventory, groups)) == left
