@@ -69,6 +69,7 @@ __all__ = [
     "RemoteStat",
     "SSHConnection",
     "check_host_certificate",
+    "own_key_fingerprints",
     "parse_certificate",
 ]
 
@@ -280,6 +281,37 @@ def _load_key(endpoint: Endpoint) -> paramiko.PKey | None:
                 f"SSH certificate {certificate} is not a certificate of the key {key_file}: {exc}"
             ) from exc
     return pkey
+
+
+def own_key_fingerprints(host: Any, *, timeout: float = 5.0) -> set[str]:
+    """The SHA256 fingerprints of the keys kmp-ops logs in with on ``host`` (a
+    ``kmpops.config.Host``): its key file — from the private key, or, if that is encrypted
+    and no passphrase resolves, from ``<key>.pub`` —, each jump hop's own key, and the
+    agent's keys when ``agent`` is set. Never raises: a key that cannot be read is left out
+    (the caller reports what it could not account for)."""
+    endpoints = [SSHConnection.from_host(host).endpoint, *_host_connection_fields(host)["jump"]]
+    found: set[str] = set()
+    for endpoint in endpoints:
+        if endpoint.key_file is not None:
+            try:
+                pkey = _load_key(Endpoint(**{**endpoint.__dict__, "certificate": None}))
+                if pkey is not None:
+                    found.add(pkey.fingerprint)
+            except (ConnectorError, OSError, ValueError):
+                public = Path(f"{endpoint.key_file}.pub")
+                with contextlib.suppress(OSError, ValueError, IndexError, paramiko.SSHException):
+                    key_type, b64 = public.read_text().split()[:2]
+                    found.add(
+                        paramiko.PKey.from_type_string(key_type, base64.b64decode(b64)).fingerprint
+                    )
+        if endpoint.agent:
+            with contextlib.suppress(ConnectorError, OSError, paramiko.SSHException):
+                agent, keys = _agent_keys(endpoint, timeout)
+                try:
+                    found.update(k.fingerprint for k in keys)
+                finally:
+                    agent.close()
+    return found
 
 
 class _SocketAgent(paramiko.agent.AgentSSH):

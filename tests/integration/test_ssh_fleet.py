@@ -543,3 +543,60 @@ def test_inventory_host_without_a_key_is_named(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert f"give key_file, or agent: true (host web1, {inventory}:2)" in done.stderr
     assert "hint: --key-file PATH or --agent" in done.stderr
+
+
+def test_own_key_fingerprints_cover_encrypted_agent_and_hop_keys(fleet, tmp_path):
+    from kmpops.access import fingerprint_of_key_file
+    from kmpops.config import Host, JumpHost
+    from kmpops.connectors.ssh import own_key_fingerprints
+
+    encrypted = tmp_path / "enc_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "pw", "-f", str(encrypted)],
+        check=True,
+        timeout=30,
+    )
+    public = encrypted.with_suffix(".pub").read_text().split()[:2]
+    expected_encrypted = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(encrypted.with_suffix(".pub"))],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()[1]
+    assert public[0] == "ssh-ed25519"
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        subprocess.run(
+            ["ssh-add", "-q", str(fleet.plain.key_file)],
+            env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)},
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        host = Host(
+            name="h1",
+            address="127.0.0.1",
+            key_file=encrypted,  # no passphrase configured: read from enc_key.pub
+            known_hosts=fleet.known_hosts,
+            agent=True,
+            agent_socket=socket_path,
+            jump=[JumpHost(address="127.0.0.1", port=BASTION_PORT, key_file=fleet.client_key)],
+        )
+        assert own_key_fingerprints(host) == {
+            expected_encrypted,
+            fingerprint_of_key_file(fleet.plain.key_file),
+            fingerprint_of_key_file(fleet.client_key),
+        }
+    finally:
+        agent.terminate()
+        agent.wait(10)
