@@ -55,7 +55,7 @@ def stack_up(
     prefect_db: Annotated[str, typer.Option(help="sqlite or postgres")] = "sqlite",
     without: Annotated[list[str] | None, typer.Option(help="component to leave out")] = None,
     bastion: Annotated[
-        bool, typer.Option(help="reach the hosts through a bastion sshd (port_base + 600)")
+        bool, typer.Option(help="reach the hosts through a bastion sshd (port_base + 250)")
     ] = False,
 ) -> None:
     """Start the local stack (idempotent) and write <root>/ops.yaml."""

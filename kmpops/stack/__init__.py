@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 COMPONENTS = ("sshd", "s3", "postgres", "prefect", "prometheus")
-BASTION_OFFSET = 600
+BASTION_OFFSET = 250
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class StackSpec:
     staging_hosts: int = 2
     prefect_db: Literal["sqlite", "postgres"] = "sqlite"
     components: tuple[str, ...] = COMPONENTS
-    bastion: bool = False  # hosts reached through a bastion sshd at port_base + 600
-    bastion_port: int | None = None  # instead of port_base + 600
+    bastion: bool = False  # hosts reached through a bastion sshd at port_base + 250
+    bastion_port: int | None = None  # instead of port_base + 250
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENTS)
