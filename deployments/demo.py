@@ -217,8 +217,13 @@ def _backup_verify_restore(cfg: Any) -> dict[str, Any]:
     backups = backup_database(databases=["app"])
     verify_backups(databases=["app"], hosts=[], apply_retention=False)
     target = "app_restored_demo"
-    restore_database(database="app", target_dbname=target, environment="development")
     db = cfg.databases["app"]
+    # The previous demo's scratch copy goes first: restore-database refuses to overwrite a
+    # scratch database that exists (only the configured database itself is ever replaced).
+    admin = f"host={db.host} port={db.port} user={db.user} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    restore_database(database="app", target_dbname=target)
     counts = {}
     for dbname in ("app", target):
         dsn = f"host={db.host} port={db.port} user={db.user} dbname={dbname}"
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kmpops.records import Records
 
-    records = Records(cfg.records.url)
+    records = Records.from_config(cfg)
     chain = records.verify_audit()
     rows = _host_current(cfg, "web")
 

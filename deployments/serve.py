@@ -57,6 +57,7 @@ def schedules(config: Any | None) -> dict[str, Plan]:
         "cost-report": Plan(cron="0 8 1 * *"),
         "access-review": Plan(cron="0 9 1 * *"),
         "rotate-service-keys": Plan(cron="0 5 1 */3 *"),
+        "audit-checkpoint": Plan(cron="17 * * * *"),
     }
 
 

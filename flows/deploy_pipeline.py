@@ -36,6 +36,7 @@ from kmpops.plans.freeze import check_freeze
 from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
 from kmpops.release import validate_version
 from tasks.approval import request_approval
+from tasks.audit import anchor_after_change
 from tasks.common import actor, audit, notify, ops_config, records, run_id
 from tasks.deploy import (
     ResolvedArtifact,
@@ -378,6 +379,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                 rollback_failed=failed,
                 seconds=seconds,
             )
+            if target != "staging":
+                anchor_after_change(f"deploy-pipeline rolled back {subject}")
             tail = f"; rolled back {len(rolled)} host(s) in {seconds:g}s" + (
                 f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
             )  # roll_back_hosts closed the connections
@@ -393,6 +396,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     notes = _release_notes(req, subject, all_hosts, current, approvals, report.table(), run, total)
     create_markdown_artifact(notes, key="release-notes", description=f"Release notes {subject}")
     audit("deploy.completed", subject, hosts=[h for _, h in all_hosts], seconds=total)
+    if target != "staging":
+        anchor_after_change(f"deploy-pipeline {subject}")
     notify(
         "info",
         f"Deployed {svc_name} {req.version} to {target}",

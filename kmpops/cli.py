@@ -43,6 +43,13 @@ def validate(path: Annotated[Path, typer.Argument()] = Path(DEFAULT_CONFIG)) -> 
         for problem in err.problems:
             typer.echo(f"{path}: {problem}", err=True)
         raise typer.Exit(1) from None
+    if cfg.records.audit_key is None:
+        typer.echo(
+            f"{path}: records.audit_key: not set — kmp-ops fails closed without it (no audit "
+            "event is written, so every flow stops at its first step)",
+            err=True,
+        )
+        raise typer.Exit(1)
     typer.echo(f"{path}: valid — {summary(cfg)}")
 
 
@@ -119,18 +126,36 @@ def _records(config: Path):  # noqa: ANN202 - typer callback helper
     except ConfigError as err:
         _fail(f"{config}: {'; '.join(err.problems)}")
         raise
-    return Records(cfg.records.url)
+    return Records.from_config(cfg)
 
 
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
-    """Verify the audit chain; exit 1 naming the first broken entry."""
-    with _records(config) as rec:
-        report = rec.verify_audit()
+    """Verify the audit chain against the audit key and the checkpoints.
+
+    Prints one line per problem (truncation, rewrite, deletion, checkpoint, key), each naming
+    the first event concerned, and exits 1 on any; exits 0 with a summary when the chain holds.
+    """
+    try:
+        with _records(config) as rec:
+            report = rec.verify_audit()
+    except KmpOpsError as err:
+        _fail(f"audit chain NOT verified: {err}")
+        return
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     if report.ok:
-        typer.echo(f"audit chain intact: {report.events} events")
-    else:
-        _fail(f"audit chain BROKEN at {report.problem} ({report.events} events read)")
+        typer.echo(
+            f"audit chain intact: {report.events} events, "
+            f"{report.checkpoints} checkpoint(s) matched"
+        )
+        return
+    for problem in report.problems:
+        typer.echo(f"audit chain BROKEN at {problem}", err=True)
+    _fail(
+        f"{len(report.problems)} problem(s); first: {report.problem} "
+        f"({report.events} events read, {report.checkpoints} checkpoint(s))"
+    )
 
 
 @audit_app.command("export")
@@ -138,15 +163,38 @@ def audit_export(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file (default stdout)")] = None,
 ) -> None:
-    """Write the audit chain as JSON Lines."""
-    with _records(config) as rec:
-        lines = list(rec.export_audit())
+    """Write the audit chain as JSON Lines: every event, then every checkpoint."""
+    try:
+        with _records(config) as rec:
+            lines = list(rec.export_audit())
+    except KmpOpsError as err:
+        _fail(f"audit export failed: {err}")
+        return
     text = "".join(line + "\n" for line in lines)
     if out is None:
         sys.stdout.write(text)
     else:
         out.write_text(text)
-        typer.echo(f"wrote {len(lines)} events to {out}", err=True)
+        checkpoints = sum(1 for line in lines if line.startswith('{"type":"checkpoint"'))
+        typer.echo(
+            f"wrote {len(lines) - checkpoints} events and {checkpoints} checkpoints to {out}",
+            err=True,
+        )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    reason: Annotated[str, typer.Option(help="why (kept in the checkpoint)")] = "cli",
+) -> None:
+    """Verify the chain and anchor its head in the write-once checkpoint store."""
+    try:
+        with _records(config) as rec:
+            checkpoint, where = rec.checkpoint_audit(reason)
+    except KmpOpsError as err:
+        _fail(f"audit chain not anchored: {err}")
+        return
+    typer.echo(f"checkpoint of seq {checkpoint.seq} written to {where}")
 
 
 @app.command()

@@ -399,6 +399,26 @@ class DatabaseConfig(Strict):
     sanity_queries: list[str] = Field(default_factory=list)
     rpo: Duration = timedelta(hours=25)
     rto: Duration = timedelta(minutes=30)
+    restore_scratch_pattern: str = Field(
+        default="{dbname}_restore*",
+        description="names a restore may create besides the database itself (a glob; "
+        "``{dbname}`` is this database's dbname); never another configured database",
+    )
+    keep_previous_copies: Duration = Field(
+        default=timedelta(days=7),
+        description="how long the copy a restore replaced (``<dbname>__pre_<time>``) is kept "
+        "before backup-retention drops it",
+    )
+
+    @field_validator("restore_scratch_pattern")
+    @classmethod
+    def _scratch_pattern(cls, value: str) -> str:
+        if not re.fullmatch(r"(\{dbname\}|[A-Za-z0-9._*?-])+", value) or "*" not in value:
+            raise ValueError(
+                f"{value!r} is not a scratch name pattern: letters, digits, '.', '_', '-', "
+                "'{dbname}' and at least one '*'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _kind(self) -> DatabaseConfig:
@@ -457,10 +477,54 @@ class NotificationConfig(Strict):
     ack_timeout: Duration = timedelta(minutes=15)
 
 
+class AuditCheckpoints(Strict):
+    """Where the audit chain's head is anchored: write-once storage outside the records database.
+
+    ``s3``: objects in ``bucket`` (created with Object Lock enabled) under ``prefix``, each put in
+    COMPLIANCE mode until its time + ``retention``; endpoint and credentials are ``storage``'s.
+    ``local``: one append-only JSON Lines file at ``path`` (the embedded default: next to a
+    SQLite records database, ``<db>.checkpoints.jsonl``).
+    """
+
+    backend: Literal["s3", "local"] = "local"
+    bucket: Name | None = None
+    prefix: str = Field(default="audit-checkpoints/", pattern=r"^[A-Za-z0-9._/-]*$")
+    retention: Duration = timedelta(days=400)
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> AuditCheckpoints:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("backend s3 needs a bucket (created with Object Lock enabled)")
+        if self.backend == "local" and self.path is None:
+            raise ValueError("backend local needs a path")
+        if self.retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        return self
+
+
 class RecordsConfig(Strict):
-    """Where the records (audit chain, releases, approvals, backups, incidents) live."""
+    """Where the records (audit chain, releases, approvals, backups, incidents) live.
+
+    ``audit_key`` is the secret (a reference: ``file:``/``env:``/``prefect:``) that authenticates
+    every audit event (HMAC-SHA256) and signs the checkpoints; it never lives in the records
+    database. Without it kmp-ops fails closed: no audit event is written and ``kmpops audit
+    verify`` fails.
+    """
 
     url: str = "sqlite:///var/records.db"
+    audit_key: Secret | None = None
+    checkpoints: AuditCheckpoints | None = None
+
+    def checkpoint_target(self) -> AuditCheckpoints | None:
+        """The configured checkpoint store, else the embedded default for a SQLite database."""
+        if self.checkpoints is not None:
+            return self.checkpoints
+        if self.url.startswith("sqlite:///"):
+            db = self.url.removeprefix("sqlite:///")
+            if db not in ("", ":memory:"):
+                return AuditCheckpoints(backend="local", path=Path(db + ".checkpoints.jsonl"))
+        return None
 
 
 class PrometheusConfig(Strict):
@@ -482,6 +546,23 @@ class OpsConfig(Strict):
     databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
     alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+
+    @model_validator(mode="after")
+    def _checkpoints_on_s3_storage(self) -> OpsConfig:
+        cp = self.records.checkpoints
+        if cp is not None and cp.backend == "s3":
+            if self.storage is None or self.storage.backend != "s3":
+                raise ValueError(
+                    "records.checkpoints: backend s3 uses storage's endpoint and credentials; "
+                    "storage.backend must be s3"
+                )
+            if cp.bucket == self.storage.bucket:
+                raise ValueError(
+                    "records.checkpoints.bucket must not be storage.bucket "
+                    "(checkpoints need a bucket of their own, created with Object Lock)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _hosts_unique_across_environments(self) -> OpsConfig:
@@ -525,6 +606,7 @@ class OpsConfig(Strict):
         if self.storage:
             refs += [r for r in (self.storage.access_key_id, self.storage.secret_access_key) if r]
         refs += [db.password for db in self.databases.values() if db.password]
+        refs += [self.records.audit_key] if self.records.audit_key else []
         refs += [
             env.policy.approver_tokens
             for env in self.environments.values()
@@ -603,6 +685,65 @@ def summary(config: OpsConfig) -> str:
         f"{len(config.services)} services, {len(config.databases)} databases, "
         f"{len(config.alerts)} alert rules, {len(config.backups)} backup schedules"
     )
+
+
+class Timeouts(Strict):
+    """How long kmp-ops waits for the outside world before it fails the step (``timeouts:``).
+
+    Every wait has a bound: a step that runs past one fails with a message naming the host or
+    database and what it was doing, and its compensation runs.
+    """
+
+    connect: Duration = Field(
+        default=timedelta(seconds=10),
+        description="TCP connect + SSH handshake + authentication; a database connection",
+    )
+    sftp: Duration = Field(
+        default=timedelta(seconds=60),
+        description="one SFTP request (put/get/stat) without progress from the host",
+    )
+    database_lock: Duration = Field(
+        default=timedelta(seconds=60),
+        description="waiting for a table lock (pg_dump --lock-wait-timeout, lock_timeout)",
+    )
+    database_statement: Duration = Field(
+        default=timedelta(minutes=10),
+        description="one SQL statement of kmp-ops (row counts, sanity queries, renames)",
+    )
+    database_tool: Duration = Field(
+        default=timedelta(hours=6),
+        description="the whole run of one pg_dump / pg_restore",
+    )
+    task: Duration = Field(
+        default=timedelta(hours=8),
+        description="one Prefect task run (the connector bounds above fire first)",
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> Timeouts:
+        for name in type(self).model_fields:
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be longer than 0s")
+        return self
+
+    def ssh_options(self) -> dict[str, float]:
+        """Keyword options of ``SSHConnection.from_host`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "sftp_timeout": self.sftp.total_seconds(),
+        }
+
+    def database_options(self) -> dict[str, float]:
+        """Keyword options of ``PostgresDatabase`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "lock_timeout": self.database_lock.total_seconds(),
+            "statement_timeout": self.database_statement.total_seconds(),
+            "tool_timeout": self.database_tool.total_seconds(),
+        }
+
+
+OpsConfig.model_rebuild()  # ``timeouts`` refers to Timeouts, defined after OpsConfig
 
 
 def _expand_inventories(data: dict[str, Any], base: Path, source: str | None) -> dict[str, Any]:

@@ -18,6 +18,11 @@ use.
 Errors (``kmpops.errors``): HostUnreachable (TCP connect / handshake / transport lost),
 HostKeyRejected, AuthenticationFailed, ConnectorError (bad key file, SFTP failure),
 CommandTimeout, CommandFailed (``check=True``), NotFound (missing remote file).
+
+Every wait is bounded: connecting by ``connect_timeout``, a command by its ``timeout``, and each
+SFTP request by ``sftp_timeout`` (the SFTP channel's timeout: a stalled sftp-server fails the
+operation with CommandTimeout naming the host, the operation and the path, even while the SSH
+connection itself still answers keepalives).
 """
 
 from __future__ import annotations
@@ -729,6 +734,7 @@ class SSHConnection(Closing):
         agent: bool = False,
         agent_socket: Path | None = None,
         jump: Sequence[Endpoint] = (),
+        sftp_timeout: float = 60,
     ) -> None:
         self.name = name
         self.address = address
@@ -752,6 +758,9 @@ class SSHConnection(Closing):
         )
         self.jump = tuple(jump)
         self._hops: list[paramiko.Transport] = []
+        if not sftp_timeout > 0:
+            raise ValueError(f"sftp_timeout must be more than 0 seconds, not {sftp_timeout!r}")
+        self.sftp_timeout = float(sftp_timeout)
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
@@ -760,7 +769,8 @@ class SSHConnection(Closing):
     def from_host(cls, host: HostLike, **options: Any) -> SSHConnection:
         """A connection to ``host`` (anything with name/address/port/user/key_file/known_hosts).
 
-        ``options`` go to the constructor (``connect_timeout``, ``allow_unknown_hosts``).
+        ``options`` go to the constructor (``connect_timeout``, ``allow_unknown_hosts``,
+        ``sftp_timeout``; ``kmpops.config.Timeouts.ssh_options()`` gives the configured bounds).
         The connection fields of ``kmpops.config.Host`` beyond those (``key_passphrase``,
         ``certificate``, ``agent``, ``agent_socket``, ``jump``) are read when the host has them;
         a jump hop's missing user, credentials and known_hosts are the host's own.
@@ -961,6 +971,8 @@ class SSHConnection(Closing):
                 raise HostUnreachable(f"{self._where}: cannot open SFTP: {exc}") from exc
             if self._sftp is None:
                 raise ConnectorError(f"{self._where}: SFTP subsystem refused")
+            # every request (and every send into a full window) gives up after this long
+            self._sftp.get_channel().settimeout(self.sftp_timeout)
             return self._sftp
 
     @contextlib.contextmanager
@@ -971,7 +983,11 @@ class SSHConnection(Closing):
         except FileNotFoundError as exc:
             raise NotFound(f"{self._where}: {remote} does not exist ({what})") from exc
         except TimeoutError as exc:
-            raise CommandTimeout(f"{self._where}: {what} {remote} timed out") from exc
+            self._drop_sftp(sftp)  # its replies may still come: never reuse this session
+            raise CommandTimeout(
+                f"{self._where}: {what} {remote} timed out after {self.sftp_timeout:g}s "
+                "(the SFTP server stopped answering)"
+            ) from exc
         except PermissionError as exc:
             raise ConnectorError(f"{self._where}: {what} {remote}: permission denied") from exc
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -980,13 +996,22 @@ class SSHConnection(Closing):
                 raise HostUnreachable(f"{self._where}: connection lost ({what} {remote})") from exc
             raise ConnectorError(f"{self._where}: {what} {remote} failed: {exc}") from exc
 
+    def _drop_sftp(self, sftp: paramiko.SFTPClient) -> None:
+        with self._lock:
+            if self._sftp is sftp:
+                self._sftp = None
+        with contextlib.suppress(Exception):
+            sftp.close()
+
     def put(self, local: Path | IO[bytes], remote: str, *, mode: int | None = None) -> int:
         """Upload ``local`` (a path or a binary file object) to ``remote``; return bytes sent.
 
         Atomic: the data goes to a temporary name beside ``remote`` which is renamed over it
         only when complete (and chmod-ed to ``mode`` first), so readers never see half a file.
-        On failure the temporary file is removed. Raises NotFound if the remote directory does
-        not exist, ConnectorError / HostUnreachable otherwise.
+        On failure the temporary file is removed (not after a timeout: the stalled server would
+        not answer; the ``.kmpops-*.part`` name is never taken for the file). Raises NotFound if
+        the remote directory does not exist, CommandTimeout if the SFTP server stops answering
+        for ``sftp_timeout``, ConnectorError / HostUnreachable otherwise.
         """
         tmp = f"{remote}.kmpops-{uuid.uuid4().hex[:12]}.part"
         sent = [0]
@@ -1004,9 +1029,10 @@ class SSHConnection(Closing):
                 if mode is not None:
                     sftp.chmod(tmp, mode)
                 sftp.posix_rename(tmp, remote)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(tmp)
+            except BaseException as exc:
+                if not isinstance(exc, TimeoutError):  # a stalled server would stall this too
+                    with contextlib.suppress(Exception):
+                        sftp.remove(tmp)
                 raise
         return sent[0]
 

@@ -281,6 +281,7 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
         info.prefect = _plain(prefect_server.start(root, base + 400, database_url=db_url))
 
     _write_approver_tokens(root)
+    _write_audit_key(root)
     _write_ops_yaml(info)
     info.started_s = round(time.monotonic() - t0, 2)
     _write(info)
@@ -314,6 +315,25 @@ def _write_approver_tokens(root: Path) -> None:
         lines.append(f"{name}:{hashlib.sha256(token.encode()).hexdigest()}")
     book.write_text("\n".join(lines) + "\n")
     os.chmod(book, 0o600)
+
+
+def _write_audit_key(root: Path) -> Path:
+    """Generate the audit chain's HMAC key once: ``secrets/audit_key``, created mode 0600.
+
+    The key lives outside the records database (that is the point of it); an existing key is
+    kept, since events tagged with it must stay verifiable.
+    """
+    import os
+    import secrets as pysecrets
+
+    folder = root / "secrets"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "audit_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pysecrets.token_hex(32) + "\n")
+    return path
 
 
 def approver_token(root: Path, name: str) -> str:
@@ -412,7 +432,10 @@ def _write_ops_yaml(info: StackInfo) -> None:
 
     cfg: dict[str, Any] = {
         "project": "kmp",
-        "records": {"url": info.records_url},
+        "records": {
+            "url": info.records_url,
+            "audit_key": f"file:{root / 'secrets' / 'audit_key'}",
+        },
         "notifications": {
             "routes": {"critical": [sink], "warning": [sink], "info": [sink]},
             "escalation": {"L1": [sink], "L2": [sink], "L3": [sink]},
@@ -496,8 +519,18 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "access_key_id": f"file:{root / 'secrets' / 's3_access_key'}",
             "secret_access_key": f"file:{root / 'secrets' / 's3_secret_key'}",
         }
+        cfg["records"]["checkpoints"] = {
+            "backend": "s3",
+            "bucket": info.s3.get("checkpoint_bucket", "kmp-ops-audit"),
+            "prefix": "audit-checkpoints/",
+            "retention": "400d",
+        }
     else:
         cfg["storage"] = {"backend": "local", "path": str(root / "objects")}
+        cfg["records"]["checkpoints"] = {
+            "backend": "local",
+            "path": str(root / "audit-checkpoints.jsonl"),
+        }
     if info.postgres:
         cfg["databases"] = {
             "app": {

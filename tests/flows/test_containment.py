@@ -22,7 +22,10 @@ def contain_env(stack, tmp_path, monkeypatch):
     """The stack's ops.yaml with automatic containment for critical incidents, no alert rules,
     records and notifications under ``tmp_path``."""
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-    data["records"] = {"url": f"sqlite:///{tmp_path / 'records.db'}"}
+    data["records"] = {
+        "url": f"sqlite:///{tmp_path / 'records.db'}",
+        "audit_key": data["records"]["audit_key"],
+    }
     sink = [f"jsonl://{tmp_path / 'notifications.jsonl'}"]
     data["notifications"] = {
         "routes": {"critical": sink, "warning": sink, "info": sink},

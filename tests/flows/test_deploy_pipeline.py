@@ -295,6 +295,14 @@ def test_happy_path_staging_then_production_with_approval(stack, baseline, use_c
     ):
         assert action in actions
     assert rec.verify_audit().ok
+    # the production change is anchored: a checkpoint that saw deploy.completed
+    completed = rec.audit_events(action="deploy.completed")[-1]
+    anchored, unreadable = rec.audit_checkpoints()
+    assert unreadable == []
+    assert any(
+        c.reason == "deploy-pipeline web@2.0.0->production" and c.seq >= completed.seq
+        for c in anchored
+    )
 
 
 def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use_config):
@@ -336,6 +344,11 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
     ]
     assert actions.count("deploy.rollback") == 4  # two of batch 1, two switched in batch 2
     assert "deploy.rolled_back" in actions
+    # the rolled-back production change is anchored too
+    rolled_back = records().audit_events(action="deploy.rolled_back")[-1]
+    anchored, _ = records().audit_checkpoints()
+    reason = "deploy-pipeline rolled back web@2.1.0->production"
+    assert any(c.reason == reason and c.seq >= rolled_back.seq for c in anchored)
 
 
 def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):

@@ -35,6 +35,13 @@ def test_stack_up_status_down(tmp_path: Path) -> None:
         cfg = load_config(root / "ops.yaml")
         assert [h.name for h in cfg.environment("production").hosts] == ["prd-1", "prd-2"]
         assert cfg.storage is not None and cfg.storage.backend == "local"
+        # the audit key: generated outside the records, 0600; checkpoints in a local file
+        audit_key = root / "secrets" / "audit_key"
+        assert str(cfg.records.audit_key) == f"file:{audit_key.resolve()}"
+        assert audit_key.stat().st_mode & 0o777 == 0o600
+        assert cfg.records.checkpoints is not None
+        assert cfg.records.checkpoints.backend == "local"
+        key_before = audit_key.read_text()
         status = _kmpops("stack", "status", *common)
         assert status.returncode == 0
         assert status.stdout.count("up  ") == 3
@@ -44,6 +51,7 @@ def test_stack_up_status_down(tmp_path: Path) -> None:
                         "--staging-hosts", "1", "--without", "s3", "--without", "postgres",
                         "--without", "prefect", "--without", "prometheus")  # fmt: skip
         assert again.returncode == 0, again.stderr  # idempotent
+        assert audit_key.read_text() == key_before  # events tagged with it stay verifiable
         assert sorted(int(p.read_text()) for p in root.rglob("*.pid")) == sorted(pids)
     finally:
         down = _kmpops("stack", "down", *common)
