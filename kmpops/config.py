@@ -97,16 +97,30 @@ class SecretRef(BaseModel):
 Secret = Annotated[SecretRef, BeforeValidator(SecretRef.parse)]
 
 
-class Host(Strict):
-    """One machine reached over SSH."""
+def _check_credentials(model: Host | JumpHost) -> None:
+    if model.key_file is None and not model.agent:
+        raise ValueError("give key_file, or agent: true")
+    if model.certificate is not None and model.key_file is None:
+        raise ValueError("a certificate needs the key_file it certifies")
+    if model.key_passphrase is not None and model.key_file is None:
+        raise ValueError("key_passphrase needs a key_file")
+    if model.agent_socket is not None and not model.agent:
+        raise ValueError("agent_socket needs agent: true")
 
-    name: Name
+
+class JumpHost(Strict):
+    """One bastion hop on the way to a host (like OpenSSH's ProxyJump). Its host key is checked
+    in ``known_hosts`` (default: the host's); credentials default to the host's own."""
+
     address: str = Field(min_length=1, max_length=253)
     port: int = Field(default=22, ge=1, le=65535)
-    user: Name = "root"
-    key_file: Path
-    known_hosts: Path
-    vars: dict[str, str | int] = Field(default_factory=dict)
+    user: Name | None = None
+    key_file: Path | None = None
+    key_passphrase: Secret | None = None
+    certificate: Path | None = None
+    agent: bool = False
+    agent_socket: Path | None = None
+    known_hosts: Path | None = None
 
     @field_validator("address")
     @classmethod
@@ -114,6 +128,47 @@ class Host(Strict):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$", value):
             raise ValueError(f"{value!r} is not a host name or IP address")
         return value
+
+    @model_validator(mode="after")
+    def _hop_credentials(self) -> JumpHost:
+        if self.key_file is not None or self.agent:
+            _check_credentials(self)
+        elif self.certificate is not None or self.key_passphrase is not None:
+            raise ValueError("certificate and key_passphrase need the hop's own key_file")
+        return self
+
+
+class Host(Strict):
+    """One machine reached over SSH."""
+
+    name: Name
+    address: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=22, ge=1, le=65535)
+    user: Name = "root"
+    key_file: Path | None = None
+    known_hosts: Path
+    vars: dict[str, str | int] = Field(default_factory=dict)
+    key_passphrase: Secret | None = Field(
+        default=None, description="passphrase of an encrypted key_file (env:NAME, file:/path)"
+    )
+    certificate: Path | None = Field(
+        default=None, description="OpenSSH user certificate of the key (ssh-keygen -s)"
+    )
+    agent: bool = Field(default=False, description="offer the ssh-agent's keys ($SSH_AUTH_SOCK)")
+    agent_socket: Path | None = Field(default=None, description="the agent's socket (agent: true)")
+    jump: list[JumpHost] = Field(default_factory=list, description="bastion hops, in order")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$", value):
+            raise ValueError(f"{value!r} is not a host name or IP address")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Host:
+        _check_credentials(self)
+        return self
 
     @field_validator("vars")
     @classmethod
@@ -194,11 +249,36 @@ class Policy(Strict):
         return self
 
 
+class HostDefaults(Strict):
+    """Connection fields for the hosts read from an inventory (the inventory's values win)."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: Name | None = None
+    key_file: Path | None = None
+    key_passphrase: Secret | None = None
+    certificate: Path | None = None
+    agent: bool | None = None
+    agent_socket: Path | None = None
+    known_hosts: Path | None = None
+    jump: list[JumpHost] | None = None
+
+
+class InventorySource(Strict):
+    """An Ansible inventory read live when ops.yaml is loaded (``kmpops.inventory``): the hosts
+    of ``group`` (default: the environment's name) and its descendants join ``hosts``."""
+
+    path: Path
+    format: Literal["ini", "yaml"] | None = None
+    group: Name | None = None
+    defaults: HostDefaults = HostDefaults()
+
+
 class Environment(Strict):
     """A set of hosts with one policy (development, staging, production)."""
 
     hosts: list[Host] = Field(default_factory=list)
     policy: Policy = Policy()
+    inventory: InventorySource | None = None
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> Environment:
@@ -532,6 +612,10 @@ class OpsConfig(Strict):
             for env in self.environments.values()
             if env.policy.approver_tokens
         ]
+        for env in self.environments.values():
+            for host in env.hosts:
+                refs += [host.key_passphrase] if host.key_passphrase else []
+                refs += [hop.key_passphrase for hop in host.jump if hop.key_passphrase]
         return refs
 
 
@@ -569,6 +653,7 @@ def parse_config(data: Any, *, source: str | None = None) -> OpsConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of sections"], source)
+    data = _expand_inventories(data, Path(source).parent if source else Path.cwd(), source)
     try:
         return OpsConfig.model_validate(data)
     except ValidationError as err:
@@ -659,3 +744,49 @@ class Timeouts(Strict):
 
 
 OpsConfig.model_rebuild()  # ``timeouts`` refers to Timeouts, defined after OpsConfig
+
+
+def _expand_inventories(data: dict[str, Any], base: Path, source: str | None) -> dict[str, Any]:
+    """``data`` with each ``environments.<env>.inventory`` read and its hosts appended to the
+    environment's ``hosts`` (raw entries, validated with the rest). A relative inventory path is
+    relative to the ops.yaml's directory. Raises ConfigError naming the environment and the
+    inventory's line; returns ``data`` itself when no environment has an inventory."""
+    envs = data.get("environments")
+    if not isinstance(envs, dict) or not any(
+        isinstance(e, dict) and e.get("inventory") is not None for e in envs.values()
+    ):
+        return data
+    from kmpops.inventory import InventoryError, load_inventory, map_environments
+
+    expanded = dict(envs)
+    for env_name, env in envs.items():
+        if not isinstance(env, dict) or env.get("inventory") is None:
+            continue
+        where = f"environments.{env_name}.inventory"
+        try:
+            ref = InventorySource.model_validate(env["inventory"])
+        except ValidationError as err:
+            raise ConfigError(
+                [
+                    f"{where}.{p}" if not p.startswith("(") else f"{where}: {p}"
+                    for p in _format_errors(err)
+                ],
+                source,
+            ) from None
+        path = ref.path if ref.path.is_absolute() else base / ref.path
+        defaults = {
+            k: v for k, v in (env["inventory"].get("defaults") or {}).items() if v is not None
+        }
+        try:
+            inventory = load_inventory(path, ref.format)
+            mapped = map_environments(
+                inventory,
+                {ref.group or str(env_name): str(env_name)},
+                defaults=defaults,
+                base=path.parent,
+            )
+        except InventoryError as err:
+            raise ConfigError([f"{where}: {err}"], source) from None
+        hosts = list(env.get("hosts") or []) + mapped[0].hosts
+        expanded[env_name] = {**env, "hosts": hosts}
+    return {**data, "environments": expanded}

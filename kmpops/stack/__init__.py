@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 COMPONENTS = ("sshd", "s3", "postgres", "prefect", "prometheus")
+BASTION_OFFSET = 250
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class StackSpec:
     staging_hosts: int = 2
     prefect_db: Literal["sqlite", "postgres"] = "sqlite"
     components: tuple[str, ...] = COMPONENTS
+    bastion: bool = False  # hosts reached through a bastion sshd at port_base + 250
+    bastion_port: int | None = None  # instead of port_base + 250
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENTS)
@@ -85,6 +88,7 @@ class StackInfo:
     notifications: str = ""
     records_url: str = ""
     started_s: float = 0.0
+    bastion: dict[str, Any] | None = None
 
     def host(self, name: str) -> StackHost:
         """The stack host called ``name``."""
@@ -107,6 +111,8 @@ def _ports(spec: StackSpec) -> dict[int, str]:
     if "sshd" in spec.components:
         for i, (name, _env) in enumerate(_host_names(spec)):
             ports[base + 1 + i] = f"sshd {name}"
+    if "sshd" in spec.components and spec.bastion:
+        ports[spec.bastion_port or base + BASTION_OFFSET] = "sshd bastion"
     if "s3" in spec.components:
         for offset in range(8):
             ports[base + 100 + offset] = "SeaweedFS"
@@ -221,6 +227,13 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
         info.known_hosts = str(started[0].known_hosts)
         for host in hosts:
             _seed_host_config(Path(host.root), host)
+        if spec.bastion:
+            bastion = sshd.start_bastion(root, spec.bastion_port or base + BASTION_OFFSET)
+            info.bastion = {
+                "address": bastion.address,
+                "port": bastion.port,
+                "log": str(bastion.log_file),
+            }
 
     def start_s3() -> None:
         from kmpops.stack import seaweed
@@ -415,6 +428,11 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 "web_port": h.web_port,
                 "authorized_keys": f"{h.root}/etc/authorized_keys",
             },
+            **(
+                {"jump": [{"address": info.bastion["address"], "port": info.bastion["port"]}]}
+                if info.bastion
+                else {}
+            ),
         }
 
     def env_hosts(env: str) -> list[dict[str, Any]]:
