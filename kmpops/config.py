@@ -533,6 +533,42 @@ class PrometheusConfig(Strict):
     url: str
 
 
+class KnownKey(Strict):
+    """A person's or a service's SSH key that kmp-ops knows (incident containment may disable
+    it, always with an approval)."""
+
+    owner: Name
+    fingerprint: str = Field(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+class IncidentPolicy(Strict):
+    """What incident containment may touch when an alert's labels name the target.
+
+    ``widest_block_v4`` / ``widest_block_v6``: the widest network an address block may cover
+    (prefix length at least this). ``protected_addresses``: kmp-ops' own addresses or networks
+    (control node, Prefect server, records database, Prometheus...), never blocked — the
+    hosts' IP addresses are protected without being listed. ``known_keys``: the keys a
+    compromised-credentials containment may disable (kmp-ops' own keys never are).
+    """
+
+    widest_block_v4: int = Field(default=24, ge=0, le=32)
+    widest_block_v6: int = Field(default=64, ge=0, le=128)
+    protected_addresses: list[str] = Field(default_factory=list)
+    known_keys: list[KnownKey] = Field(default_factory=list)
+
+    @field_validator("protected_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for text in value:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an IP address or network") from None
+        return value
+
+
 class OpsConfig(Strict):
     """The whole ``ops.yaml``."""
 
@@ -547,6 +583,7 @@ class OpsConfig(Strict):
     alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+    incidents: IncidentPolicy = IncidentPolicy()
 
     @model_validator(mode="after")
     def _checkpoints_on_s3_storage(self) -> OpsConfig:

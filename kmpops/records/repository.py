@@ -650,6 +650,19 @@ class Records:
         """Change an incident's state or timestamps."""
         return self._update(Incident, incident_id, "incident", **fields)
 
+    def claim_incident(self, incident_id: int) -> bool:
+        """Move an ``open`` incident to ``responding``, once: True for the one caller that did
+        (the response that runs it), False if it was already claimed, closed or is unknown."""
+        from sqlalchemy import update
+
+        with self.session() as s:
+            result = s.execute(
+                update(Incident)
+                .where(Incident.id == incident_id, Incident.state == "open")
+                .values(state="responding")
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
     def incident(self, incident_id: int) -> tuple[Incident, list[IncidentEvent]]:
         """An incident and its timeline."""
         with self.session() as s:

@@ -513,6 +513,14 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 ),
             },
         },
+        # containment from an alert's labels: a block no wider than a /24 and never one of
+        # the stack's own addresses (every daemon and host of the local stack is on 127.0.0.1)
+        "incidents": {
+            "widest_block_v4": 24,
+            "widest_block_v6": 64,
+            "protected_addresses": ["127.0.0.1/32", "::1/128"],
+            "known_keys": [],
+        },
         "backups": {
             "database": {"schedule": "0 0 * * *", "retention": "30d", "type": "full"},
             "configuration": {"schedule": "0 */6 * * *", "retention": "7d", "type": "incremental"},
