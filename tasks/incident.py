@@ -120,8 +120,8 @@ def containment_facts(cfg: OpsConfig) -> ContainmentFacts:
     """The protected addresses (``incidents.protected_addresses``, every host's address, the
     addresses of kmp-ops' own services: Prefect API, Prometheus, object store, records and
     databases — IP literals; host names must be listed in ``protected_addresses``), kmp-ops'
-    own key fingerprints (every host's ``key_file`` that can be read) and the known keys."""
-    from kmpops.access import fingerprint_of_key_file
+    own key fingerprints (every host's key file, jump hops' and agent keys) and the known keys."""
+    from kmpops.connectors.ssh import own_key_fingerprints
 
     protected: list[tuple[str, str]] = []
     own: set[str] = set()
@@ -129,10 +129,7 @@ def containment_facts(cfg: OpsConfig) -> ContainmentFacts:
         for host in env.hosts:
             if _is_ip(host.address):
                 protected.append((host.address, f"host {host.name}"))
-            try:
-                own.add(fingerprint_of_key_file(host.key_file))
-            except Exception:  # noqa: S112 (an unreadable key file is not a key we use)
-                continue
+            own |= own_key_fingerprints(host)  # key file, jump hops' keys, agent keys
     services = {
         "kmp-ops' Prefect API": os.environ.get("PREFECT_API_URL"),
         "kmp-ops' Prometheus": cfg.prometheus.url if cfg.prometheus else None,

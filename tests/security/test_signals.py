@@ -268,7 +268,10 @@ def fleet(stack, tmp_path_factory) -> Iterator[dict[str, Any]]:
 
     root = tmp_path_factory.mktemp("signals-fleet")
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
-    data["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
+    data["records"] = {
+        "url": f"sqlite:///{root / 'records.db'}",
+        "audit_key": data["records"]["audit_key"],
+    }
     sink = [f"jsonl://{root / 'notifications.jsonl'}"]
     data["notifications"] = {
         "routes": {"critical": sink, "warning": sink, "info": sink},
