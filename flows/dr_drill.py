@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.verify_backups import configuration_rpo
 from kmpops.backup import DrillOutcome, render_drill_report
+from tasks.artifacts import create_markdown_artifact
 from tasks.backup import hosts_with_config, verify_configuration_backup, verify_database_backup
 from tasks.common import audit_event, notify, ops_config, records, run_id
 

@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from tasks.alerting import (
     RuleEvaluation,
@@ -26,6 +25,7 @@ from tasks.alerting import (
     emit_alert_firing,
     evaluate_rule,
 )
+from tasks.artifacts import create_table_artifact
 from tasks.common import notify, ops_config
 
 StartMode = Literal["event", "subflow", "none"]

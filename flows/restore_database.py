@@ -14,13 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from kmpops import backup as core
 from kmpops.config import Policy
 from kmpops.connectors.database import PostgresDatabase
 from kmpops.errors import PolicyViolation, Unsupported
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.backup import (
     backup_database_to_store,
     database_config,

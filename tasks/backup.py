@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from pydantic import SecretStr
@@ -27,6 +26,7 @@ from kmpops.config import DatabaseConfig
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import IntegrityError, NotFound
 from kmpops.records.models import Backup
+from tasks.artifacts import create_table_artifact
 from tasks.common import (
     audit,
     notify,
