@@ -119,8 +119,10 @@ def provision_access(change: AccessChange) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = ops_config()
     env = cfg.environment(change.environment)
+    # options matter only for what is written: a key is removed by its fingerprint
+    allowed = cfg.access.key_options if change.action == "add" else None
     try:
-        key = parse_offered_key(change.public_key, allowed_options=cfg.access.key_options)
+        key = parse_offered_key(change.public_key, allowed_options=allowed)
     except ValueError as exc:
         raise PolicyViolation(f"public_key refused: {exc}") from None
     if not key.comment:

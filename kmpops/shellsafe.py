@@ -114,20 +114,41 @@ def _parse_template(template: str) -> list[tuple[str, str | None]]:
     except ValueError as exc:
         raise UnsafeValueError(f"command template {template!r} is malformed: {exc}") from exc
     pairs: list[tuple[str, str | None]] = []
-    context = ""  # "" unquoted, "'" or '"' inside those quotes
+    # Quoting contexts, innermost last: "'" and '"' quote; "$(" , "(" and "`" start a fresh
+    # unquoted context (a command substitution or subshell), even inside double quotes.
+    stack: list[str] = []
     escaped = False
     for literal, field, spec, conversion in parsed:
-        for ch in literal:
+        i = 0
+        while i < len(literal):
+            ch, top = literal[i], stack[-1] if stack else ""
+            nxt = literal[i + 1] if i + 1 < len(literal) else ""
             if escaped:
                 escaped = False
-            elif context == "'":
-                context = "" if ch == "'" else context
+            elif top == "'":
+                if ch == "'":
+                    stack.pop()
             elif ch == "\\":
                 escaped = True
-            elif context == '"':
-                context = "" if ch == '"' else context
+            elif ch == "$" and nxt == "(":
+                stack.append("$(")
+                i += 1
+            elif ch == "`":
+                if top == "`":
+                    stack.pop()
+                else:
+                    stack.append("`")
+            elif top == '"':
+                if ch == '"':
+                    stack.pop()
             elif ch in "'\"":
-                context = ch
+                stack.append(ch)
+            elif ch == "(":
+                stack.append("(")
+            elif ch == ")" and top in ("$(", "("):
+                stack.pop()
+            i += 1
+        context = stack[-1] if stack and stack[-1] in ("'", '"') else ""
         pairs.append((literal, field))
         if field is None:
             continue

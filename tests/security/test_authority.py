@@ -552,6 +552,17 @@ def test_artifacts_never_carry_a_secret(stack) -> None:
     assert typed not in text and s3_secret not in text
 
 
+def test_every_artifact_goes_through_the_redacting_helpers() -> None:
+    """Flows and tasks create artifacts only through tasks/artifacts.py (which redacts)."""
+    direct = [
+        str(path.relative_to(REPO))
+        for folder in ("flows", "tasks", "deployments")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if "prefect.artifacts" in path.read_text() and path != REPO / "tasks" / "artifacts.py"
+    ]
+    assert direct == []
+
+
 # -- 9. restore-configuration keeps mode and owner, never world-readable -------------------------
 
 

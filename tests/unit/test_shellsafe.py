@@ -230,6 +230,7 @@ def test_render_command_refuses_unquotable_value():
     [
         ("sh -c 'echo {x}'", "inside ' quotes"),
         ('sh -c "echo {x}"', 'inside " quotes'),
+        ('echo "$(date)" "{x}"', 'inside " quotes'),
         ("echo \\{x}", "after a backslash"),
         ("echo 'a' \"b {x}\"", 'inside " quotes'),
         ('echo "it\'s {x}"', 'inside " quotes'),
@@ -248,6 +249,8 @@ def test_render_command_refuses_a_quoted_placeholder(template, where):
         ("echo 'it''s' {x}", ["echo", "its", "a; id"]),
         ('echo "q" \\\' {x}/c', ["echo", "q", "'", "a; id/c"]),
         ('echo "a\\"b" {x}', ["echo", 'a"b', "a; id"]),
+        ('echo "$(printf %s {x})"', ["echo", "a; id"]),
+        ("echo `printf %s {x}`", ["echo", "a;", "id"]),
     ],
 )
 def test_render_command_outside_quotes_stays_one_word(template, words):
