@@ -14,8 +14,9 @@ from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows.provision_access import REMOVED_PARAMETERS, refuse_removed
 from kmpops.access import AuthorizedKey, parse_authorized_keys
 from kmpops.errors import PolicyViolation
 from kmpops.plans.access import AccessList, access_drift
@@ -29,10 +30,14 @@ class AccessReviewRequest(BaseModel):
 
     access: AccessList = Field(default_factory=AccessList)
     environment: str | None = Field(default=None, description="default: every environment")
-    authorized_keys_path: str | None = Field(
-        default=None, description="path template (default: host var, or {root}/etc/…)"
-    )
     fail_on_drift: bool = False
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        return refuse_removed(data, REMOVED_PARAMETERS)
 
 
 @flow(name="access-review", task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -48,7 +53,7 @@ def access_review(request: AccessReviewRequest | None = None) -> dict[str, Any]:
         {req.environment: cfg.environment(req.environment)} if req.environment else cfg.environments
     )
     host_env = {h.name: name for name, env in envs.items() for h in env.hosts}
-    futures = {h: read_host_keys.submit(h, req.authorized_keys_path) for h in host_env}
+    futures = {h: read_host_keys.submit(h) for h in host_env}
     found: dict[str, list[AuthorizedKey]] = {}
     unreachable: dict[str, str] = {}
     for host, fut in futures.items():

@@ -20,12 +20,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from kmpops import shellsafe
 from kmpops.errors import ConfigError, PolicyViolation
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.common import audit, notify, ops_config, records, run_id
 
 

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 
 from kmpops.backup import BLOB_PREFIX, ConfigurationManifest
+from kmpops.errors import PolicyViolation
 from kmpops.plans.retention import (
     BackupFact,
     BlobFact,
@@ -26,6 +26,7 @@ from kmpops.plans.retention import (
     RetentionPolicy,
     plan_retention,
 )
+from tasks.artifacts import create_table_artifact
 from tasks.backup import (
     apply_retention_deletions,
     bounded,
@@ -81,13 +82,22 @@ def compute_retention_plan(now: datetime | None = None) -> RetentionPlan:
 
 @flow(name="backup-retention")
 def backup_retention(dry_run: bool = False, as_of: datetime | None = None) -> dict[str, Any]:
-    """Plan and apply retention. ``as_of`` evaluates ages at another time (drills, tests).
+    """Plan and apply retention. ``as_of`` evaluates ages at an earlier time (drills, tests).
 
-    Returns the counts deleted (zero with ``dry_run``) and the plan's decisions.
+    A parameter can only narrow: ages counted from a past ``as_of`` are smaller, so fewer
+    backups expire; a future one would expire backups ops.yaml's retention keeps, so it is
+    refused (PolicyViolation, before anything is read or deleted). Returns the counts deleted
+    (zero with ``dry_run``) and the plan's decisions.
     """
-    now = as_of or datetime.now(UTC)
+    real_now = datetime.now(UTC)
+    now = as_of or real_now
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
+    if now > real_now:
+        raise PolicyViolation(
+            f"as_of {now.isoformat(timespec='seconds')} is in the future: retention is counted "
+            "from now or an earlier time (ops.yaml backups.<kind>.retention decides what expires)"
+        )
     plan = compute_retention_plan(now)
     rows = [
         {

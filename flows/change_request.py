@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field, field_validator
 
 from flows.deploy_pipeline import DeployRequest, deploy_pipeline
@@ -25,6 +24,7 @@ from kmpops.plans.freeze import check_freeze
 from kmpops.plans.risk import assess_risk
 from kmpops.release import validate_version
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.common import actor, audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 

@@ -19,12 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
@@ -36,6 +30,12 @@ from kmpops.plans.freeze import check_freeze
 from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
 from kmpops.release import validate_version
 from tasks.approval import request_approval
+from tasks.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from tasks.audit import anchor_after_change
 from tasks.common import actor, audit, notify, ops_config, records, run_id
 from tasks.deploy import (

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.verify_backups import configuration_rpo
 from kmpops.backup import DrillOutcome, render_drill_report
+from tasks.artifacts import create_markdown_artifact
 from tasks.backup import (
     bounded,
     hosts_with_config,

@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from kmpops.plans.incident import incident_title
 from tasks.alerting import (
@@ -31,6 +30,7 @@ from tasks.alerting import (
     emit_alert_firing,
     evaluate_rule,
 )
+from tasks.artifacts import create_table_artifact
 from tasks.common import notify, ops_config
 from tasks.incident import open_incident
 

@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmpops.config import OpsConfig, Policy
@@ -57,6 +56,7 @@ from kmpops.plans.incident import (
 )
 from tasks.alerting import evaluate_rule
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.common import actor, audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (

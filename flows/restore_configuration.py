@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from kmpops.backup import RestoreCandidate, choose_restore_point
 from kmpops.errors import PolicyViolation
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.backup import backup_host_configuration, restore_host_configuration
 from tasks.common import audit_event, ops_config, records
 

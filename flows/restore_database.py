@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from kmpops import backup as core
 from kmpops.config import Policy
@@ -29,6 +28,7 @@ from kmpops.connectors.database import PostgresDatabase
 from kmpops.errors import PolicyViolation, Unsupported
 from kmpops.plans.recovery import plan_restore
 from tasks.approval import request_approval
+from tasks.artifacts import create_markdown_artifact
 from tasks.backup import (
     backup_database_to_store,
     bounded,

@@ -14,25 +14,40 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kmpops.errors import NotFound
 from kmpops.plans.diagnosis import Finding, HostFacts, Thresholds, diagnose, recommend_level
 from kmpops.shellsafe import validate_name
 from tasks.common import audit, ops_config
-from tasks.diagnostics import DEFAULT_LOG, gather_host_facts
+from tasks.diagnostics import gather_host_facts, service_logs
 from tasks.reports import markdown_table, publish_report
 
 
 class TroubleshootRequest(BaseModel):
-    """Where to look and what counts as a problem."""
+    """Where to look and what counts as a problem. Which files are read is ops.yaml's."""
+
+    model_config = ConfigDict(extra="forbid")
 
     environment: str | None = Field(default=None, description="all hosts of this environment")
     hosts: list[str] = Field(default_factory=list, description="these hosts (default: all)")
     service: str | None = Field(default="web", description="service to check (None: system only)")
     symptom: str = Field(default="", description="what was reported (kept in the record)")
     log_lines: int = Field(default=50, ge=0, le=5000)
-    log_template: str = Field(default=DEFAULT_LOG, description="service log path template")
+    log: str | None = Field(
+        default=None, description="which of the service's logs in ops.yaml (default: the first)"
+    )
     thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "log_template" in data:
+            raise ValueError(
+                "log_template is not a parameter: the logs troubleshoot reads come from ops.yaml "
+                "(services.<name>.logs); pick one by name with log"
+            )
+        return data
 
 
 def select_hosts(req: TroubleshootRequest) -> list[str]:
@@ -95,18 +110,23 @@ def render_report(
 def troubleshoot(request: TroubleshootRequest | None = None) -> dict[str, Any]:
     """Diagnose the chosen hosts; return findings and the recommended support level.
 
-    Raises KeyError for an unknown host/environment/service before touching any host. An
-    unreachable host is a finding, not a failure of the run.
+    Raises KeyError for an unknown host/environment/service and NotFound for a log the
+    service does not have in ops.yaml, before touching any host. An unreachable host is a
+    finding, not a failure of the run.
     """
     req = request or TroubleshootRequest()
     logger = get_run_logger()
     cfg = ops_config()
     if req.service:
-        cfg.service(req.service)
+        logs = service_logs(cfg, req.service)
+        if req.log is not None and req.log not in logs:
+            raise NotFound(
+                f"service {req.service} has no log {req.log!r} "
+                f"(ops.yaml services.{req.service}.logs: {', '.join(sorted(logs))})"
+            )
     names = select_hosts(req)
     futures = {
-        name: gather_host_facts.submit(name, req.service, req.log_lines, req.log_template)
-        for name in names
+        name: gather_host_facts.submit(name, req.service, req.log_lines, req.log) for name in names
     }
     facts: list[HostFacts] = []
     for name, fut in futures.items():

@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 
 from flows.backup_retention import backup_retention, compute_retention_plan
 from kmpops.backup import schedule_period
 from kmpops.errors import IntegrityError
+from tasks.artifacts import create_table_artifact
 from tasks.backup import (
     bounded,
     hosts_with_config,

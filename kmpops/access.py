@@ -35,8 +35,10 @@ __all__ = [
     "add_key",
     "authorized_keys_path",
     "fingerprint_of_key_file",
+    "key_options",
     "new_ed25519_keypair",
     "parse_authorized_keys",
+    "parse_offered_key",
     "parse_public_key",
     "probe_host",
     "read_authorized_keys",
@@ -55,6 +57,10 @@ KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 _B64 = re.compile(r"^[A-Za-z0-9+/]+={0,3}$")
+# What a comment of an offered key may hold: no shell, no quotes, no control characters.
+_SAFE_COMMENT = re.compile(r"[A-Za-z0-9@._+:,=/-]+(?: [A-Za-z0-9@._+:,=/-]+)*")
+_MAX_COMMENT = 128
+_OPTION = re.compile(r'[A-Za-z][A-Za-z0-9-]{0,63}(="[^"\\\n\r\x00]{0,512}")?')
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,121 @@ def parse_public_key(line: str) -> AuthorizedKey:
     return AuthorizedKey(key_type, key_b64, comment, options)
 
 
+def key_options(options: str) -> list[str]:
+    """The option words of an authorized_keys options field (split on commas outside quotes).
+
+    Raises ValueError naming a word that is not ``name`` or ``name="value"`` (no quotes,
+    backslashes or control characters inside the value).
+    """
+    words: list[str] = []
+    current, in_quote = "", False
+    for ch in options:
+        if ch == '"':
+            in_quote = not in_quote
+        if ch == "," and not in_quote:
+            words.append(current)
+            current = ""
+        else:
+            current += ch
+    words.append(current)
+    for word in words:
+        if not _OPTION.fullmatch(word):
+            raise ValueError(f"{word!r} is not a key option")
+    return words
+
+
+def parse_offered_key(line: str, *, allowed_options: Iterable[str] | None = ()) -> AuthorizedKey:
+    """Parse a public key someone asks to have written: ``[options] type base64 [comment]``.
+
+    Stricter than :func:`parse_public_key` (which reads whatever a host's file holds): one
+    line; a known key type; a base64 blob that paramiko loads as a key of that type; a comment
+    of safe characters (letters, digits, ``@._+:,=/-`` and single spaces, at most 128); and
+    options only from ``allowed_options`` (exact words as in ops.yaml ``access.key_options``;
+    ``None`` checks their syntax only, for a form validator that has no config). Raises
+    ValueError naming what is wrong; never returns a key that could write anything but a key.
+    """
+    if not isinstance(line, str):
+        raise ValueError("a public key must be text")
+    if any(ch in line for ch in "\n\r\x00"):
+        raise ValueError("a public key is one line (it contains a newline or NUL)")
+    text = line.strip()
+    options, rest = _split_options(text)
+    if options:
+        try:
+            words = key_options(options)
+        except ValueError as exc:
+            raise ValueError(f"public key options field {options!r}: {exc}") from None
+        if allowed_options is not None:
+            allowed = set(allowed_options)
+            refused = [w for w in words if w not in allowed]
+            if refused:
+                listed = ", ".join(sorted(allowed)) or "none"
+                raise ValueError(
+                    f"public key option(s) {', '.join(refused)} not allowed "
+                    f"(ops.yaml access.key_options allows: {listed})"
+                )
+    parts = rest.split(" ", 2)
+    if len(parts) < 2 or parts[0] not in KEY_TYPES:
+        known = ", ".join(KEY_TYPES)
+        raise ValueError(f"public key must start with a key type ({known}), got {rest[:40]!r}")
+    key_type, key_b64 = parts[0], parts[1]
+    comment = parts[2] if len(parts) > 2 else ""
+    if comment and (len(comment) > _MAX_COMMENT or not _SAFE_COMMENT.fullmatch(comment)):
+        raise ValueError(
+            f"public key comment {comment[:40]!r} has characters outside letters, digits, "
+            f"'@._+:,=/-' and single spaces (or is longer than {_MAX_COMMENT})"
+        )
+    try:
+        blob = base64.b64decode(key_b64, validate=True) if _B64.match(key_b64) else b""
+    except (binascii.Error, ValueError):
+        blob = b""
+    if not blob:
+        raise ValueError("public key blob is not base64")
+    name_len = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if blob[4 : 4 + name_len].decode("ascii", "replace") != key_type:
+        raise ValueError(f"public key blob does not match its key type {key_type}")
+    fields = _wire_fields(blob)
+    if fields is None or len(fields) != _KEY_FIELDS[key_type]:
+        raise ValueError(f"public key blob is not a valid {key_type} key (wrong structure)")
+    if key_type.endswith("ssh-ed25519") and len(fields[1]) != 32:
+        raise ValueError(f"public key blob is not a valid {key_type} key (key is not 32 bytes)")
+    if not key_type.startswith("sk-"):
+        try:
+            paramiko.PKey.from_type_string(key_type, blob)
+        except Exception as exc:  # paramiko raises several types for a bad blob
+            raise ValueError(f"public key blob is not a valid {key_type} key ({exc})") from None
+    return AuthorizedKey(key_type, key_b64, comment, options)
+
+
+# Length-prefixed fields (type name included) of each key type's public blob (RFC 4253/5656,
+# OpenSSH PROTOCOL.u2f).
+_KEY_FIELDS = {
+    "ssh-ed25519": 2,
+    "ssh-rsa": 3,
+    "ecdsa-sha2-nistp256": 3,
+    "ecdsa-sha2-nistp384": 3,
+    "ecdsa-sha2-nistp521": 3,
+    "sk-ssh-ed25519@openssh.com": 3,
+    "sk-ecdsa-sha2-nistp256@openssh.com": 4,
+}
+
+
+def _wire_fields(blob: bytes) -> list[bytes] | None:
+    """The SSH wire strings a blob is made of, or None if a length runs past the end."""
+    fields: list[bytes] = []
+    at = 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        size = int.from_bytes(blob[at : at + 4], "big")
+        at += 4
+        if at + size > len(blob):
+            return None
+        fields.append(blob[at : at + size])
+        at += size
+    return fields
+
+
 def parse_authorized_keys(text: str) -> list[AuthorizedKey]:
     """Every valid key line of an authorized_keys file (comments, blanks, junk skipped)."""
     keys = []
@@ -170,17 +291,18 @@ class _HostVars(Protocol):
 def authorized_keys_path(host: _HostVars, template: str | None = None) -> str:
     """Where a host's authorized_keys is.
 
-    ``template`` (``{root}``-style placeholders from host vars) wins; then the host var
-    ``authorized_keys``; then ``{root}/etc/authorized_keys`` when the host has a ``root`` var
-    (the local stack's sshd); else ``.ssh/authorized_keys`` (relative to the login's HOME).
+    Both come from ops.yaml, never from a flow parameter: the host var ``authorized_keys``
+    wins; then ``template`` (ops.yaml ``access.authorized_keys``, ``{root}``-style placeholders
+    from host vars); then ``{root}/etc/authorized_keys`` when the host has a ``root`` var (the
+    local stack's sshd); else ``.ssh/authorized_keys`` (relative to the login's HOME).
     Raises UnsafeValueError for a path with ``..`` or unsafe characters, KeyError for an
     unknown placeholder.
     """
     values = {k: str(v) for k, v in host.vars.items()}
-    if template:
-        path = template.format(**values)
-    elif "authorized_keys" in values:
+    if "authorized_keys" in values:
         path = values["authorized_keys"]
+    elif template:
+        path = template.format(**values)
     elif "root" in values:
         path = f"{values['root']}/etc/authorized_keys"
     else:
@@ -293,15 +415,13 @@ def new_ed25519_keypair(comment: str) -> tuple[bytes, AuthorizedKey]:
 
 def write_private_key(path: Path, private: bytes, public: AuthorizedKey) -> None:
     """Write a private key (mode 0600) and its ``.pub`` atomically (temp + rename)."""
+    from kmpops.secrets import write_secret_file
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.kmpops.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
     pub_tmp = path.with_name(f".{path.name}.pub.kmpops.tmp")
     pub_tmp.write_text(public.public_line() + "\n")
     os.replace(pub_tmp, path.with_name(path.name + ".pub"))
-    os.replace(tmp, path)
+    write_secret_file(path, private)
 
 
 def fingerprint_of_key_file(private_key: Path) -> str:

@@ -494,6 +494,72 @@ def collect_configuration(
     )
 
 
+_OWNER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")
+
+# Written from stdin to a fresh temp file beside the target: mktemp creates it 0600 (so the
+# content is never readable by others, whatever the umask), then owner, group and mode are set
+# and the content checked before one rename puts it in place. $1 path, $2 owner:group ("" keeps
+# the current file's), $3 octal mode, $4 sha256.
+_WRITE_SCRIPT = r"""
+umask 077
+path=$1 owner=$2 mode=$3 sha=$4
+t=$(mktemp -- "$(dirname -- "$path")/.$(basename -- "$path").kmpops-XXXXXX") || exit 1
+own() {
+    if [ -n "$owner" ]; then chown -- "$owner" "$t"
+    elif [ -e "$path" ]; then chown --reference="$path" -- "$t"
+    fi
+}
+if cat > "$t" && [ "$(sha256sum < "$t" | cut -d' ' -f1)" = "$sha" ] && own \
+    && chmod -- "$mode" "$t" && mv -f -- "$t" "$path"; then exit 0; fi
+rm -f -- "$t"; exit 1
+"""
+
+
+def _same_file(now: ConfigFileEntry, entry: ConfigFileEntry) -> bool:
+    same = now.sha256 == entry.sha256 and now.mode == entry.mode
+    if entry.owner and entry.group:
+        same = same and (now.owner, now.group) == (entry.owner, entry.group)
+    return same
+
+
+def write_config_file(conn: Any, entry: ConfigFileEntry, data: bytes, *, timeout: float) -> None:
+    """Write one configuration file on a host as the manifest lists it, atomically.
+
+    The content goes over the command's stdin into a temp file created with mode 0600 beside
+    ``entry.path``; its sha256 is checked, then ``entry.owner``/``entry.group`` (or, for an old
+    manifest without them, the current file's owner) and ``entry.mode`` are set, and a rename
+    puts it in place: a reader sees the old file or the new one, never a half-written one or
+    one readable by others. Raises UnsafeValueError for an owner or group that is not a plain
+    name, CommandFailed if any step fails (the temp file is removed, the file is unchanged).
+    """
+    from kmpops.errors import UnsafeValueError
+
+    owner = ""
+    if entry.owner and entry.group:
+        for what, name in (("owner", entry.owner), ("group", entry.group)):
+            if not _OWNER_RE.fullmatch(name):
+                raise UnsafeValueError(f"{entry.path}: {what} {name!r} is not a user/group name")
+        owner = f"{entry.owner}:{entry.group}"
+    # entry.path is absolute without NUL or '..' (the model checks it); it is passed as one
+    # quoted argument, so any file name the backup collected can be restored
+    digest = sha256_hex(data)
+    conn.run(
+        [
+            "sh",
+            "-c",
+            _WRITE_SCRIPT,
+            "kmpops-restore",
+            entry.path,
+            owner,
+            f"{entry.mode:04o}",
+            digest,
+        ],
+        stdin=data,
+        timeout=timeout,
+        check=True,
+    )
+
+
 def restore_configuration_files(
     conn: Any,
     store: Any,
@@ -506,7 +572,8 @@ def restore_configuration_files(
 
     Every blob is downloaded and checked against its sha256 *before* any file on the host is
     touched (IntegrityError / NotFound otherwise, nothing changed). Then each file is written
-    atomically with its mode; with ``prune``, files under the manifest's roots that the manifest
+    atomically with its mode, owner and group (:func:`write_config_file`: never readable by
+    others on the way); with ``prune``, files under the manifest's roots that the manifest
     does not list are removed. Returns ``{"written": [...], "unchanged": [...], "removed": [...]}``.
     Rollback: the caller takes a configuration backup first and restores that on failure.
     """
@@ -527,10 +594,10 @@ def restore_configuration_files(
         conn.run(["mkdir", "-p", "--", *dirs], timeout=timeout, check=True)
     for entry in manifest.files:
         now = current.get(entry.path)
-        if now is not None and now.sha256 == entry.sha256 and now.mode == entry.mode:
+        if now is not None and _same_file(now, entry):
             outcome["unchanged"].append(entry.path)
             continue
-        conn.put_bytes(blobs[entry.sha256], entry.path, mode=entry.mode)
+        write_config_file(conn, entry, blobs[entry.sha256], timeout=timeout)
         outcome["written"].append(entry.path)
     if prune:
         wanted = {e.path for e in manifest.files}

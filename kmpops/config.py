@@ -176,6 +176,7 @@ class Host(Strict):
         for key in value:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"variable name {key!r} must be an identifier")
+        _check_path_vars(value)
         return value
 
     def template_values(self) -> dict[str, str | int]:
@@ -298,6 +299,11 @@ class HealthCheck(Strict):
     interval: float = Field(default=0.5, ge=0, le=600)
     timeout: float = Field(default=5.0, gt=0, le=600)
 
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        return _check_command(value)
+
     @model_validator(mode="after")
     def _one(self) -> HealthCheck:
         if (self.url is None) == (self.command is None):
@@ -334,6 +340,23 @@ class ServiceConfig(Strict):
     block_address: str | None = Field(
         default=None, description="command that blocks ``{address}`` on a host (containment)"
     )
+    logs: dict[Name, str] = Field(
+        default_factory=dict,
+        description="named log file templates (troubleshoot reads only these; default: "
+        "``service: {deploy_path}/shared/log/<service>.log``)",
+    )
+
+    @field_validator("restart", "drain", "undrain", "block_address")
+    @classmethod
+    def _commands(cls, value: str | None) -> str | None:
+        return _check_command(value)
+
+    @field_validator("logs")
+    @classmethod
+    def _logs(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, template in value.items():
+            _check_path_template(template, what=f"log {name!r}")
+        return value
 
     @field_validator("deploy_path")
     @classmethod
@@ -569,6 +592,80 @@ class IncidentPolicy(Strict):
         return value
 
 
+class AccessPolicy(Strict):
+    """Where authorized_keys live and which key options provision-access may write.
+
+    ``authorized_keys`` is a path template (``{root}/etc/authorized_keys``; placeholders from host
+    vars) used for hosts without an ``authorized_keys`` var. ``key_options`` lists the exact
+    option words a public key may carry (``no-port-forwarding``, ``from="10.0.0.0/8"``); any other
+    option is refused. No flow parameter can name another location or another option.
+    """
+
+    authorized_keys: str | None = None
+    key_options: list[str] = Field(default_factory=list)
+
+    @field_validator("authorized_keys")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_path_template(value, what="authorized_keys")
+        return value
+
+    @field_validator("key_options")
+    @classmethod
+    def _options(cls, value: list[str]) -> list[str]:
+        for option in value:
+            if not KEY_OPTION_RE.fullmatch(option):
+                raise ValueError(
+                    f'{option!r} is not a key option (a word, or word="value" without quotes, '
+                    "backslashes or newlines in the value)"
+                )
+        return value
+
+
+KEY_OPTION_RE = re.compile(r'[A-Za-z][A-Za-z0-9-]{0,63}(="[^"\\\n\r\x00]{0,512}")?')
+
+
+def _check_command(value: str | None) -> str | None:
+    """A shell command template: placeholders must stand unquoted (``shellsafe``)."""
+    if value is None:
+        return value
+    from kmpops.shellsafe import check_command_template
+
+    try:
+        check_command_template(value)
+    except UnsafeValueError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _check_path_template(template: str, *, what: str) -> None:
+    """A path template: absolute (or starting with a placeholder), safe once filled."""
+    from kmpops.shellsafe import validate_path
+
+    sample = _PLACEHOLDER_RE.sub("x", template)
+    try:
+        validate_path(sample, what=what)
+    except UnsafeValueError as exc:
+        raise ValueError(str(exc)) from None
+    if not (template.startswith("/") or template.startswith("{")):
+        raise ValueError(f"{what}: {template!r} must be an absolute path (or start with {{root}})")
+
+
+def _check_path_vars(values: dict[str, str | int]) -> None:
+    """Host vars that name places on the host: ``root`` a safe absolute path (it reaches
+    ``find``, ``du`` and ``df`` as an argument), ``authorized_keys`` a safe path."""
+    from kmpops.shellsafe import validate_absolute_path, validate_path
+
+    try:
+        if "root" in values:
+            validate_absolute_path(str(values["root"]), what="root")
+        if "authorized_keys" in values:
+            validate_path(str(values["authorized_keys"]), what="authorized_keys")
+    except UnsafeValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class OpsConfig(Strict):
     """The whole ``ops.yaml``."""
 
@@ -584,6 +681,7 @@ class OpsConfig(Strict):
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
     incidents: IncidentPolicy = IncidentPolicy()
+    access: AccessPolicy = AccessPolicy()
 
     @model_validator(mode="after")
     def _checkpoints_on_s3_storage(self) -> OpsConfig:

@@ -47,3 +47,30 @@ def _register(value: str) -> None:
     except ImportError:  # the redactor module is optional for plain library use
         return
     get_redactor().add(value)
+
+
+def write_secret_file(
+    path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o600
+) -> None:
+    """Write a secret (token, key, password) to ``path`` so that it is never readable by others.
+
+    The data goes to a new temporary file beside ``path`` that is *created* with ``mode``
+    (``os.open`` with ``O_CREAT | O_EXCL``, so it never exists with wider permissions, even for
+    an instant, whatever the umask), is flushed to disk, then renamed over ``path`` (atomic: a
+    reader sees the old file or the new one). An existing ``path`` keeps neither its content
+    nor its mode. Raises OSError (the temporary file is removed; ``path`` is unchanged).
+    """
+    target = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # the umask may only have narrowed it; be exact
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

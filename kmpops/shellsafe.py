@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 
 from kmpops.errors import UnsafeValueError
 
-__all__ = ["join", "quote", "render_command", "validate_name", "validate_path"]
+__all__ = [
+    "check_command_template",
+    "join",
+    "quote",
+    "render_command",
+    "validate_absolute_path",
+    "validate_name",
+    "validate_path",
+]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A path segment: safe characters only, never starting with "-" (it would read as an option).
@@ -61,6 +69,18 @@ def validate_path(value: str, *, what: str) -> str:
     return value
 
 
+def validate_absolute_path(value: str, *, what: str) -> str:
+    """Return ``value`` if it is a safe path (:func:`validate_path`) that starts with ``/``.
+
+    Raises UnsafeValueError naming ``what`` otherwise (a relative path, or anything
+    :func:`validate_path` refuses, such as a leading ``-`` that a command would read as an option).
+    """
+    validate_path(value, what=what)
+    if not value.startswith("/"):
+        raise UnsafeValueError(f"{what}: {value!r} is not an absolute path")
+    return value
+
+
 def quote(value: str | int | os.PathLike[str]) -> str:
     """Return ``value`` quoted for a POSIX shell (``shlex.quote``); ints and paths become text.
 
@@ -83,20 +103,53 @@ def join(argv: Sequence[str | int | os.PathLike[str]]) -> str:
     return " ".join(quote(word) for word in argv)
 
 
-def render_command(template: str, values: Mapping[str, str | int]) -> str:
-    """Fill ``{name}`` placeholders of ``template`` with shell-quoted ``values``.
+def _parse_template(template: str) -> list[tuple[str, str | None]]:
+    """``(literal, placeholder)`` pairs of a command template, placeholders checked.
 
-    The template is code (trusted); only the values are data. ``{{``/``}}`` are literal braces.
-    Raises UnsafeValueError naming the placeholder for an unknown name, a positional ``{}``,
-    attribute/index access, a conversion or format spec, or a value that cannot be quoted.
+    Raises UnsafeValueError for malformed braces, a positional ``{}``, attribute/index access,
+    a conversion or format spec, or a placeholder inside quotes or after a backslash.
     """
-    parts: list[str] = []
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise UnsafeValueError(f"command template {template!r} is malformed: {exc}") from exc
+    pairs: list[tuple[str, str | None]] = []
+    # Quoting contexts, innermost last: "'" and '"' quote; "$(" , "(" and "`" start a fresh
+    # unquoted context (a command substitution or subshell), even inside double quotes.
+    stack: list[str] = []
+    escaped = False
     for literal, field, spec, conversion in parsed:
-        parts.append(literal)
+        i = 0
+        while i < len(literal):
+            ch, top = literal[i], stack[-1] if stack else ""
+            nxt = literal[i + 1] if i + 1 < len(literal) else ""
+            if escaped:
+                escaped = False
+            elif top == "'":
+                if ch == "'":
+                    stack.pop()
+            elif ch == "\\":
+                escaped = True
+            elif ch == "$" and nxt == "(":
+                stack.append("$(")
+                i += 1
+            elif ch == "`":
+                if top == "`":
+                    stack.pop()
+                else:
+                    stack.append("`")
+            elif top == '"':
+                if ch == '"':
+                    stack.pop()
+            elif ch in "'\"":
+                stack.append(ch)
+            elif ch == "(":
+                stack.append("(")
+            elif ch == ")" and top in ("$(", "("):
+                stack.pop()
+            i += 1
+        context = stack[-1] if stack and stack[-1] in ("'", '"') else ""
+        pairs.append((literal, field))
         if field is None:
             continue
         if not field or not field.isidentifier():
@@ -106,6 +159,43 @@ def render_command(template: str, values: Mapping[str, str | int]) -> str:
                 f"command template placeholder {{{field}}} must not have a format spec "
                 "or conversion"
             )
+        if context or escaped:
+            where = "after a backslash" if escaped else f"inside {context} quotes"
+            # A quoted value inside quotes turns the quoting inside out: in sh -c 'echo {x}'
+            # the value's own quotes close the template's, and x = "a; id" runs id.
+            raise UnsafeValueError(
+                f"command template {template!r}: placeholder {{{field}}} is {where}; a "
+                "placeholder must stand unquoted (its value is quoted for you). To hand a value "
+                "to an inner shell pass it as an argument: sh -c 'echo \"$1\"' sh {" + field + "}"
+            )
+    return pairs
+
+
+def check_command_template(template: str) -> list[str]:
+    """Check a command template without values; return its placeholder names (in order).
+
+    For config validation. Raises UnsafeValueError as :func:`render_command` would for the
+    template itself (malformed braces, a placeholder that is not a plain name, has a spec or
+    conversion, or stands inside quotes or after a backslash).
+    """
+    return [field for _literal, field in _parse_template(template) if field is not None]
+
+
+def render_command(template: str, values: Mapping[str, str | int]) -> str:
+    """Fill ``{name}`` placeholders of ``template`` with shell-quoted ``values``.
+
+    The template is code (trusted); only the values are data. ``{{``/``}}`` are literal braces.
+    A placeholder must be an unquoted word or part of one (``{deploy_path}/current``): inside
+    ``'...'`` or ``"..."`` or after ``\\`` its quoted value would break out of the template's
+    quotes, so such a template is refused. Raises UnsafeValueError naming the placeholder for
+    that, an unknown name, a positional ``{}``, attribute/index access, a conversion or format
+    spec, or a value that cannot be quoted.
+    """
+    parts: list[str] = []
+    for literal, field in _parse_template(template):
+        parts.append(literal)
+        if field is None:
+            continue
         if field not in values:
             raise UnsafeValueError(f"command template placeholder {{{field}}} has no value")
         parts.append(quote(values[field]))

@@ -1,8 +1,10 @@
 """Access steps: read and replace a host's authorized_keys, log in with a given key.
 
 Each step is one host. ``replace_authorized_keys`` writes atomically and reads back what it
-wrote; the caller keeps the previous text to compensate. Key material handled here is public
-(authorized_keys); a private key only appears as a file path (mode 0600), never as a value.
+wrote; the caller keeps the previous text to compensate. Where a host's authorized_keys is
+comes from ops.yaml only (:func:`configured_keys_path`): no step takes a path. Key material
+handled here is public (authorized_keys); a private key only appears as a file path (mode
+0600), never as a value.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tasks.common import ops_config, retry_on_transient
 __all__ = [
     "HostKeys",
     "check_login",
+    "configured_keys_path",
     "read_host_keys",
     "replace_authorized_keys",
     "restore_authorized_keys",
@@ -44,6 +47,15 @@ def _host(host_name: str) -> tuple[str, Host]:
     return ops_config().host(host_name)
 
 
+def configured_keys_path(cfg: OpsConfig, host: Host) -> str:
+    """The host's authorized_keys location from ops.yaml (host var ``authorized_keys``, else
+    ``access.authorized_keys``, else the defaults of :func:`kmpops.access.authorized_keys_path`).
+
+    Raises UnsafeValueError for an unsafe path, KeyError for an unknown placeholder.
+    """
+    return authorized_keys_path(host, cfg.access.authorized_keys)
+
+
 def _connect(host: Host, key_file: Path | None) -> SSHConnection:
     if key_file is None:
         return SSHConnection.from_host(host)
@@ -55,27 +67,25 @@ HostKeys = dict[str, str]
 
 
 @task(name="read-authorized-keys", task_run_name="read-keys-{host_name}", **_RETRY)
-def read_host_keys(
-    host_name: str, path_template: str | None = None, key_file: Path | None = None
-) -> HostKeys:
-    """The authorized_keys of a host ('' when the file does not exist)."""
+def read_host_keys(host_name: str, key_file: Path | None = None) -> HostKeys:
+    """The authorized_keys of a host ('' when the file does not exist), at its configured path."""
     env, host = _host(host_name)
-    path = authorized_keys_path(host, path_template)
+    path = configured_keys_path(ops_config(), host)
     with _connect(host, key_file) as conn:
         text = read_authorized_keys(conn, path)
     return {"host": host_name, "environment": env, "path": path, "text": text}
 
 
 @task(name="replace-authorized-keys", task_run_name="write-keys-{host_name}", **_RETRY)
-def replace_authorized_keys(
-    host_name: str, path: str, text: str, key_file: Path | None = None
-) -> None:
-    """Replace a host's authorized_keys with ``text`` (atomic) and check it reads back equal.
+def replace_authorized_keys(host_name: str, text: str, key_file: Path | None = None) -> None:
+    """Replace a host's authorized_keys (its configured path) with ``text`` (atomic) and check
+    it reads back equal.
 
     Idempotent. Raises IntegrityError if the file reads back different, the SSH errors
     otherwise. Compensation is the caller's: write the previous text back.
     """
     _env, host = _host(host_name)
+    path = configured_keys_path(ops_config(), host)
     with _connect(host, key_file) as conn:
         write_authorized_keys(conn, path, text)
         back = read_authorized_keys(conn, path)
@@ -86,12 +96,12 @@ def replace_authorized_keys(
 
 
 @task(name="restore-authorized-keys", task_run_name="restore-keys-{host_name}", **_RETRY)
-def restore_authorized_keys(
-    host_name: str, path: str, text: str, key_file: Path | None = None
-) -> str:
-    """Compensation: put ``text`` back unless the host already has it (a failed atomic write
-    left it untouched). Returns ``unchanged`` or ``restored``; raises the SSH errors."""
+def restore_authorized_keys(host_name: str, text: str, key_file: Path | None = None) -> str:
+    """Compensation: put ``text`` back (at the configured path) unless the host already has it
+    (a failed atomic write left it untouched). Returns ``unchanged`` or ``restored``; raises
+    the SSH errors."""
     _env, host = _host(host_name)
+    path = configured_keys_path(ops_config(), host)
     with _connect(host, key_file) as conn:
         if read_authorized_keys(conn, path) == text:
             return "unchanged"

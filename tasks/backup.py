@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from pydantic import SecretStr
@@ -32,6 +31,7 @@ from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import ConnectorError, IntegrityError, NotFound
 from kmpops.plans.recovery import expired_previous_copies
 from kmpops.records.models import Backup
+from tasks.artifacts import create_table_artifact
 from tasks.common import (
     audit,
     notify,

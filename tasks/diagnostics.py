@@ -19,29 +19,61 @@ from prefect.cache_policies import NO_CACHE
 
 from kmpops.config import Host, OpsConfig
 from kmpops.connectors.ssh import SSHConnection
+from kmpops.errors import NotFound
 from kmpops.plans.diagnosis import FACTS_SCRIPT, HealthFact, HostFacts, parse_facts
+from kmpops.shellsafe import validate_absolute_path
 from tasks.common import ops_config, retry_on_transient
 
-__all__ = ["check_health", "disk_root", "gather_host_facts", "service_log_path"]
+__all__ = [
+    "DEFAULT_LOG",
+    "check_health",
+    "disk_root",
+    "gather_host_facts",
+    "service_log_path",
+    "service_logs",
+]
 
 DEFAULT_LOG = "{deploy_path}/shared/log/{service}.log"
+"""The log a service has when ops.yaml names none (``services.<name>.logs``), named ``service``."""
 
 
 def disk_root(cfg: OpsConfig, host: Host, service: str | None) -> str:
-    """The directory whose disk use is examined: var ``root``, else the service path, else /."""
+    """The directory whose disk use is examined: var ``root``, else the service path, else /.
+
+    Raises UnsafeValueError unless it is a safe absolute path (it reaches ``find``, ``du``
+    and ``df`` as an argument: a leading ``-`` would be read as an option).
+    """
     if "root" in host.vars:
-        return str(host.vars["root"])
-    if service:
-        return cfg.service(service).deploy_path_for(host)
-    return "/"
+        root = str(host.vars["root"])
+    elif service:
+        root = cfg.service(service).deploy_path_for(host)
+    else:
+        root = "/"
+    return validate_absolute_path(root, what=f"host {host.name}: disk root")
 
 
-def service_log_path(cfg: OpsConfig, host: Host, service: str | None, template: str) -> str:
-    """The service's log file on ``host`` ('' without a service)."""
+def service_logs(cfg: OpsConfig, service: str) -> dict[str, str]:
+    """The log templates ops.yaml gives ``service`` (``{"service": DEFAULT_LOG}`` if none)."""
+    return dict(cfg.service(service).logs) or {"service": DEFAULT_LOG}
+
+
+def service_log_path(cfg: OpsConfig, host: Host, service: str | None, log: str | None) -> str:
+    """The path of the configured log ``log`` (default: the first) of ``service`` on ``host``.
+
+    '' without a service. Raises NotFound naming the configured logs for an unknown name,
+    UnsafeValueError if the rendered path is not a safe absolute path.
+    """
     if not service:
         return ""
-    svc = cfg.service(service)
-    return svc.render(template, host, service=service)
+    logs = service_logs(cfg, service)
+    name = log or next(iter(logs))
+    if name not in logs:
+        known = ", ".join(sorted(logs))
+        raise NotFound(
+            f"service {service} has no log {name!r} (ops.yaml services.{service}.logs: {known})"
+        )
+    path = cfg.service(service).render(logs[name], host, service=service)
+    return validate_absolute_path(path, what=f"service {service} log {name}")
 
 
 def check_health(url: str, timeout: float = 5.0) -> HealthFact:
@@ -76,22 +108,24 @@ def gather_host_facts(
     host_name: str,
     service: str | None = None,
     log_lines: int = 50,
-    log_template: str = DEFAULT_LOG,
+    log: str | None = None,
     health_timeout: float = 5.0,
 ) -> HostFacts:
     """Facts of one host (plus the service's health when ``service`` is given).
 
-    Raises the SSH connector's errors (HostUnreachable is retried) — the flow records an
+    ``log`` names one of the service's logs in ops.yaml (default: the first); no path is
+    ever taken from a caller. Raises NotFound for an unknown log name, UnsafeValueError for an
+    unsafe path, the SSH connector's errors (HostUnreachable is retried) — the flow records an
     unreachable host as a finding.
     """
     cfg = ops_config()
     _env, host = cfg.host(host_name)
     root = disk_root(cfg, host, service)
-    log = service_log_path(cfg, host, service, log_template)
+    log_path = service_log_path(cfg, host, service, log)
     port = None
     with SSHConnection.from_host(host) as conn:
         result = conn.run(
-            ["sh", "-c", FACTS_SCRIPT, "kmpops-diag", root, log, str(int(log_lines))],
+            ["sh", "-c", FACTS_SCRIPT, "kmpops-diag", root, log_path, str(int(log_lines))],
             timeout=60,
         )
     if service:
@@ -102,8 +136,8 @@ def gather_host_facts(
             port = int(port_value)
         elif url is not None:
             port = urllib.parse.urlsplit(url).port
-        facts = parse_facts(host.name, result.stdout, service_port=port, log_path=log)
+        facts = parse_facts(host.name, result.stdout, service_port=port, log_path=log_path)
         if url is not None:
             facts = replace(facts, health=check_health(url, health_timeout))
         return facts
-    return parse_facts(host.name, result.stdout, log_path=log)
+    return parse_facts(host.name, result.stdout, log_path=log_path)

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kmpops.errors import UnsafeValueError
 from kmpops.plans.capacity import HostUsage, LoadResult
 from kmpops.plans.diagnosis import HostFacts
+from tasks.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.common import retry_on_transient
 
 __all__ = [

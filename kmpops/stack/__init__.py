@@ -298,8 +298,9 @@ def _write_approver_tokens(root: Path) -> None:
     themselves), ``secrets/approver_tokens`` the ``name:sha256`` book the policy checks against.
     """
     import hashlib
-    import os
     import secrets as pysecrets
+
+    from kmpops.secrets import write_secret_file
 
     folder = root / "secrets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,11 +311,9 @@ def _write_approver_tokens(root: Path) -> None:
     for name in APPROVERS:
         token = pysecrets.token_urlsafe(24)
         token_file = folder / f"approver-{name}.token"
-        token_file.write_text(token + "\n")
-        os.chmod(token_file, 0o600)
+        write_secret_file(token_file, token + "\n")
         lines.append(f"{name}:{hashlib.sha256(token.encode()).hexdigest()}")
-    book.write_text("\n".join(lines) + "\n")
-    os.chmod(book, 0o600)
+    write_secret_file(book, "\n".join(lines) + "\n")
 
 
 def _write_audit_key(root: Path) -> Path:

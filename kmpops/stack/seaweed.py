@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmpops.secrets import write_secret_file
 from kmpops.stack._proc import (
     StackError,
     read_pid,
@@ -77,9 +78,7 @@ def _credentials(root: Path) -> tuple[str, str]:
             (key_file, "KMP" + secrets.token_hex(8).upper()),
             (secret_file, secrets.token_urlsafe(30)),
         ):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(value + "\n")
+            write_secret_file(path, value + "\n")
     return key_file.read_text().strip(), secret_file.read_text().strip()
 
 
@@ -93,9 +92,7 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
             }
         ]
     }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(config, fh)
+    write_secret_file(path, json.dumps(config))
 
 
 def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:

@@ -113,12 +113,10 @@ def _new_ed25519(private_path: Path, comment: str) -> str:
     )
     line = f"{public.decode()} {comment}"
     private_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_path.with_name(private_path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
+    from kmpops.secrets import write_secret_file
+
     private_path.with_name(private_path.name + ".pub").write_text(line + "\n")
-    os.replace(tmp, private_path)
+    write_secret_file(private_path, private)
     return line
 
 

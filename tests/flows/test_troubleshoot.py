@@ -31,6 +31,7 @@ def add_service(data: dict, name: str, port: int) -> None:
         "deploy_path": "{root}/srv/" + name,
         "restart": "{deploy_path}/current/control restart",
         "health_check": {"url": f"http://{{address}}:{port}/health", "timeout": 2},
+        "logs": {"app": "{deploy_path}/shared/log/web.log"},
     }
 
 
@@ -86,15 +87,10 @@ def test_crashed_and_healthy_services(stack, variant, tmp_path) -> None:
     control = deploy / "current" / "control"
     subprocess.run([str(control), "start", "--port", str(probe_port)], check=True, timeout=30)
     try:
-        template = "{deploy_path}/shared/log/web.log"
         down = troubleshoot(
-            TroubleshootRequest(
-                hosts=[crashed.name], service="ghost", log_template=template, symptom="500s"
-            )
+            TroubleshootRequest(hosts=[crashed.name], service="ghost", log="app", symptom="500s")
         )
-        up = troubleshoot(
-            TroubleshootRequest(hosts=[healthy.name], service="probe", log_template=template)
-        )
+        up = troubleshoot(TroubleshootRequest(hosts=[healthy.name], service="probe"))
     finally:
         subprocess.run([str(control), "stop"], check=False, timeout=30)
     crash = [f for f in down["findings"] if f["issue"] == "crash"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -183,3 +184,67 @@ def test_authorized_keys_path_refuses_traversal() -> None:
 
     with pytest.raises(UnsafeValueError):
         authorized_keys_path(_Host(root="/srv/h1"), "{root}/../../etc/shadow")
+
+
+def _short_blob() -> str:
+    import base64
+
+    return base64.b64encode(base64.b64decode(KEYS["bob"].key_b64)[:-5]).decode()
+
+
+ALLOWED = ["no-pty", 'from="10.0.0.0/8"']
+
+
+@pytest.mark.parametrize(
+    ("line", "options", "comment"),
+    [
+        (KEYS["bob"].public_line(), "", "bob@laptop"),
+        (f"{KEYS['bob'].key_type} {KEYS['bob'].key_b64}", "", ""),
+        (f"no-pty {KEYS['bob'].public_line()}", "no-pty", "bob@laptop"),
+        (
+            f'from="10.0.0.0/8",no-pty {KEYS["bob"].public_line()}',
+            'from="10.0.0.0/8",no-pty',
+            "bob@laptop",
+        ),
+        (f"{KEYS['bob'].key_type} {KEYS['bob'].key_b64} Bob Smith 2026", "", "Bob Smith 2026"),
+    ],
+)
+def test_parse_offered_key_accepts(line, options, comment) -> None:
+    from kmpops.access import parse_offered_key
+
+    key = parse_offered_key(line, allowed_options=ALLOWED)
+    assert (key.options, key.comment, key.fingerprint) == (options, comment, fp("bob"))
+    assert key.line() == line.strip()
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (f"$(id>/tmp/pwned) {KEYS['bob'].public_line()}", "not a key option"),
+        (f'command="id" {KEYS["bob"].public_line()}', "not allowed"),
+        (f'no-pty,command="id" {KEYS["bob"].public_line()}', 'command="id"'),
+        (f'from="10.0.0.0/8\\" {KEYS["bob"].public_line()}', "not a key option"),
+        (f"{KEYS['bob'].public_line()} x$(id)", "comment"),
+        (f"{KEYS['bob'].public_line()} `id`", "comment"),
+        (f"{KEYS['bob'].public_line()}\nssh-ed25519 AAAA", "one line"),
+        (f"ssh-dss {KEYS['bob'].key_b64}", "ssh-dss not allowed"),
+        (f"ssh-rsa {KEYS['bob'].key_b64}", "does not match"),
+        (f"{KEYS['bob'].key_type} {_short_blob()}", "not a valid"),
+        (f"{KEYS['bob'].key_type} not!base64", "base64"),
+        ("", "key type"),
+    ],
+)
+def test_parse_offered_key_refuses(line, why) -> None:
+    from kmpops.access import parse_offered_key
+
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_offered_key(line, allowed_options=ALLOWED)
+
+
+def test_parse_offered_key_without_config_checks_option_syntax_only() -> None:
+    from kmpops.access import parse_offered_key
+
+    line = f'command="id" {KEYS["bob"].public_line()}'
+    assert parse_offered_key(line, allowed_options=None).options == 'command="id"'
+    with pytest.raises(ValueError, match="not allowed"):
+        parse_offered_key(line)

@@ -223,3 +223,62 @@ def test_render_command_refuses_malformed_template(template):
 def test_render_command_refuses_unquotable_value():
     with pytest.raises(UnsafeValueError):
         render_command("echo {a}", {"a": "x\x00y"})
+
+
+@pytest.mark.parametrize(
+    ("template", "where"),
+    [
+        ("sh -c 'echo {x}'", "inside ' quotes"),
+        ('sh -c "echo {x}"', 'inside " quotes'),
+        ('echo "$(date)" "{x}"', 'inside " quotes'),
+        ("echo \\{x}", "after a backslash"),
+        ("echo 'a' \"b {x}\"", 'inside " quotes'),
+        ('echo "it\'s {x}"', 'inside " quotes'),
+    ],
+)
+def test_render_command_refuses_a_quoted_placeholder(template, where):
+    with pytest.raises(UnsafeValueError) as err:
+        render_command(template, {"x": "a; id"})
+    assert "{x}" in str(err.value) and where in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("sh -c 'echo \"$1\"' sh {x}", ["sh", "-c", 'echo "$1"', "sh", "a; id"]),
+        ("echo 'it''s' {x}", ["echo", "its", "a; id"]),
+        ('echo "q" \\\' {x}/c', ["echo", "q", "'", "a; id/c"]),
+        ('echo "a\\"b" {x}', ["echo", 'a"b', "a; id"]),
+        ('echo "$(printf %s {x})"', ["echo", "a; id"]),
+        ("echo `printf %s {x}`", ["echo", "a;", "id"]),
+    ],
+)
+def test_render_command_outside_quotes_stays_one_word(template, words):
+    rendered = render_command(template, {"x": "a; id"})
+    assert _sh_echo_args(rendered.split(" ", 1)[1]) == words[1:]
+
+
+def test_check_command_template_names_placeholders():
+    from kmpops.shellsafe import check_command_template
+
+    assert check_command_template("{deploy_path}/control restart --port {web_port}") == [
+        "deploy_path",
+        "web_port",
+    ]
+    with pytest.raises(UnsafeValueError, match=r"\{address\}"):
+        check_command_template("sh -c 'block {address}'")
+
+
+@pytest.mark.parametrize("value", ["/srv/h1", "/", "/a/b.c"])
+def test_validate_absolute_path_accepts(value):
+    from kmpops.shellsafe import validate_absolute_path
+
+    assert validate_absolute_path(value, what="root") == value
+
+
+@pytest.mark.parametrize("value", ["-delete", "srv/h1", "/srv/../etc", "/srv/$(id)", "/a/-x", ""])
+def test_validate_absolute_path_refuses(value):
+    from kmpops.shellsafe import validate_absolute_path
+
+    with pytest.raises(UnsafeValueError, match="root"):
+        validate_absolute_path(value, what="root")
