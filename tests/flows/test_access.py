@@ -187,7 +187,8 @@ def rotation_fleet(stack, tmp_path, monkeypatch):
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     cfg = {
         "project": "kmp",
-        "records": data["records"],
+        "records": data["records"],  # its checkpoints go to the stack's S3 (with the storage)
+        "storage": data["storage"],
         "environments": {
             "staging": {
                 "hosts": [
