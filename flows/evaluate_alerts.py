@@ -19,6 +19,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from kmpops.locks import procedure_target
 from tasks.alerting import (
     RuleEvaluation,
     alert_payload,
@@ -27,11 +28,13 @@ from tasks.alerting import (
     evaluate_rule,
 )
 from tasks.common import notify, ops_config
+from tasks.locks import locked
 
 StartMode = Literal["event", "subflow", "none"]
 
 
 @flow(name="evaluate-alerts", log_prints=False)
+@locked(lambda **_: [procedure_target("evaluate-alerts")])
 def evaluate_alerts(
     rules: list[str] | None = None,
     start_incidents: StartMode = "event",

@@ -28,6 +28,7 @@ from tasks.backup import (
     restore_database_backup,
 )
 from tasks.common import audit_event, ops_config, records
+from tasks.locks import database_targets, locked
 
 PROTECTED_ENVIRONMENTS = ("staging", "production")
 
@@ -38,6 +39,7 @@ def _policy(environment: str) -> Policy:
 
 
 @flow(name="restore-database")
+@locked(lambda database, **_: database_targets([database]))
 def restore_database(
     database: str,
     backup_id: int | None = None,

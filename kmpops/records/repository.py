@@ -16,12 +16,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, or_, select, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kmpops import locks as lock_rules
 from kmpops.errors import NotFound
+from kmpops.locks import Fence, LeaseLost, LeaseView
 from kmpops.records.audit import GENESIS, ChainReport, event_hash, export_lines, verify_chain
 from kmpops.records.models import (
     AlertStateRecord,
@@ -33,6 +35,7 @@ from kmpops.records.models import (
     Drill,
     Incident,
     IncidentEvent,
+    Lease,
     Release,
     Verification,
     utcnow,
@@ -255,9 +258,14 @@ class Records:
         sha256: str | None = None,
         deployed_by: str = "",
         run_id: str | None = None,
+        fence: Fence | None = None,
     ) -> Release:
-        """Make ``version`` current on a host: the old current becomes previous, older retired."""
+        """Make ``version`` current on a host: the old current becomes previous, older retired.
+
+        With ``fence`` (the lease the run holds on the service in the environment) the write
+        is refused with LeaseLost, changing nothing, unless that lease is still live."""
         with self.session() as s:
+            fence_number = self._check_fence(s, fence)
             rows = s.scalars(
                 select(Release).where(
                     Release.service == service,
@@ -281,6 +289,7 @@ class Records:
                 state="current",
                 deployed_by=deployed_by,
                 run_id=run_id,
+                fence=fence_number,
             )
             s.add(rel)
         return rel
@@ -380,10 +389,22 @@ class Records:
 
     # -- backups ----------------------------------------------------------------------------
 
-    def start_backup(self, *, kind: str, name: str, key: str, run_id: str | None = None) -> Backup:
-        """Catalog a backup as running (never complete before its upload is confirmed)."""
+    def start_backup(
+        self,
+        *,
+        kind: str,
+        name: str,
+        key: str,
+        run_id: str | None = None,
+        fence: Fence | None = None,
+    ) -> Backup:
+        """Catalog a backup as running (never complete before its upload is confirmed);
+        with ``fence`` refused (LeaseLost, nothing written) unless that lease is live."""
         with self.session() as s:
-            row = Backup(kind=kind, name=name, key=key, state="running", run_id=run_id)
+            number = self._check_fence(s, fence)
+            row = Backup(
+                kind=kind, name=name, key=key, state="running", run_id=run_id, fence=number
+            )
             s.add(row)
         return row
 
@@ -395,9 +416,13 @@ class Records:
         size: int | None = None,
         sha256: str | None = None,
         manifest: dict[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> Backup:
-        """Mark a backup complete (after confirmed upload) or failed."""
+        """Mark a backup complete (after confirmed upload) or failed; with ``fence``, marking
+        it complete is refused (LeaseLost, the row stays as it was) unless that lease is live."""
         with self.session() as s:
+            if state == "complete":
+                self._check_fence(s, fence)
             row = s.get(Backup, backup_id)
             if row is None:
                 raise NotFound(f"backup #{backup_id}")
@@ -576,3 +601,182 @@ class Records:
             if notified:
                 row.last_notified_at = utcnow()
         return row
+
+    # -- leases (target locks, kmpops.locks) ------------------------------------------------
+
+    def acquire_leases(
+        self,
+        targets: Sequence[str],
+        *,
+        holder: str,
+        holder_name: str,
+        ttl_seconds: float,
+        take_from: str | None = None,
+    ) -> tuple[list[Fence], LeaseView | None]:
+        """Take ``targets`` for run ``holder``, in the order given (sorted by the caller), in one
+        transaction: stop at the first one another live run holds.
+
+        Returns (the fences taken, in order; the busy lease or None when all were taken). Each
+        take is a conditional UPDATE of the target's row (created free first), so of two
+        processes racing for a free or expired target exactly one wins; a target this run
+        already holds is extended under its number. ``take_from`` names a run known dead whose
+        live leases may be taken (deploy-recover). Every take increments the fencing number.
+        """
+        won: list[Fence] = []
+        with self.session() as s:
+            self._ensure_lease_rows(s, targets)
+            for target in targets:
+                now = utcnow()
+                until = lock_rules.expiry(now, ttl_seconds)
+                mine = s.execute(
+                    update(Lease)
+                    .where(Lease.target == target, Lease.holder == holder)
+                    .where(Lease.expires_at > now)
+                    .values(expires_at=until, renewed_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if mine.rowcount != 1:
+                    free = or_(Lease.holder.is_(None), Lease.expires_at.is_(None))
+                    free = or_(free, Lease.expires_at <= now, Lease.holder == holder)
+                    if take_from is not None:
+                        free = or_(free, Lease.holder == take_from)
+                    taken = s.execute(
+                        update(Lease)
+                        .where(Lease.target == target, free)
+                        .values(
+                            holder=holder,
+                            holder_name=holder_name[:300],
+                            fence=Lease.fence + 1,
+                            acquired_at=now,
+                            renewed_at=now,
+                            expires_at=until,
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                    if taken.rowcount != 1:
+                        row = s.get(Lease, target, populate_existing=True)
+                        assert row is not None
+                        return won, _lease_view(row)
+                fence = s.scalar(select(Lease.fence).where(Lease.target == target))
+                assert fence is not None
+                won.append(Fence(target=target, holder=holder, number=fence))
+        return won, None
+
+    @staticmethod
+    def _ensure_lease_rows(session: Session, targets: Sequence[str]) -> None:
+        if not targets:
+            return
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:  # pragma: no cover - the records store is SQLite or PostgreSQL
+            raise NotImplementedError(f"leases need SQLite or PostgreSQL, not {dialect}")
+        rows = [{"target": t, "holder": None, "holder_name": "", "fence": 0} for t in targets]
+        session.execute(
+            dialect_insert(Lease).values(rows).on_conflict_do_nothing(index_elements=["target"])
+        )
+
+    def renew_leases(self, fences: Sequence[Fence], *, ttl_seconds: float) -> list[Fence]:
+        """Extend the live leases among ``fences`` by ``ttl_seconds``; returns the ones that
+        are no longer live (expired, released or taken over) and were not extended."""
+        lost: list[Fence] = []
+        with self.session() as s:
+            for fence in fences:
+                now = utcnow()
+                done = s.execute(
+                    update(Lease)
+                    .where(
+                        Lease.target == fence.target,
+                        Lease.holder == fence.holder,
+                        Lease.fence == fence.number,
+                        Lease.expires_at > now,
+                    )
+                    .values(expires_at=lock_rules.expiry(now, ttl_seconds), renewed_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount != 1:
+                    lost.append(fence)
+        return lost
+
+    def release_leases(self, fences: Sequence[Fence]) -> list[str]:
+        """Free the leases among ``fences`` that are still this holder's under that number
+        (a lease taken over meanwhile is left to its new holder); returns the targets freed."""
+        freed: list[str] = []
+        with self.session() as s:
+            for fence in fences:
+                done = s.execute(
+                    update(Lease)
+                    .where(
+                        Lease.target == fence.target,
+                        Lease.holder == fence.holder,
+                        Lease.fence == fence.number,
+                    )
+                    .values(holder=None, holder_name="", expires_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount == 1:
+                    freed.append(fence.target)
+        return freed
+
+    def release_leases_of(self, holder: str) -> list[LeaseView]:
+        """Free every lease run ``holder`` holds (deploy-recover, for a run known dead);
+        returns them as they were."""
+        with self.session() as s:
+            rows = list(s.scalars(select(Lease).where(Lease.holder == holder).with_for_update()))
+            held = [_lease_view(r) for r in rows]
+            for row in rows:
+                row.holder, row.holder_name, row.expires_at = None, "", None
+        return held
+
+    def lease(self, target: str) -> LeaseView | None:
+        """The lease row of ``target`` (None: never taken)."""
+        with self.session() as s:
+            row = s.get(Lease, target)
+            return _lease_view(row) if row is not None else None
+
+    def leases(self, *, include_free: bool = False) -> list[LeaseView]:
+        """Lease rows by target; only held ones (live or expired) unless ``include_free``."""
+        q = select(Lease).order_by(Lease.target)
+        if not include_free:
+            q = q.where(Lease.holder.is_not(None))
+        with self.session() as s:
+            return [_lease_view(r) for r in s.scalars(q)]
+
+    @staticmethod
+    def _check_fence(session: Session, fence: Fence | None) -> int | None:
+        """Inside a write's transaction: lock the lease row and refuse the write unless
+        ``fence`` is still its live lease (LeaseLost names why). None: no lease to check."""
+        if fence is None:
+            return None
+        now = utcnow()
+        live = session.execute(
+            update(Lease)
+            .where(
+                Lease.target == fence.target,
+                Lease.holder == fence.holder,
+                Lease.fence == fence.number,
+                Lease.expires_at > now,
+            )
+            .values(renewed_at=Lease.renewed_at)
+            .execution_options(synchronize_session=False)
+        )
+        if live.rowcount != 1:
+            row = session.get(Lease, fence.target, populate_existing=True)
+            why = lock_rules.fence_refusal(
+                _lease_view(row) if row is not None else None, fence, now
+            )
+            raise LeaseLost(why or f"write refused: the lease on {fence.target} is not live")
+        return fence.number
+
+
+def _lease_view(row: Lease) -> LeaseView:
+    return LeaseView(
+        target=row.target,
+        holder=row.holder,
+        holder_name=row.holder_name,
+        fence=row.fence,
+        acquired_at=row.acquired_at,
+        expires_at=row.expires_at,
+    )

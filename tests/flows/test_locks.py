@@ -1,0 +1,216 @@
+"""Target locks on the real stack: concurrent deploys serialised, a dead holder's lease taken
+over after its TTL (and its stale fencing number refused), key rotation waiting for a deploy
+of the same hosts, and the ``refuse`` policy naming the holder.
+
+Concurrent runs are separate processes (``tests.serving.serve_subprocess``), like two runs
+started from the UI; each prints its final state as one JSON line that the test reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.stack, pytest.mark.prefect]
+
+GATES5 = (
+    "code_review",
+    "tests_passed",
+    "security_scan",
+    "dependencies_updated",
+    "documentation_updated",
+)
+RELEASES = {"L1.0": "good", "L2.0-errors": "errors", "L2.1": "good", "L3.0": "good"}
+
+
+def current_of(host_root: str) -> str | None:
+    link = Path(host_root) / "srv" / "web" / "current"
+    return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+
+def production(stack) -> list:
+    return [h for h in stack.hosts if h.environment == "production"]
+
+
+def snapshot(stack) -> dict[str, str | None]:
+    return {h.name: current_of(h.root) for h in stack.hosts}
+
+
+def lock_variant(data: dict, **locks) -> None:
+    """Production only, no approval; short leases so a dead holder expires within seconds."""
+    data["environments"].pop("staging", None)
+    data["environments"]["production"]["policy"].update(approval_required=False)
+    data["locks"] = {"ttl": 4, "renew_interval": 1, "poll_interval": 0.2, **locks}
+
+
+@pytest.fixture(scope="module")
+def lock_config(stack, tmp_path_factory) -> Path:
+    """The stack's ops.yaml with :func:`lock_variant` applied (KMPOPS_CONFIG points at it)."""
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    lock_variant(data)
+    path = tmp_path_factory.mktemp("locks") / "ops.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def use_lock_config(lock_config, monkeypatch) -> Path:
+    monkeypatch.setenv("KMPOPS_CONFIG", str(lock_config))
+    return lock_config
+
+
+@pytest.fixture(scope="module")
+def lock_releases(stack, tmp_path_factory) -> dict[str, str]:
+    """Publish the releases these tests deploy (tarball + checklist evidence) to the stack's S3;
+    the errors release fails 30 % of its requests."""
+    from kmpops.config import load_config
+    from kmpops.connectors.storage import open_store
+    from kmpops.secrets import resolve_secret
+    from kmpops.stack.sample_service import build_release
+
+    out = tmp_path_factory.mktemp("lock-releases")
+    store = open_store(load_config(stack.ops_yaml).storage, resolve_secret)
+    for version, variant in RELEASES.items():
+        tarball = build_release(
+            version, out, variant=variant, parameter=0.3 if variant == "errors" else None
+        )
+        put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
+        for gate in GATES5:
+            store.put_bytes(
+                f"evidence/web/{version}/{gate}.json",
+                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
+            )
+    return RELEASES
+
+
+@pytest.fixture(scope="module")
+def lock_baseline(stack, lock_releases, lock_config) -> None:
+    """L1.0 on every production host (first install where the hosts have nothing yet)."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    old = os.environ["KMPOPS_CONFIG"]
+    os.environ["KMPOPS_CONFIG"] = str(lock_config)
+    try:
+        result = deploy_pipeline(
+            DeployRequest(
+                service="web",
+                version="L1.0",
+                allow_first_install=True,
+                bake_seconds=0,
+                requested_by="dave",
+            )
+        )
+    finally:
+        os.environ["KMPOPS_CONFIG"] = old
+    assert result["status"] == "deployed"
+
+
+DEPLOY_CODE = """
+import json
+from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+state = deploy_pipeline(DeployRequest(service='web', version={version!r}, bake_seconds={bake},
+                                      requested_by='dave'), return_state=True)
+print("RESULT " + json.dumps({{"type": state.type.value, "message": state.message or ""}}))
+"""
+
+
+def start_deploy(version: str, bake: float, log: Path) -> subprocess.Popen[bytes]:
+    from tests.serving import serve_subprocess
+
+    return serve_subprocess(DEPLOY_CODE.format(version=version, bake=bake), log)
+
+
+def finished(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> dict:
+    """Wait for a run's process; its RESULT line (the final state type and message)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
+    assert lines, f"no result from the run; log {log}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+class Traffic:
+    """Requests to every production host's /work until stopped (what a bake measures)."""
+
+    def __init__(self, stack) -> None:
+        from kmpops.stack.sample_service import generate_traffic
+
+        self._stop = threading.Event()
+        hosts = production(stack)
+
+        def run() -> None:
+            while not self._stop.is_set():
+                for h in hosts:
+                    generate_traffic(
+                        f"http://127.0.0.1:{h.web_port}/work", requests=5, concurrency=1, timeout=1
+                    )
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wait_until(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- (a) two deploys of the same service and environment ----------------------------------
+
+
+def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config, tmp_path):
+    """Run A (30 % errors, bake 8 s) and run B (good) start 2.5 s apart: B waits for A's lock,
+    so A's bake measures A's release (it fails and rolls back) and B then deploys over it."""
+    from tasks.common import records
+
+    prod = production(stack)
+    before = {h.name: current_of(h.root) for h in prod}
+    log_a, log_b = tmp_path / "deploy-a.log", tmp_path / "deploy-b.log"
+    with Traffic(stack):
+        run_a = start_deploy("L2.0-errors", 8, log_a)
+        wait_until(
+            lambda: any(current_of(h.root) == "L2.0-errors" for h in prod) or run_a.poll(),
+            "run A to switch a host",
+        )
+        time.sleep(2.5)
+        run_b = start_deploy("L2.1", 2, log_b)
+        result_a = finished(run_a, log_a)
+        result_b = finished(run_b, log_b)
+    assert result_a["type"] == "FAILED", result_a
+    assert "bake" in result_a["message"] and "error rate" in result_a["message"], result_a
+    assert result_b["type"] == "COMPLETED", result_b
+    # B waited visibly for A's lock, naming A's run
+    assert "deploy-web-L2.0-errors-production" in log_b.read_text()
+    rec = records()
+    for host in prod:
+        assert current_of(host.root) == "L2.1", host.name
+        assert rec.current_release("web", "production", host.name).version == "L2.1"
+    # A's bake measured A's release: its rollback put back what the hosts had before A
+    rollbacks = [
+        e
+        for e in rec.audit_events(action="deploy.rollback")
+        if e.details["rolled_back"] == "L2.0-errors"
+    ]
+    assert {e.details["to"] for e in rollbacks} == set(before.values())
