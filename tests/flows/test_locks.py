@@ -117,7 +117,8 @@ DEPLOY_CODE = """
 import json
 from flows.deploy_pipeline import DeployRequest, deploy_pipeline
 state = deploy_pipeline(DeployRequest(service='web', version={version!r}, bake_seconds={bake},
-                                      requested_by='dave'), return_state=True)
+                                      requested_by='dave', allow_first_install=True),
+                        return_state=True)
 print("RESULT " + json.dumps({{"type": state.type.value, "message": state.message or ""}}))
 """
 
@@ -214,3 +215,171 @@ def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config
         if e.details["rolled_back"] == "L2.0-errors"
     ]
     assert {e.details["to"] for e in rollbacks} == set(before.values())
+
+
+# -- (b) a holder that dies: its lease expires, is taken over, and its fence is refused ------
+
+HOLDER_CODE = """
+import time
+from prefect import flow
+from kmpops.locks import service_target
+from tasks.locks import RunLocks
+
+@flow(name="lock-holder", flow_run_name="lock-holder-{tag}")
+def hold() -> None:
+    with RunLocks([service_target("web", "production")]):
+        print("HELD", flush=True)
+        time.sleep(600)
+
+hold()
+"""
+
+
+def start_holder(tag: str, log: Path) -> subprocess.Popen[bytes]:
+    """A run in another process that takes web@production's lease and keeps renewing it."""
+    from tasks.common import records
+    from tests.serving import serve_subprocess
+
+    proc = serve_subprocess(HOLDER_CODE.replace("{tag}", tag), log)
+    wait_until(
+        lambda: (
+            proc.poll() is not None
+            or (records().lease("service:web@production") or _free()).holder_name
+            == f"lock-holder-{tag}"
+        ),
+        "the holder to take its lease",
+    )
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def _free():
+    from kmpops.locks import LeaseView
+
+    return LeaseView("", None, "", 0, None, None)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_killed_holder_is_taken_over_after_expiry_and_cannot_record(
+    stack, lock_baseline, use_lock_config, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from kmpops.cli import app
+    from kmpops.locks import Fence, LeaseLost
+    from tasks.common import records
+
+    rec = records()
+    holder = start_holder("killed", tmp_path / "holder.log")
+    held = rec.lease("service:web@production")
+    stale = Fence(target=held.target, holder=held.holder, number=held.fence)
+    listing = CliRunner().invoke(app, ["locks", "--config", str(use_lock_config)])
+    assert listing.exit_code == 0
+    assert "lock-holder-killed" in listing.output and held.holder in listing.output
+    kill(holder)  # SIGKILL: no release, no more renewals
+
+    state = deploy_pipeline(
+        DeployRequest(service="web", version="L3.0", bake_seconds=0, requested_by="dave"),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    run_id = str(state.state_details.flow_run_id)
+    (acquired,) = rec.audit_events(action="lock.acquired", run_id=run_id)
+    assert acquired.details["fences"]["service:web@production"] == stale.number + 1
+    for host in production(stack):
+        assert current_of(host.root) == "L3.0"
+    # The dead run's fence is refused: it cannot record over the newer run's release.
+    with pytest.raises(LeaseLost, match=f"taken over .* with fence {stale.number + 1}"):
+        rec.record_release(
+            service="web", environment="production", host="prd-1", version="L1.0", fence=stale
+        )
+    row = rec.current_release("web", "production", "prd-1")
+    assert row.version == "L3.0" and row.fence == stale.number + 1
+
+
+# -- (d) policy "refuse": the second run fails at once, naming the holder ------------------
+
+
+def test_refuse_policy_names_the_holder_and_changes_nothing(
+    stack, lock_baseline, monkeypatch, tmp_path
+):
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from kmpops.locks import LockBusy
+    from tasks.common import records
+
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    lock_variant(data, procedures={"deploy-pipeline": {"on_busy": "refuse"}})
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+    before = snapshot(stack)
+    holder = start_holder("refuse", tmp_path / "holder.log")
+    try:
+        state = deploy_pipeline(
+            DeployRequest(service="web", version="L2.1", bake_seconds=0, requested_by="dave"),
+            return_state=True,
+        )
+    finally:
+        kill(holder)
+    assert state.is_failed()
+    with pytest.raises(LockBusy) as err:
+        state.result()
+    text = str(err.value)
+    assert "refused (locks.on_busy=refuse)" in text
+    assert "service:web@production is held by run lock-holder-refuse" in text and "since" in text
+    assert snapshot(stack) == before
+    run_id = str(state.state_details.flow_run_id)
+    assert [e.action for e in records().audit_events(run_id=run_id)] == ["lock.refused"]
+
+
+# -- (c) key rotation during a deploy of the same hosts waits for it ---------------------------
+
+
+def test_key_rotation_waits_for_a_deploy_of_the_same_hosts(
+    stack, lock_baseline, monkeypatch, tmp_path
+):
+    """Runs last: it really rotates the stack's client key (every host keeps working with
+    the new one)."""
+    from flows.rotate_service_keys import RotationRequest, rotate_service_keys
+    from tasks.common import records
+
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    data["environments"]["production"]["policy"].update(approval_required=False)
+    data["locks"] = {"ttl": 4, "renew_interval": 1, "poll_interval": 0.2}
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
+    rec = records()
+    log = tmp_path / "deploy.log"
+    deploy = start_deploy("L2.1", 3, log)
+    try:
+        wait_until(
+            lambda: (
+                deploy.poll() is not None
+                or any(
+                    v.holder_name == "deploy-web-L2.1-production" and v.target.startswith("host:")
+                    for v in rec.leases()
+                )
+            ),
+            "the deploy to take its host locks",
+        )
+        state = rotate_service_keys(RotationRequest(), return_state=True)
+    finally:
+        result = finished(deploy, log)
+    assert result["type"] == "COMPLETED", result
+    assert state.is_completed(), state.message
+    rotation_run = str(state.state_details.flow_run_id)
+    deploy_done = [e for e in rec.audit_events(action="deploy.completed")][-1]
+    assert deploy_done.subject == "web@L2.1->production"
+    (taken,) = rec.audit_events(action="lock.acquired", run_id=rotation_run)
+    (rotated,) = rec.audit_events(action="access.rotated", run_id=rotation_run)
+    # the rotation took the hosts only after the deploy had finished with them
+    assert deploy_done.seq < taken.seq < rotated.seq
+    assert sorted(rotated.details["hosts"]) == sorted(h.name for h in stack.hosts)
+    assert all(current_of(h.root) == "L2.1" for h in stack.hosts)
