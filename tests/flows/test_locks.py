@@ -202,8 +202,21 @@ def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config
     assert result_a["type"] == "FAILED", result_a
     assert "bake" in result_a["message"] and "error rate" in result_a["message"], result_a
     assert result_b["type"] == "COMPLETED", result_b
-    # B waited visibly for A's lock, naming A's run
-    assert "deploy-web-L2.0-errors-production" in log_b.read_text()
+    # B waited visibly for A's lock, naming A's run: in its log and its Prefect state
+    assert "waiting for lock: host:prd-1 is held by run deploy-web-L2.0-errors-production" in (
+        log_b.read_text()
+    )
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        (run_b_info,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=["deploy-web-L2.1-production"])
+            )
+        )
+        waits = [s for s in client.read_flow_run_states(run_b_info.id) if s.name == "AwaitingLock"]
+    assert waits and "held by run deploy-web-L2.0-errors-production" in waits[0].message
     rec = records()
     for host in prod:
         assert current_of(host.root) == "L2.1", host.name
@@ -215,6 +228,71 @@ def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config
         if e.details["rolled_back"] == "L2.0-errors"
     ]
     assert {e.details["to"] for e in rollbacks} == set(before.values())
+
+
+# -- the lease table on PostgreSQL: processes racing, a stale fence refused -------------------
+
+RACE = """
+import sys
+from kmpops.records import Records
+won, busy = Records(sys.argv[1]).acquire_leases(
+    ["service:web@production", "host:prd-1"], holder=sys.argv[2], holder_name=sys.argv[2],
+    ttl_seconds=60)
+print("WON" if len(won) == 2 else "BUSY")
+"""
+
+
+def test_postgres_lease_race_has_one_winner_and_fences_hold(stack, tmp_path):
+    import sys
+    import uuid
+
+    import psycopg
+
+    from kmpops.locks import LeaseLost
+    from kmpops.records import Records
+
+    name = f"leases_{uuid.uuid4().hex[:8]}"
+    port = stack.port_base + 200
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True
+    ) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+    rec = Records(url)
+    rec.migrate()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, url, f"racer-{i}"],
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outcomes
+    assert sorted(out.strip() for out, _ in outcomes) == ["BUSY"] * 5 + ["WON"]
+    held = rec.lease("service:web@production")
+    assert held is not None and held.fence == 1
+    (stale,) = [f for f in rec.leases() if f.target == "host:prd-1"]
+    assert stale.holder == held.holder  # both targets went to the same single winner
+    from kmpops.locks import Fence
+
+    fence = Fence(target=held.target, holder=held.holder, number=held.fence)
+    rec.release_leases_of(held.holder)
+    (newer,), _ = rec.acquire_leases(
+        [held.target], holder="next", holder_name="next-run", ttl_seconds=60
+    )
+    with pytest.raises(LeaseLost, match="taken over by run next-run with fence 2"):
+        rec.record_release(
+            service="web", environment="production", host="prd-1", version="x", fence=fence
+        )
+    rec.record_release(
+        service="web", environment="production", host="prd-1", version="y", fence=newer
+    )
+    assert rec.current_release("web", "production", "prd-1").version == "y"
+    rec.close()
 
 
 # -- (b) a holder that dies: its lease expires, is taken over, and its fence is refused ------
@@ -335,7 +413,10 @@ def test_refuse_policy_names_the_holder_and_changes_nothing(
     assert "service:web@production is held by run lock-holder-refuse" in text and "since" in text
     assert snapshot(stack) == before
     run_id = str(state.state_details.flow_run_id)
-    assert [e.action for e in records().audit_events(run_id=run_id)] == ["lock.refused"]
+    # refused before the procedure began: only the lock events (the hosts it had taken before
+    # reaching the held target were released again), no deploy step
+    actions = [e.action for e in records().audit_events(run_id=run_id)]
+    assert actions == ["lock.refused", "lock.released"]
 
 
 # -- (c) key rotation during a deploy of the same hosts waits for it ---------------------------
