@@ -39,6 +39,10 @@ DESIGN notes — why a lease table in the records store, not Prefect global conc
   name the holder run and since when; ``kmpops locks`` lists the table.
 * **Clocks.** Expiry uses the acquiring process's clock (UTC). Hosts running workers must keep
   their clocks within a small fraction of the TTL (NTP); renewal runs at most every TTL/3.
+* **Granularity.** deploy-pipeline takes its hosts as well as the service in each
+  environment, so key rotation and access changes of those hosts wait for it; the price is
+  that deploys of two different services onto the same hosts also run one after the other
+  (shared/exclusive host leases would lift that, at the cost of a second lease mode).
 * **Deadlocks.** A run takes its targets in sorted order and, when one is busy, waits for it
   holding only those before it; runs taking overlapping sets therefore cannot wait on each
   other in a cycle.
