@@ -125,7 +125,7 @@ class LeaseView:
 
     target: str
     holder: str | None
-    holder_name: str
+    holder_name: str  # the holder's run name; after release, the last holder's
     fence: int
     acquired_at: datetime | None
     expires_at: datetime | None
@@ -173,9 +173,11 @@ def fence_refusal(lease: LeaseView | None, fence: Fence, now: datetime) -> str |
     if lease is None:
         return f"write refused: no lease on {where} was ever taken"
     if lease.fence > fence.number:
+        name = lease.holder_name or lease.holder or "(unknown)"
+        since = " (released since)" if lease.holder is None else ""
         return (
-            f"write refused: the lease on {where} was taken over by run "
-            f"{lease.holder_name or lease.holder or '(released since)'} with fence {lease.fence}"
+            f"write refused: the lease on {where} was taken over by run {name} "
+            f"with fence {lease.fence}{since}"
         )
     if lease.holder != fence.holder or lease.fence != fence.number:
         return f"write refused: the lease on {where} was released"

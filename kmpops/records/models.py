@@ -230,7 +230,8 @@ class Silence(Base):
 class Lease(Base):
     """The lease on one lock target (``kmpops.locks``): who holds it, since when, until when,
     and the target's fencing number (incremented on every acquire; the row stays after release
-    so the number only grows). ``holder`` is None when the target is free."""
+    so the number only grows). ``holder`` is None when the target is free; ``holder_name``
+    then names the last holder."""
 
     __tablename__ = "leases"
 

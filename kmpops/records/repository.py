@@ -713,7 +713,7 @@ class Records:
                         Lease.holder == fence.holder,
                         Lease.fence == fence.number,
                     )
-                    .values(holder=None, holder_name="", expires_at=None)
+                    .values(holder=None, expires_at=None)  # the name stays: the last holder
                     .execution_options(synchronize_session=False)
                 )
                 if done.rowcount == 1:
@@ -727,7 +727,7 @@ class Records:
             rows = list(s.scalars(select(Lease).where(Lease.holder == holder).with_for_update()))
             held = [_lease_view(r) for r in rows]
             for row in rows:
-                row.holder, row.holder_name, row.expires_at = None, "", None
+                row.holder, row.expires_at = None, None
         return held
 
     def lease(self, target: str) -> LeaseView | None:

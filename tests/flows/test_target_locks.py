@@ -381,6 +381,71 @@ def test_killed_holder_is_taken_over_after_expiry_and_cannot_record(
     assert row.version == "L3.0" and row.fence == stale.number + 1
 
 
+STALLED_CODE = """
+import time
+from pathlib import Path
+from prefect import flow
+from kmpops.locks import LeaseLost, service_target
+from tasks.common import records
+from tasks.locks import RunLocks, fence_for
+
+@flow(name="lock-holder", flow_run_name="lock-holder-stalled")
+def hold() -> None:
+    target = service_target("web", "production")
+    with RunLocks([target]):
+        print("HELD", flush=True)
+        go = Path({go!r})
+        while not go.exists():
+            time.sleep(0.05)
+        try:
+            records().record_release(service="web", environment="production", host="prd-1",
+                                     version="stale", fence=fence_for(target))
+            print("RECORDED", flush=True)
+        except LeaseLost as exc:
+            print("REFUSED " + str(exc), flush=True)
+
+hold()
+"""
+
+
+def test_stalled_holder_cannot_record_after_a_newer_run_took_over(
+    stack, lock_baseline, use_lock_config, tmp_path
+):
+    """The holder process is stopped (SIGSTOP: no renewals, like a long GC pause or a frozen
+    VM) until its lease expires and a deploy takes the target; resumed, it tries to record a
+    release under its old fence and is refused."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from tasks.common import records
+    from tests.serving import serve_subprocess
+
+    rec = records()
+    go = tmp_path / "go"
+    log = tmp_path / "stalled.log"
+    proc = serve_subprocess(STALLED_CODE.replace("{go!r}", repr(str(go))), log)
+    try:
+        wait_until(lambda: "HELD" in log.read_text() or proc.poll() is not None, "HELD")
+        assert proc.poll() is None, log.read_text()
+        os.kill(proc.pid, signal.SIGSTOP)
+        state = deploy_pipeline(
+            DeployRequest(service="web", version="L1.0", bake_seconds=0, requested_by="dave"),
+            return_state=True,
+        )
+        assert state.is_completed(), state.message
+        os.kill(proc.pid, signal.SIGCONT)
+        go.touch()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            kill(proc)
+    text = log.read_text()
+    assert "RECORDED" not in text
+    assert "REFUSED write refused: the lease on service:web@production" in text
+    assert "taken over by run deploy-web-L1.0-production" in text
+    row = rec.current_release("web", "production", "prd-1")
+    assert row.version == "L1.0" and current_of(production(stack)[0].root) == "L1.0"
+
+
 # -- (d) policy "refuse": the second run fails at once, naming the holder ------------------
 
 

@@ -72,7 +72,7 @@ FENCE = Fence(target="service:web@production", holder="A", number=3)
 FENCE_CASES = [
     ("live lease, same number", lease("A", LIVE, 3), None),
     ("taken over by a newer run", lease("B", LIVE, 4), "taken over by run run-B with fence 4"),
-    ("taken over then released", lease(None, None, 5), "taken over by run (released since)"),
+    ("taken over then released", lease(None, None, 5), "with fence 5 (released since)"),
     ("released by its holder", lease(None, None, 3), "was released"),
     ("expired, nobody took it", lease("A", GONE, 3), "expired at"),
     ("never taken", None, "no lease"),
