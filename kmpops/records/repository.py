@@ -679,8 +679,12 @@ class Records:
         )
 
     def renew_leases(self, fences: Sequence[Fence], *, ttl_seconds: float) -> list[Fence]:
-        """Extend the live leases among ``fences`` by ``ttl_seconds``; returns the ones that
-        are no longer live (expired, released or taken over) and were not extended."""
+        """Extend the leases among ``fences`` that are still this holder's under that number
+        by ``ttl_seconds``; returns the ones released or taken over (not extended).
+
+        A renewal that comes after expiry still extends a lease nobody took meanwhile: the
+        unchanged fencing number proves no other run acted on the target in between (writes
+        made while it was expired were refused)."""
         lost: list[Fence] = []
         with self.session() as s:
             for fence in fences:
@@ -691,7 +695,6 @@ class Records:
                         Lease.target == fence.target,
                         Lease.holder == fence.holder,
                         Lease.fence == fence.number,
-                        Lease.expires_at > now,
                     )
                     .values(expires_at=lock_rules.expiry(now, ttl_seconds), renewed_at=now)
                     .execution_options(synchronize_session=False)

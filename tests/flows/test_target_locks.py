@@ -48,7 +48,8 @@ def lock_variant(data: dict, **locks) -> None:
     """Production only, no approval; short leases so a dead holder expires within seconds."""
     data["environments"].pop("staging", None)
     data["environments"]["production"]["policy"].update(approval_required=False)
-    data["locks"] = {"ttl": 4, "renew_interval": 1, "poll_interval": 0.2, **locks}
+    # a TTL long enough for renewals on a loaded 2-core machine, short enough to wait out
+    data["locks"] = {"ttl": 15, "renew_interval": 1, "poll_interval": 0.2, **locks}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +115,13 @@ def lock_baseline(stack, lock_releases, lock_config) -> None:
 
 
 DEPLOY_CODE = """
-import json
+import json, time
+from pathlib import Path
 from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+go = Path({go!r})
+print("READY", flush=True)
+while {go!r} and not go.exists():
+    time.sleep(0.02)
 state = deploy_pipeline(DeployRequest(service='web', version={version!r}, bake_seconds={bake},
                                       requested_by='dave', allow_first_install=True),
                         return_state=True)
@@ -123,10 +129,19 @@ print("RESULT " + json.dumps({{"type": state.type.value, "message": state.messag
 """
 
 
-def start_deploy(version: str, bake: float, log: Path) -> subprocess.Popen[bytes]:
+def start_deploy(
+    version: str, bake: float, log: Path, go: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A deploy in its own process; with ``go`` it imports everything, prints READY and
+    starts the run only once the file ``go`` exists (so a test can start it at a chosen
+    moment of another run, whatever the machine's load)."""
     from tests.serving import serve_subprocess
 
-    return serve_subprocess(DEPLOY_CODE.format(version=version, bake=bake), log)
+    code = DEPLOY_CODE.format(version=version, bake=bake, go=str(go) if go else "")
+    proc = serve_subprocess(code, log)
+    if go is not None:
+        wait_until(lambda: "READY" in log.read_text() or proc.poll() is not None, "READY")
+    return proc
 
 
 def finished(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> dict:
@@ -189,14 +204,16 @@ def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config
     prod = production(stack)
     before = {h.name: current_of(h.root) for h in prod}
     log_a, log_b = tmp_path / "deploy-a.log", tmp_path / "deploy-b.log"
+    go_b = tmp_path / "go-b"
     with Traffic(stack):
+        run_b = start_deploy("L2.1", 2, log_b, go=go_b)  # imported, waiting for its start
         run_a = start_deploy("L2.0-errors", 8, log_a)
         wait_until(
             lambda: any(current_of(h.root) == "L2.0-errors" for h in prod) or run_a.poll(),
             "run A to switch a host",
         )
-        time.sleep(2.5)
-        run_b = start_deploy("L2.1", 2, log_b)
+        time.sleep(2.5)  # as in the finding: B starts 2.5 s after A began switching
+        go_b.touch()
         result_a = finished(run_a, log_a)
         result_b = finished(run_b, log_b)
     assert result_a["type"] == "FAILED", result_a
@@ -497,7 +514,7 @@ def test_key_rotation_waits_for_a_deploy_of_the_same_hosts(
 
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     data["environments"]["production"]["policy"].update(approval_required=False)
-    data["locks"] = {"ttl": 4, "renew_interval": 1, "poll_interval": 0.2}
+    data["locks"] = {"ttl": 15, "renew_interval": 1, "poll_interval": 0.2}
     path = tmp_path / "ops.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setenv("KMPOPS_CONFIG", str(path))

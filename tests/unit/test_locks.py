@@ -232,6 +232,13 @@ def test_fencing_refuses_a_stale_holder_and_changes_nothing(rec: Records) -> Non
     rec.record_release(service="web", environment="production", host="h1", version="3", fence=new)
     assert rec.current_release("web", "production", "h1").fence == 2
     assert rec.renew_leases([old, new], ttl_seconds=30) == [old]
+    with rec.session() as s:  # B renews late, nobody took it meanwhile: still B's, same number
+        s.execute(update(Lease).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    with pytest.raises(LeaseLost, match="expired at"):
+        rec.record_release(
+            service="web", environment="production", host="h1", version="4", fence=new
+        )
+    assert rec.renew_leases([new], ttl_seconds=30) == []
     assert rec.release_leases([old]) == []  # a stale holder cannot free the new lease
     assert rec.release_leases([new]) == [target]
     assert rec.lease(target).holder is None and rec.lease(target).fence == 2
