@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, or_, select, update
+from sqlalchemy import Engine, create_engine, event, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -616,51 +616,78 @@ class Records:
         """Take ``targets`` for run ``holder``, in the order given (sorted by the caller), in one
         transaction: stop at the first one another live run holds.
 
-        Returns (the fences taken, in order; the busy lease or None when all were taken). Each
-        take is a conditional UPDATE of the target's row (created free first), so of two
-        processes racing for a free or expired target exactly one wins; a target this run
-        already holds is extended under its number. ``take_from`` names a run known dead whose
-        live leases may be taken (deploy-recover). Every take increments the fencing number.
+        Returns (the fences taken, in order; the busy lease or None when all were taken). The
+        rows are created free if missing, then read and locked (PostgreSQL ``FOR UPDATE`` in
+        target order; on SQLite the insert already holds the database's write lock), decided
+        with :func:`kmpops.locks.decide_acquire`, and taken by conditional UPDATEs whose
+        predicate repeats the decision, so of two processes racing for a free or expired
+        target exactly one wins. A target this run already holds is extended under its number;
+        every other take increments the fencing number. ``take_from`` names a run known dead
+        whose live leases may be taken (deploy-recover).
         """
-        won: list[Fence] = []
+        if not targets:
+            return [], None
         with self.session() as s:
             self._ensure_lease_rows(s, targets)
+            rows = {
+                r.target: r
+                for r in s.scalars(
+                    select(Lease)
+                    .where(Lease.target.in_(list(targets)))
+                    .order_by(Lease.target)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            }
+            now = utcnow()
+            take, extend, busy = [], [], None
             for target in targets:
-                now = utcnow()
-                until = lock_rules.expiry(now, ttl_seconds)
-                mine = s.execute(
+                decision = lock_rules.decide_acquire(
+                    _lease_view(rows[target]), me=holder, now=now, take_from=take_from
+                )
+                if decision is lock_rules.AcquireDecision.BUSY:
+                    busy = _lease_view(rows[target])
+                    break
+                (extend if decision is lock_rules.AcquireDecision.ALREADY_HELD else take).append(
+                    target
+                )
+            until = lock_rules.expiry(now, ttl_seconds)
+            if take:
+                free = or_(
+                    Lease.holder.is_(None),
+                    Lease.expires_at.is_(None),
+                    Lease.expires_at <= now,
+                    *([Lease.holder == take_from] if take_from is not None else []),
+                )
+                done = s.execute(
                     update(Lease)
-                    .where(Lease.target == target, Lease.holder == holder)
-                    .where(Lease.expires_at > now)
+                    .where(Lease.target.in_(take), free)
+                    .values(
+                        holder=holder,
+                        holder_name=holder_name[:300],
+                        fence=Lease.fence + 1,
+                        acquired_at=now,
+                        renewed_at=now,
+                        expires_at=until,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount != len(take):  # the rows are locked: cannot happen
+                    raise RuntimeError(f"lease rows changed under their lock: {take}")
+            if extend:
+                s.execute(
+                    update(Lease)
+                    .where(Lease.target.in_(extend), Lease.holder == holder)
                     .values(expires_at=until, renewed_at=now)
                     .execution_options(synchronize_session=False)
                 )
-                if mine.rowcount != 1:
-                    free = or_(Lease.holder.is_(None), Lease.expires_at.is_(None))
-                    free = or_(free, Lease.expires_at <= now, Lease.holder == holder)
-                    if take_from is not None:
-                        free = or_(free, Lease.holder == take_from)
-                    taken = s.execute(
-                        update(Lease)
-                        .where(Lease.target == target, free)
-                        .values(
-                            holder=holder,
-                            holder_name=holder_name[:300],
-                            fence=Lease.fence + 1,
-                            acquired_at=now,
-                            renewed_at=now,
-                            expires_at=until,
-                        )
-                        .execution_options(synchronize_session=False)
-                    )
-                    if taken.rowcount != 1:
-                        row = s.get(Lease, target, populate_existing=True)
-                        assert row is not None
-                        return won, _lease_view(row)
-                fence = s.scalar(select(Lease.fence).where(Lease.target == target))
-                assert fence is not None
-                won.append(Fence(target=target, holder=holder, number=fence))
-        return won, None
+            numbers = dict(
+                s.execute(
+                    select(Lease.target, Lease.fence).where(Lease.target.in_(take + extend))
+                ).all()
+            )
+        won = [Fence(target=t, holder=holder, number=numbers[t]) for t in targets if t in numbers]
+        return won, busy
 
     @staticmethod
     def _ensure_lease_rows(session: Session, targets: Sequence[str]) -> None:
@@ -680,48 +707,52 @@ class Records:
 
     def renew_leases(self, fences: Sequence[Fence], *, ttl_seconds: float) -> list[Fence]:
         """Extend the leases among ``fences`` that are still this holder's under that number
-        by ``ttl_seconds``; returns the ones released or taken over (not extended).
+        by ``ttl_seconds`` (one UPDATE); returns the ones released or taken over (not
+        extended).
 
         A renewal that comes after expiry still extends a lease nobody took meanwhile: the
         unchanged fencing number proves no other run acted on the target in between (writes
         made while it was expired were refused)."""
-        lost: list[Fence] = []
+        if not fences:
+            return []
+        key = tuple_(Lease.target, Lease.fence, Lease.holder)
+        triples = [(f.target, f.number, f.holder) for f in fences]
         with self.session() as s:
-            for fence in fences:
-                now = utcnow()
-                done = s.execute(
-                    update(Lease)
-                    .where(
-                        Lease.target == fence.target,
-                        Lease.holder == fence.holder,
-                        Lease.fence == fence.number,
-                    )
-                    .values(expires_at=lock_rules.expiry(now, ttl_seconds), renewed_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-                if done.rowcount != 1:
-                    lost.append(fence)
-        return lost
+            now = utcnow()
+            done = s.execute(
+                update(Lease)
+                .where(key.in_(triples))
+                .values(expires_at=lock_rules.expiry(now, ttl_seconds), renewed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount == len(fences):
+                return []
+            kept = set(
+                s.execute(select(Lease.target, Lease.fence, Lease.holder).where(key.in_(triples)))
+                .tuples()
+                .all()
+            )
+        return [f for f in fences if (f.target, f.number, f.holder) not in kept]
 
     def release_leases(self, fences: Sequence[Fence]) -> list[str]:
         """Free the leases among ``fences`` that are still this holder's under that number
         (a lease taken over meanwhile is left to its new holder); returns the targets freed."""
-        freed: list[str] = []
+        if not fences:
+            return []
+        key = tuple_(Lease.target, Lease.fence, Lease.holder)
+        triples = [(f.target, f.number, f.holder) for f in fences]
         with self.session() as s:
-            for fence in fences:
-                done = s.execute(
+            held = set(
+                s.execute(select(Lease.target).where(key.in_(triples)).with_for_update()).scalars()
+            )
+            if held:
+                s.execute(
                     update(Lease)
-                    .where(
-                        Lease.target == fence.target,
-                        Lease.holder == fence.holder,
-                        Lease.fence == fence.number,
-                    )
+                    .where(key.in_(triples))
                     .values(holder=None, expires_at=None)  # the name stays: the last holder
                     .execution_options(synchronize_session=False)
                 )
-                if done.rowcount == 1:
-                    freed.append(fence.target)
-        return freed
+        return [f.target for f in fences if f.target in held]
 
     def release_leases_of(self, holder: str) -> list[LeaseView]:
         """Free every lease run ``holder`` holds (deploy-recover, for a run known dead);
