@@ -22,6 +22,12 @@ restart``), health check (``control health``), keep 3 releases.
 Measured 2026-12-01 (2 cores, 50 hosts, median of 5): kmp-ops 5.15 s (run Completed on the
 server at 5.02 s), paramiko floor 4.56 s (kmp-ops 1.13x), pyinfra 5.42 s (kmp-ops 0.95x),
 Ansible 33.1 s (6.4x slower than kmp-ops); rollback of 50 hosts 1.56 s. See bench/README.md.
+
+``--locks-ab`` also runs (a) with target locks switched off in every run, alternating which goes
+first. Measured 2026-12-02 (2 cores, load average 9-18, 50 hosts, median of 5): with locks
+11.63 s, without 11.89 s (-2.1 %; run Completed -3.2 %), client CPU 2.9 s vs 2.8 s; single runs
+spread 9.4-14.1 s, so the difference is inside the noise. A first version that acquired,
+renewed and released with two statements per target measured +6.6 % (16.21 s vs 15.21 s).
 """
 
 from __future__ import annotations
