@@ -30,11 +30,12 @@ DESIGN notes — why a lease table in the records store, not Prefect global conc
 * **Per-target names.** Targets are created on first use (one row per target, kept after
   release so the fencing number stays monotonic); a GCL would have to be created for every
   service in every environment, database and host in advance.
-* **Both databases.** The table is plain SQLAlchemy: the acquire is ``INSERT … ON CONFLICT DO
-  NOTHING`` (the row exists) followed by ``UPDATE … WHERE target = :t AND (holder IS NULL OR
-  expires_at <= :now OR holder = :me)``; the database serialises the UPDATEs of one row on
-  SQLite (one writer) and PostgreSQL (row lock, predicate re-checked), so two processes cannot
-  both win.
+* **Both databases.** The table is plain SQLAlchemy. An acquire is one transaction:
+  ``INSERT … ON CONFLICT DO NOTHING`` (every target has a row), ``SELECT … ORDER BY target FOR
+  UPDATE`` (PostgreSQL locks the rows in target order; on SQLite the insert already holds the
+  database's single write lock), :func:`decide_acquire` on each row, then one conditional
+  ``UPDATE … WHERE target IN (…) AND (holder IS NULL OR expires_at <= :now …)`` that repeats
+  the decision; so two processes cannot both win (tested with racing processes on both).
 * **Visibility.** The waiting run's Prefect state message, a markdown artifact and a log line
   name the holder run and since when; ``kmpops locks`` lists the table.
 * **Clocks.** Expiry uses the acquiring process's clock (UTC). Hosts running workers must keep
