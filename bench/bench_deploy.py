@@ -22,6 +22,12 @@ restart``), health check (``control health``), keep 3 releases.
 Measured 2026-12-01 (2 cores, 50 hosts, median of 5): kmp-ops 5.15 s (run Completed on the
 server at 5.02 s), paramiko floor 4.56 s (kmp-ops 1.13x), pyinfra 5.42 s (kmp-ops 0.95x),
 Ansible 33.1 s (6.4x slower than kmp-ops); rollback of 50 hosts 1.56 s. See bench/README.md.
+
+``--locks-ab`` also runs (a) with target locks switched off in every run, alternating which goes
+first. Measured 2026-12-02 (2 cores, load average 9-18, 50 hosts, median of 5): with locks
+11.63 s, without 11.89 s (-2.1 %; run Completed -3.2 %), client CPU 2.9 s vs 2.8 s; single runs
+spread 9.4-14.1 s, so the difference is inside the noise. A first version that acquired,
+renewed and released with two statements per target measured +6.6 % (16.21 s vs 15.21 s).
 """
 
 from __future__ import annotations
@@ -186,6 +192,21 @@ def run_kmpops(version: str, tarball: Path, *, first: bool = False) -> float:
         flush=True,
     )
     return (run.end_time - started).total_seconds()
+
+
+@contextlib.contextmanager
+def locks_disabled() -> object:
+    """For ``--locks-ab`` only: run the pipeline as before target locks (no leases taken,
+    renewed or released, no fence checks on the release records)."""
+    import tasks.locks as locks
+
+    saved = locks.RunLocks.__enter__, locks.RunLocks.__exit__
+    locks.RunLocks.__enter__ = lambda self: self  # type: ignore[method-assign]
+    locks.RunLocks.__exit__ = lambda self, *exc: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        locks.RunLocks.__enter__, locks.RunLocks.__exit__ = saved  # type: ignore[method-assign]
 
 
 # -- (b) the floor: paramiko + a thread pool ---------------------------------------------------
@@ -498,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=0, help="floor thread pool size (0: one per host)"
     )
+    parser.add_argument(
+        "--locks-ab",
+        action="store_true",
+        help="also run (a) without target locks in every run, alternating which goes first",
+    )
     parser.add_argument("--root", type=Path, default=REPO / "var" / "bench-deploy")
     parser.add_argument("--venvs", type=Path, default=REPO / "var" / "bench-venvs")
     args = parser.parse_args(argv)
@@ -548,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 "KMPOPS_ACTOR": "bench",
             }
         )
-        versions = ["0.0.1"] + [f"1.{i}.{c}" for i in range(1, args.runs + 1) for c in range(3)]
+        versions = ["0.0.1"] + [f"1.{i}.{c}" for i in range(1, args.runs + 1) for c in range(4)]
         versions += [f"9.{i}.0" for i in range(1, args.ansible_runs + 1)]
         releases = {v: make_release(dist, v, size) for v in versions}
         bad = make_release(dist, "6.6.6", size, unhealthy=True)
@@ -569,19 +595,22 @@ def main(argv: list[str] | None = None) -> int:
             ansible_work = setup_ansible(root / "ansible", info, args.hosts)
 
         kmp, kmp_done, floor, pyi, ans = [], [], [], [], []
+        nolock, nolock_done = [], []
         for i in range(1, args.runs + 1):
             print(f"run {i}", flush=True)
-            v = f"1.{i}.0"
-            done: list[float] = []
-            kmp.append(
-                timed(
-                    "(a) kmp-ops deploy-pipeline",
-                    lambda v=v, done=done: done.append(run_kmpops(v, releases[v])),
-                )
-            )
-            kmp_done.append(done[0])
-            print(f"  {'    ... Completed on the server at':<34} {done[0]:7.2f} s", flush=True)
-            verify(info, v)
+            order = ["with", "without"] if i % 2 else ["without", "with"]
+            for mode in order if args.locks_ab else ["with"]:
+                v = f"1.{i}.0" if mode == "with" else f"1.{i}.3"
+                done: list[float] = []
+                with locks_disabled() if mode == "without" else contextlib.nullcontext():
+                    took = timed(
+                        "(a) kmp-ops deploy-pipeline" + (" NO LOCKS" if mode == "without" else ""),
+                        lambda v=v, done=done: done.append(run_kmpops(v, releases[v])),
+                    )
+                (kmp if mode == "with" else nolock).append(took)
+                (kmp_done if mode == "with" else nolock_done).append(done[0])
+                print(f"  {'    ... Completed on the server at':<34} {done[0]:7.2f} s", flush=True)
+                verify(info, v)
             v = f"1.{i}.1"
             floor.append(
                 timed(
@@ -636,6 +665,15 @@ def main(argv: list[str] | None = None) -> int:
         a_done = statistics.median(kmp_done)
         print(f"(a) kmp-ops deploy-pipeline  {a:7.2f} s (call returned)")
         print(f"    ... run Completed        {a_done:7.2f} s (final state on the server)")
+        if nolock:
+            n, n_done = statistics.median(nolock), statistics.median(nolock_done)
+            print(f"(a') without target locks    {n:7.2f} s (call returned)")
+            print(f"    ... run Completed        {n_done:7.2f} s")
+            print(
+                f"locks cost                   {100 * (a / n - 1):+6.1f} % "
+                f"(run Completed: {100 * (a_done / n_done - 1):+.1f} %); "
+                f"with {[round(x, 2) for x in kmp]}, without {[round(x, 2) for x in nolock]}"
+            )
         print(f"(b) paramiko thread pool     {b:7.2f} s")
         if pyi:
             print(f"(c) pyinfra                  {statistics.median(pyi):7.2f} s")

@@ -13,9 +13,11 @@ from prefect import flow
 
 from tasks.backup import backup_database_to_store, bounded, gather_backup_results
 from tasks.common import ops_config
+from tasks.locks import database_targets, locked
 
 
 @flow(name="backup-database", log_prints=False)
+@locked(lambda databases: database_targets(databases))
 def backup_database(databases: list[str] | None = None) -> list[dict[str, Any]]:
     """Back up ``databases`` (default: every database in ops.yaml); returns their manifests.
 

@@ -51,6 +51,7 @@ from tasks.deploy import (
     run_checklist,
     stage_releases,
 )
+from tasks.locks import deploy_targets, locked
 
 
 class DeployRequest(BaseModel):
@@ -243,6 +244,9 @@ def _approval_from_change_request(req: DeployRequest, needed: int) -> bool:
     name="deploy-pipeline",
     task_runner=ThreadPoolTaskRunner(max_workers=64),
     flow_run_name="deploy-{request.service}-{request.version}-{request.environment}",
+)
+@locked(
+    lambda request: [] if request.dry_run else deploy_targets(request.service, request.environment)
 )
 def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     """Deploy ``request.version`` of ``request.service`` to staging and then production.

@@ -22,6 +22,7 @@ from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.recovery import plan_recovery
 from tasks.common import audit, notify, records, run_id
 from tasks.deploy import mark_run_crashed, read_flow_run, roll_back_hosts
+from tasks.locks import RunLocks, recovery_targets, release_dead_run_locks
 
 PREFIX = "prefect.flow-run."
 
@@ -76,14 +77,19 @@ def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
     events = records().audit_events(run_id=crashed)
     plan = plan_recovery([(e.action, e.subject, e.details or {}) for e in events])
     if plan.finished:
+        release_dead_run_locks(crashed, f"run ended with {plan.finished}")
         logger.info("run %s ended with %s: nothing to recover", crashed, plan.finished)
         return {"status": "nothing to recover", "run": crashed, "finished": plan.finished}
     if not plan.hosts or plan.service is None:
+        release_dead_run_locks(crashed, "crashed before switching any host")
         audit("deploy.recovered", subject, crashed_run=crashed, hosts=[], rollback_failed=[])
         return {"status": "nothing switched", "run": crashed}
 
     version = plan.version or "unknown"
-    done, failed = roll_back_hosts(plan.service, version, plan.hosts, flag_run_id=crashed)
+    # Take the crashed run's leases on what it switched (new fences), free the rest it held.
+    with RunLocks(recovery_targets(plan.service, plan.hosts), take_from=crashed):
+        release_dead_run_locks(crashed, f"recovered by deploy-recover run {run_id()}")
+        done, failed = roll_back_hosts(plan.service, version, plan.hosts, flag_run_id=crashed)
     audit(
         "deploy.recovered",
         subject,

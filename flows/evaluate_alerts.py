@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from kmpops.locks import procedure_target
 from kmpops.plans.incident import incident_title
 from tasks.alerting import (
     RuleEvaluation,
@@ -33,11 +34,13 @@ from tasks.alerting import (
 from tasks.artifacts import create_table_artifact
 from tasks.common import notify, ops_config
 from tasks.incident import open_incident
+from tasks.locks import locked
 
 StartMode = Literal["event", "subflow", "none"]
 
 
 @flow(name="evaluate-alerts", log_prints=False)
+@locked(lambda **_: [procedure_target("evaluate-alerts")])
 def evaluate_alerts(
     rules: list[str] | None = None,
     start_incidents: StartMode = "event",

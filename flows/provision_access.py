@@ -31,6 +31,7 @@ from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.access import plan_key_change
 from tasks.access import read_host_keys, replace_authorized_keys, restore_authorized_keys
 from tasks.common import actor, audit, ops_config
+from tasks.locks import host_targets, locked
 from tasks.reports import markdown_table, publish_report
 
 
@@ -110,6 +111,7 @@ def render_plan(
 
 
 @flow(name="provision-access", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@locked(lambda change: [] if change.dry_run else host_targets(change.environment))
 def provision_access(change: AccessChange) -> dict[str, Any]:
     """Add or remove ``change.public_key`` on every host of ``change.environment``.
 

@@ -37,6 +37,7 @@ from tasks.backup import (
     restore_database_backup,
 )
 from tasks.common import audit_event, ops_config, records
+from tasks.locks import database_targets, locked
 
 
 def _policy(environment: str) -> Policy:
@@ -45,6 +46,7 @@ def _policy(environment: str) -> Policy:
 
 
 @flow(name="restore-database")
+@locked(lambda database, **_: database_targets([database]))
 def restore_database(
     database: str,
     backup_id: int | None = None,

@@ -41,6 +41,7 @@ from tasks.access import (
     restore_authorized_keys,
 )
 from tasks.common import audit, ops_config
+from tasks.locks import host_targets, locked
 from tasks.reports import markdown_table, publish_report
 
 
@@ -192,6 +193,7 @@ def _rotate_group(key_file: Path, hosts: list[str], req: RotationRequest) -> dic
 
 
 @flow(name="rotate-service-keys", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@locked(lambda request: [] if request is not None and request.dry_run else host_targets())
 def rotate_service_keys(request: RotationRequest | None = None) -> dict[str, Any]:
     """Rotate every key file kmp-ops uses; returns old/new fingerprints per key file.
 

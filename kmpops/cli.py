@@ -1,4 +1,4 @@
-"""The ``kmpops`` command: validate, stack, audit, approve, demo, serve.
+"""The ``kmpops`` command: validate, stack, audit, approve, locks, demo, serve.
 
 Exit codes: 0 success, 1 a check failed (invalid config, broken audit chain), 2 usage errors.
 Errors are one line each and never echo a secret.
@@ -347,6 +347,56 @@ def inventory_import(
     for item in unimported_hosts(parsed, mapped):
         typer.echo(f"not imported: {item}: in none of the imported groups", err=True)
     typer.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
+
+
+@app.command("locks")
+def locks_list(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    all_targets: Annotated[
+        bool, typer.Option("--all", help="also free targets (their last fencing number)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per lease")] = False,
+) -> None:
+    """List target locks: holder run, target, since, expiry, fencing number, state."""
+    from datetime import UTC, datetime
+
+    with _records(config) as rec:
+        rec.migrate()
+        leases = rec.leases(include_free=all_targets)
+    now = datetime.now(UTC)
+
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+    def state(expires: datetime | None, holder: str | None) -> str:
+        if holder is None:
+            return "free"
+        return "held" if expires is not None and expires > now else "EXPIRED"
+
+    rows = [
+        {
+            "target": v.target,
+            "state": state(v.expires_at, v.holder),
+            "holder_run": v.holder or "-",
+            "holder_name": v.holder_name or "-",
+            "since": when(v.acquired_at if v.holder else None),
+            "expires": when(v.expires_at),
+            "fence": v.fence,
+        }
+        for v in leases
+    ]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        typer.echo("no locks held")
+        return
+    cols = ["target", "state", "holder_name", "holder_run", "since", "expires", "fence"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
 
 
 def main() -> None:

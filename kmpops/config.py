@@ -666,6 +666,44 @@ def _check_path_vars(values: dict[str, str | int]) -> None:
         raise ValueError(str(exc)) from None
 
 
+class LockPolicy(Strict):
+    """What a run does when a target it needs is held by another run."""
+
+    on_busy: Literal["wait", "refuse"] = "wait"
+    wait_timeout: Duration = timedelta(minutes=30)
+
+
+class LocksConfig(Strict):
+    """Target locks (``kmpops.locks``): lease TTL and renewal, and the busy policy (default
+    and per procedure, by flow name)."""
+
+    ttl: Duration = timedelta(seconds=60)
+    renew_interval: Duration = timedelta(seconds=10)
+    poll_interval: Duration = timedelta(seconds=1)
+    on_busy: Literal["wait", "refuse"] = "wait"
+    wait_timeout: Duration = timedelta(minutes=30)
+    procedures: dict[Name, LockPolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> LocksConfig:
+        if self.ttl < timedelta(seconds=1):
+            raise ValueError("ttl must be at least 1s")
+        if self.renew_interval <= timedelta(0) or self.renew_interval * 3 > self.ttl:
+            raise ValueError(
+                f"renew_interval must be positive and at most a third of ttl "
+                f"({self.ttl.total_seconds():g}s), so two missed renewals do not lose a lease"
+            )
+        if not timedelta(seconds=0.05) <= self.poll_interval <= timedelta(minutes=1):
+            raise ValueError("poll_interval must be between 0.05s and 1m")
+        return self
+
+    def policy(self, procedure: str) -> LockPolicy:
+        """The busy policy of ``procedure`` (its override, else the defaults)."""
+        return self.procedures.get(
+            procedure, LockPolicy(on_busy=self.on_busy, wait_timeout=self.wait_timeout)
+        )
+
+
 class OpsConfig(Strict):
     """The whole ``ops.yaml``."""
 
@@ -682,6 +720,7 @@ class OpsConfig(Strict):
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
     incidents: IncidentPolicy = IncidentPolicy()
     access: AccessPolicy = AccessPolicy()
+    locks: LocksConfig = LocksConfig()
 
     @model_validator(mode="after")
     def _checkpoints_on_s3_storage(self) -> OpsConfig:

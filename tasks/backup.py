@@ -29,6 +29,7 @@ from kmpops import backup as core
 from kmpops.config import DatabaseConfig
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import ConnectorError, IntegrityError, NotFound
+from kmpops.locks import database_target
 from kmpops.plans.recovery import expired_previous_copies
 from kmpops.records.models import Backup
 from tasks.artifacts import create_table_artifact
@@ -41,6 +42,7 @@ from tasks.common import (
     run_id,
     secret,
 )
+from tasks.locks import fence_for
 
 __all__ = [
     "apply_retention_deletions",
@@ -142,7 +144,10 @@ def backup_database_to_store(database: str) -> dict[str, Any]:
     database_config(database)  # NotFound before anything is catalogued
     backup_id = core.new_backup_id()
     dump_key, manifest_key = core.database_object_keys(database, backup_id)
-    row = rec.start_backup(kind="database", name=database, key=dump_key, run_id=run_id())
+    fence = fence_for(database_target(database))
+    row = rec.start_backup(
+        kind="database", name=database, key=dump_key, run_id=run_id(), fence=fence
+    )
     try:
         db = open_database(database)
         manifest = core.backup_database(
@@ -162,7 +167,12 @@ def backup_database_to_store(database: str) -> dict[str, Any]:
         raise
     data = manifest.model_dump(mode="json")
     rec.finish_backup(
-        row.id, state="complete", size=manifest.size, sha256=manifest.sha256, manifest=data
+        row.id,
+        state="complete",
+        size=manifest.size,
+        sha256=manifest.sha256,
+        manifest=data,
+        fence=fence,
     )
     audit(
         "backup.completed",

@@ -37,9 +37,11 @@ from kmpops import shellsafe
 from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import ConfigError, KmpOpsError, NotFound, PolicyViolation, TransientError
+from kmpops.locks import service_target
 from kmpops.plans.checklist import ChecklistReport, default_checklist, evaluate_checklist
 from kmpops.plans.failures import group_failures
 from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
+from tasks.locks import fence_for
 
 __all__ = [
     "ResolvedArtifact",
@@ -416,6 +418,7 @@ def _activate(
         sha256=sha256,
         deployed_by=actor(),
         run_id=run_id(),
+        fence=fence_for(service_target(service, environment)),
     )
     return previous, pruned
 
@@ -499,6 +502,7 @@ def rollback_host(
             version=to_version,
             deployed_by=actor(),
             run_id=run_id(),
+            fence=fence_for(service_target(service, environment)),
         )
     audit("deploy.rollback", subject, to=to_version, rolled_back=from_version)
     return f"{host_name}: {from_version} -> {to_version or '(removed: first install)'}"

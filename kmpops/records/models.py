@@ -73,6 +73,7 @@ class Release(Base):
     deployed_at: Mapped[datetime] = mapped_column(default=utcnow)
     deployed_by: Mapped[str] = mapped_column(String(200), default="")
     run_id: Mapped[str | None] = mapped_column(String(64))
+    fence: Mapped[int | None]  # the lease's fencing number it was recorded under
 
 
 class Approval(Base):
@@ -133,6 +134,7 @@ class Backup(Base):
     run_id: Mapped[str | None] = mapped_column(String(64))
     verification: Mapped[str | None] = mapped_column(String(20))
     verified_at: Mapped[datetime | None]
+    fence: Mapped[int | None]  # the lease's fencing number it was catalogued under
     verifications: Mapped[list[Verification]] = relationship(back_populates="backup")
 
 
@@ -227,3 +229,20 @@ class Silence(Base):
     ends_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(200), default="")
     comment: Mapped[str] = mapped_column(Text, default="")
+
+
+class Lease(Base):
+    """The lease on one lock target (``kmpops.locks``): who holds it, since when, until when,
+    and the target's fencing number (incremented on every acquire; the row stays after release
+    so the number only grows). ``holder`` is None when the target is free; ``holder_name``
+    then names the last holder."""
+
+    __tablename__ = "leases"
+
+    target: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), index=True)
+    holder_name: Mapped[str] = mapped_column(String(300), default="")
+    fence: Mapped[int] = mapped_column(Integer, default=0)
+    acquired_at: Mapped[datetime | None]
+    renewed_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]

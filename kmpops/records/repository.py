@@ -17,13 +17,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kmpops import locks as lock_rules
 from kmpops.config import OpsConfig
 from kmpops.errors import ConfigError, IntegrityError, KmpOpsError, NotFound
+from kmpops.locks import Fence, LeaseLost, LeaseView
 from kmpops.records.anchor import CheckpointStore, open_checkpoint_store
 from kmpops.records.audit import (
     GENESIS,
@@ -45,6 +47,7 @@ from kmpops.records.models import (
     Drill,
     Incident,
     IncidentEvent,
+    Lease,
     Release,
     Verification,
     utcnow,
@@ -387,9 +390,14 @@ class Records:
         sha256: str | None = None,
         deployed_by: str = "",
         run_id: str | None = None,
+        fence: Fence | None = None,
     ) -> Release:
-        """Make ``version`` current on a host: the old current becomes previous, older retired."""
+        """Make ``version`` current on a host: the old current becomes previous, older retired.
+
+        With ``fence`` (the lease the run holds on the service in the environment) the write
+        is refused with LeaseLost, changing nothing, unless that lease is still live."""
         with self.session() as s:
+            fence_number = self._check_fence(s, fence)
             rows = s.scalars(
                 select(Release).where(
                     Release.service == service,
@@ -413,6 +421,7 @@ class Records:
                 state="current",
                 deployed_by=deployed_by,
                 run_id=run_id,
+                fence=fence_number,
             )
             s.add(rel)
         return rel
@@ -512,10 +521,22 @@ class Records:
 
     # -- backups ----------------------------------------------------------------------------
 
-    def start_backup(self, *, kind: str, name: str, key: str, run_id: str | None = None) -> Backup:
-        """Catalog a backup as running (never complete before its upload is confirmed)."""
+    def start_backup(
+        self,
+        *,
+        kind: str,
+        name: str,
+        key: str,
+        run_id: str | None = None,
+        fence: Fence | None = None,
+    ) -> Backup:
+        """Catalog a backup as running (never complete before its upload is confirmed);
+        with ``fence`` refused (LeaseLost, nothing written) unless that lease is live."""
         with self.session() as s:
-            row = Backup(kind=kind, name=name, key=key, state="running", run_id=run_id)
+            number = self._check_fence(s, fence)
+            row = Backup(
+                kind=kind, name=name, key=key, state="running", run_id=run_id, fence=number
+            )
             s.add(row)
         return row
 
@@ -527,9 +548,13 @@ class Records:
         size: int | None = None,
         sha256: str | None = None,
         manifest: dict[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> Backup:
-        """Mark a backup complete (after confirmed upload) or failed."""
+        """Mark a backup complete (after confirmed upload) or failed; with ``fence``, marking
+        it complete is refused (LeaseLost, the row stays as it was) unless that lease is live."""
         with self.session() as s:
+            if state == "complete":
+                self._check_fence(s, fence)
             row = s.get(Backup, backup_id)
             if row is None:
                 raise NotFound(f"backup #{backup_id}")
@@ -721,3 +746,216 @@ class Records:
             if notified:
                 row.last_notified_at = utcnow()
         return row
+
+    # -- leases (target locks, kmpops.locks) ------------------------------------------------
+
+    def acquire_leases(
+        self,
+        targets: Sequence[str],
+        *,
+        holder: str,
+        holder_name: str,
+        ttl_seconds: float,
+        take_from: str | None = None,
+    ) -> tuple[list[Fence], LeaseView | None]:
+        """Take ``targets`` for run ``holder``, in the order given (sorted by the caller), in one
+        transaction: stop at the first one another live run holds.
+
+        Returns (the fences taken, in order; the busy lease or None when all were taken). The
+        rows are created free if missing, then read and locked (PostgreSQL ``FOR UPDATE`` in
+        target order; on SQLite the insert already holds the database's write lock), decided
+        with :func:`kmpops.locks.decide_acquire`, and taken by conditional UPDATEs whose
+        predicate repeats the decision, so of two processes racing for a free or expired
+        target exactly one wins. A target this run already holds is extended under its number;
+        every other take increments the fencing number. ``take_from`` names a run known dead
+        whose live leases may be taken (deploy-recover).
+        """
+        if not targets:
+            return [], None
+        with self.session() as s:
+            self._ensure_lease_rows(s, targets)
+            rows = {
+                r.target: r
+                for r in s.scalars(
+                    select(Lease)
+                    .where(Lease.target.in_(list(targets)))
+                    .order_by(Lease.target)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            }
+            now = utcnow()
+            take, extend, busy = [], [], None
+            for target in targets:
+                decision = lock_rules.decide_acquire(
+                    _lease_view(rows[target]), me=holder, now=now, take_from=take_from
+                )
+                if decision is lock_rules.AcquireDecision.BUSY:
+                    busy = _lease_view(rows[target])
+                    break
+                (extend if decision is lock_rules.AcquireDecision.ALREADY_HELD else take).append(
+                    target
+                )
+            until = lock_rules.expiry(now, ttl_seconds)
+            if take:
+                free = or_(
+                    Lease.holder.is_(None),
+                    Lease.expires_at.is_(None),
+                    Lease.expires_at <= now,
+                    *([Lease.holder == take_from] if take_from is not None else []),
+                )
+                done = s.execute(
+                    update(Lease)
+                    .where(Lease.target.in_(take), free)
+                    .values(
+                        holder=holder,
+                        holder_name=holder_name[:300],
+                        fence=Lease.fence + 1,
+                        acquired_at=now,
+                        renewed_at=now,
+                        expires_at=until,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount != len(take):  # the rows are locked: cannot happen
+                    raise RuntimeError(f"lease rows changed under their lock: {take}")
+            if extend:
+                s.execute(
+                    update(Lease)
+                    .where(Lease.target.in_(extend), Lease.holder == holder)
+                    .values(expires_at=until, renewed_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            numbers = dict(
+                s.execute(
+                    select(Lease.target, Lease.fence).where(Lease.target.in_(take + extend))
+                ).all()
+            )
+        won = [Fence(target=t, holder=holder, number=numbers[t]) for t in targets if t in numbers]
+        return won, busy
+
+    @staticmethod
+    def _ensure_lease_rows(session: Session, targets: Sequence[str]) -> None:
+        if not targets:
+            return
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:  # pragma: no cover - the records store is SQLite or PostgreSQL
+            raise NotImplementedError(f"leases need SQLite or PostgreSQL, not {dialect}")
+        rows = [{"target": t, "holder": None, "holder_name": "", "fence": 0} for t in targets]
+        session.execute(
+            dialect_insert(Lease).values(rows).on_conflict_do_nothing(index_elements=["target"])
+        )
+
+    def renew_leases(self, fences: Sequence[Fence], *, ttl_seconds: float) -> list[Fence]:
+        """Extend the leases among ``fences`` that are still this holder's under that number
+        by ``ttl_seconds`` (one UPDATE); returns the ones released or taken over (not
+        extended).
+
+        A renewal that comes after expiry still extends a lease nobody took meanwhile: the
+        unchanged fencing number proves no other run acted on the target in between (writes
+        made while it was expired were refused)."""
+        if not fences:
+            return []
+        key = tuple_(Lease.target, Lease.fence, Lease.holder)
+        triples = [(f.target, f.number, f.holder) for f in fences]
+        with self.session() as s:
+            now = utcnow()
+            done = s.execute(
+                update(Lease)
+                .where(key.in_(triples))
+                .values(expires_at=lock_rules.expiry(now, ttl_seconds), renewed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount == len(fences):
+                return []
+            kept = set(
+                s.execute(select(Lease.target, Lease.fence, Lease.holder).where(key.in_(triples)))
+                .tuples()
+                .all()
+            )
+        return [f for f in fences if (f.target, f.number, f.holder) not in kept]
+
+    def release_leases(self, fences: Sequence[Fence]) -> list[str]:
+        """Free the leases among ``fences`` that are still this holder's under that number
+        (a lease taken over meanwhile is left to its new holder); returns the targets freed."""
+        if not fences:
+            return []
+        key = tuple_(Lease.target, Lease.fence, Lease.holder)
+        triples = [(f.target, f.number, f.holder) for f in fences]
+        with self.session() as s:
+            held = set(
+                s.execute(select(Lease.target).where(key.in_(triples)).with_for_update()).scalars()
+            )
+            if held:
+                s.execute(
+                    update(Lease)
+                    .where(key.in_(triples))
+                    .values(holder=None, expires_at=None)  # the name stays: the last holder
+                    .execution_options(synchronize_session=False)
+                )
+        return [f.target for f in fences if f.target in held]
+
+    def release_leases_of(self, holder: str) -> list[LeaseView]:
+        """Free every lease run ``holder`` holds (deploy-recover, for a run known dead);
+        returns them as they were."""
+        with self.session() as s:
+            rows = list(s.scalars(select(Lease).where(Lease.holder == holder).with_for_update()))
+            held = [_lease_view(r) for r in rows]
+            for row in rows:
+                row.holder, row.expires_at = None, None
+        return held
+
+    def lease(self, target: str) -> LeaseView | None:
+        """The lease row of ``target`` (None: never taken)."""
+        with self.session() as s:
+            row = s.get(Lease, target)
+            return _lease_view(row) if row is not None else None
+
+    def leases(self, *, include_free: bool = False) -> list[LeaseView]:
+        """Lease rows by target; only held ones (live or expired) unless ``include_free``."""
+        q = select(Lease).order_by(Lease.target)
+        if not include_free:
+            q = q.where(Lease.holder.is_not(None))
+        with self.session() as s:
+            return [_lease_view(r) for r in s.scalars(q)]
+
+    @staticmethod
+    def _check_fence(session: Session, fence: Fence | None) -> int | None:
+        """Inside a write's transaction: lock the lease row and refuse the write unless
+        ``fence`` is still its live lease (LeaseLost names why). None: no lease to check."""
+        if fence is None:
+            return None
+        now = utcnow()
+        live = session.execute(
+            update(Lease)
+            .where(
+                Lease.target == fence.target,
+                Lease.holder == fence.holder,
+                Lease.fence == fence.number,
+                Lease.expires_at > now,
+            )
+            .values(renewed_at=Lease.renewed_at)
+            .execution_options(synchronize_session=False)
+        )
+        if live.rowcount != 1:
+            row = session.get(Lease, fence.target, populate_existing=True)
+            why = lock_rules.fence_refusal(
+                _lease_view(row) if row is not None else None, fence, now
+            )
+            raise LeaseLost(why or f"write refused: the lease on {fence.target} is not live")
+        return fence.number
+
+
+def _lease_view(row: Lease) -> LeaseView:
+    return LeaseView(
+        target=row.target,
+        holder=row.holder,
+        holder_name=row.holder_name,
+        fence=row.fence,
+        acquired_at=row.acquired_at,
+        expires_at=row.expires_at,
+    )
