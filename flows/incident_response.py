@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmpops.config import OpsConfig, Policy
+from kmpops.plans.approval import service_identity
 from kmpops.plans.incident import (
     ESCALATION_LEVELS,
     ContainmentAction,
@@ -42,8 +43,8 @@ from kmpops.plans.incident import (
     render_postmortem,
 )
 from tasks.alerting import evaluate_rule
-from tasks.approval import request_approval
-from tasks.common import actor, audit, notify, ops_config, records
+from tasks.approval import request_approval, requester_for_run
+from tasks.common import audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (
     check_service_health,
@@ -215,7 +216,7 @@ def _containment(
             summary_markdown=f"Incident #{incident_id}: {signal.title or signal.rule}\n\n"
             + plan.markdown(),
             policy=policy,
-            requested_by=actor(),
+            requested_by=requester_for_run("") or service_identity("incident-response"),
             timeout_s=options.approval_timeout_s,
         )
         record_phase(incident_id, "containment", f"approval {outcome.summary()}")
