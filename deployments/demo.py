@@ -3,8 +3,9 @@
 1. starts the local stack (Prefect server on SQLite, records on SQLite, six sshd hosts, SeaweedFS,
    PostgreSQL, Prometheus) under ``var/stack``;
 2. builds a release of the sample service and runs ``deploy-pipeline``: checklist, staging,
-   integration tests, monitoring check, production approval (answered here as ``alice`` with her
-   approver token, exactly as ``kmpops approve`` would), rolling batches, verification, bake;
+   integration tests, monitoring check, production approval (answered here as ``kmpops approve``
+   would: ``dave``, who asked, confirms with his token, then ``alice`` approves with hers),
+   rolling batches, verification, bake;
 3. backs up the sample database, verifies the backup by restoring it into a scratch database;
 4. prints what a person can check: each host's ``current`` release read from the host itself, the
    backup's checksum and restored row counts, the audit chain, the Prefect UI address.
@@ -36,7 +37,8 @@ def _env(root: Path, info: Any) -> None:
 
 
 def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
-    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does."""
+    """Answer every paused deploy-pipeline run the way `kmpops approve` does: dave, who asked
+    for the deploy, confirms it with his token; then alice approves it with hers."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -45,11 +47,11 @@ def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
     )
     from prefect.client.schemas.objects import StateType
 
-    from kmpops.approve import approve_run
+    from kmpops.approve import approve_run, pending_request
+    from kmpops.errors import KmpOpsError
     from kmpops.stack import approver_token
 
-    answered: set[str] = set()
-    token = approver_token(root, "alice")
+    answered: set[str] = set()  # paused states answered (one answer per pause)
     with get_client(sync_client=True) as client:
         while not stop.is_set():
             runs = client.read_flow_runs(
@@ -58,19 +60,26 @@ def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
                 )
             )
             for run in runs:
-                if str(run.id) in answered:
+                if run.state is None or str(run.state.id) in answered:
                     continue
                 time.sleep(1.0)  # let a person watching the UI see the paused run
+                try:
+                    asked = pending_request(api_url, str(run.id))
+                except KmpOpsError:
+                    continue  # resumed meanwhile, or not an approval
+                confirming = "Waiting for the requester" in asked.description
+                who, decision = ("dave", "confirm") if confirming else ("alice", "approve")
                 approve_run(
                     api_url,
                     str(run.id),
-                    decision="approve",
-                    approver="alice",
+                    decision=decision,
+                    approver=who,
                     reason="demo: staging green, change reviewed",
-                    token=token,
+                    token=approver_token(root, who),
+                    request_code=asked.request_code,
                 )
-                answered.add(str(run.id))
-                print(f"  approval: alice approved paused run {run.name}")
+                answered.add(str(run.state.id))
+                print(f"  approval: {who} answered {decision} on paused run {run.name}")
             stop.wait(0.5)
 
 
@@ -142,7 +151,7 @@ def _deploy(root: Path, info: Any, cfg: Any, version: str) -> dict[str, Any]:
                 service="web",
                 version=version,
                 environment="production",
-                requested_by="demo-operator",
+                requested_by="dave",
                 allow_first_install=True,
             )
         )
