@@ -310,7 +310,6 @@ def request_approval(
         form = ApprovalForm.with_initial_data(
             description=_description(summary_markdown, tally, policy, facts, digest, code),
             decision="confirm" if confirming else "reject",
-            approver=requested_by if confirming else "",
             request_code=code,
         )
         try:

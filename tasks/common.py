@@ -34,7 +34,7 @@ from kmpops.secrets import resolve_secret
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
 #: run id -> (config, digest) frozen at the run's first ops_config(); bounded, oldest dropped
-_frozen: dict[str, tuple[OpsConfig, str]] = {}
+_frozen: dict[str, tuple[OpsConfig, str, str]] = {}  # (config, digest, sha256 of the file)
 _FROZEN_MAX = 256
 
 
@@ -52,9 +52,10 @@ def ops_config() -> OpsConfig:
             frozen = _frozen.get(current)
         if frozen is not None:
             return frozen[0]
+        raw = _file_sha256(config_path())  # read before the load: a change in between shows
         cfg = _load_current_config()
         with _lock:
-            frozen = _frozen.setdefault(current, (cfg, digest_of_config(cfg)))
+            frozen = _frozen.setdefault(current, (cfg, digest_of_config(cfg), raw))
             while len(_frozen) > _FROZEN_MAX:
                 _frozen.pop(next(iter(_frozen)))
         return frozen[0]
@@ -86,6 +87,11 @@ def ensure_config_unchanged(what: str) -> str:
     from kmpops.errors import KmpOpsError, PolicyViolation
 
     planned = config_digest()
+    current = run_id()
+    with _lock:
+        frozen = _frozen.get(current) if current is not None else None
+    if frozen is not None and frozen[2] and _file_sha256(config_path()) == frozen[2]:
+        return planned  # the very bytes it was loaded from: no need to parse it again
     try:
         now = digest_of_config(load_config(config_path()))
     except (KmpOpsError, OSError, ValueError) as exc:
@@ -98,6 +104,16 @@ def ensure_config_unchanged(what: str) -> str:
             f"{planned[:12]} -> {now[:12]}); re-plan and re-approve in a new run"
         )
     return planned
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, "" if it cannot be read."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _load_current_config() -> OpsConfig:

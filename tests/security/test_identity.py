@@ -458,3 +458,21 @@ def test_approval_required_without_token_book_refused_at_validation(stack, tmp_p
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
     assert "approval_required needs approver_tokens" in result.output
+
+
+def test_service_identity_cannot_be_claimed_by_a_parameter(stack, baseline, variant) -> None:
+    """``service:scheduler`` comes from the run's provenance (Prefect's scheduler), never from
+    a form: a person typing it to skip the requester's confirmation is refused."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    variant(lambda d: production_only(d))
+    before = prod_releases(stack)
+    state = deploy_pipeline(
+        DeployRequest(
+            service="web", version="id-7.0", bake_seconds=0, requested_by="service:scheduler"
+        ),
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "service identities come from the run, not a parameter" in str(state.message)
+    assert prod_releases(stack) == before
