@@ -293,6 +293,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
 
     now = datetime.now(UTC)
     extra = 0
+    overrides: dict[str, bool] = {}  # env -> an emergency overrides its freeze window
     for env in envs:
         decision = check_freeze(
             cfg.environment(env).policy.freeze_windows, now, emergency=req.emergency
@@ -301,6 +302,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             audit("deploy.refused", subject, reason=decision.reason)
             raise PolicyViolation(f"{env}: {decision.reason}")
         extra = max(extra, decision.extra_approvers)
+        overrides[env] = decision.extra_approvers > 0
 
     t = time.monotonic()
     artifact = resolve_artifact(svc_name, req.version, req.artifact)
@@ -339,7 +341,9 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         for plan in plans:
             env = plan.environment
             policy = cfg.environment(env).policy
-            if env != "staging":
+            # production is approved; staging only when an emergency overrides its freeze
+            # (declaring an emergency is a human act: approved and its requester authenticated)
+            if env != "staging" or overrides.get(env, False):
                 needed = required_approvals(
                     policy_quorum=policy.quorum,
                     approval_required=policy.approval_required,

@@ -476,3 +476,49 @@ def test_service_identity_cannot_be_claimed_by_a_parameter(stack, baseline, vari
     assert state.is_failed()
     assert "service identities come from the run, not a parameter" in str(state.message)
     assert prod_releases(stack) == before
+
+
+def test_emergency_override_of_a_staging_freeze_is_approved_by_another_person(
+    stack, baseline, variant
+) -> None:
+    """Declaring an emergency is a human act: overriding staging's freeze window (staging needs
+    no approval otherwise) waits for the requester's confirmation and one other approver."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from tasks.common import records
+
+    def frozen_staging(data: dict[str, Any]) -> None:
+        data["environments"]["staging"]["policy"]["freeze_windows"] = [
+            {"name": "now", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}
+        ]
+
+    variant(frozen_staging)
+    thread, box = start(
+        deploy_pipeline,
+        DeployRequest(
+            service="web",
+            version="id-2.0",
+            environment="staging",
+            emergency=True,
+            allow_first_install=True,
+            bake_seconds=0,
+            requested_by="alice",
+        ),
+    )
+    run = pending_run("deploy web@id-2.0->staging")
+    answers = Answerer(run)
+    answers.send(answer(stack, "alice", "confirm"))
+    answers.send(answer(stack, "alice", "approve"))  # her own emergency: four-eyes
+    answers.send(answer(stack, "carol", "approve"))
+    state = finish(thread, box)
+    assert state.is_completed(), state.message
+    staging = [h for h in stack.hosts if h.environment == "staging"]
+    assert {os.readlink(Path(h.root) / "srv/web/current").rsplit("/", 1)[-1] for h in staging} == {
+        "id-2.0"
+    }
+    got = answers_for(run)
+    assert ("alice", "confirmed") in got and ("carol", "approved") in got
+    assert ("alice", "refused:self_approval") in got
+    request = next(
+        a for a in records().approvals(run_id=run) if (a.details or {}).get("kind") == "request"
+    )
+    assert (request.requested_by, request.approver) == ("alice", "carol")
