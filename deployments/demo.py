@@ -3,8 +3,9 @@
 1. starts the local stack (Prefect server on SQLite, records on SQLite, six sshd hosts, SeaweedFS,
    PostgreSQL, Prometheus) under ``var/stack``;
 2. builds a release of the sample service and runs ``deploy-pipeline``: checklist, staging,
-   integration tests, monitoring check, production approval (answered here as ``alice`` with her
-   approver token, exactly as ``kmpops approve`` would), rolling batches, verification, bake;
+   integration tests, monitoring check, production approval (answered here as ``kmpops approve``
+   would: ``dave``, who asked, confirms with his token, then ``alice`` approves with hers),
+   rolling batches, verification, bake;
 3. backs up the sample database, verifies the backup by restoring it into a scratch database;
 4. serves every procedure as a deployment (``kmpops serve`` in the background, schedules paused),
    so each can be started from the UI, and waits until all of them are READY;
@@ -38,28 +39,26 @@ def _env(root: Path, info: Any) -> None:
 
 
 def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
-    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does.
+    """Answer every paused deploy-pipeline run the way `kmpops approve` does: dave, who asked
+    for the deploy, confirms it with his token; then alice approves it with hers.
 
     A poll that fails (a busy SQLite-backed server answers 503 while it is locked) is retried
     until ``stop`` is set: the thread never dies silently and leaves the approval to time out.
     """
     from prefect.client.orchestration import get_client
 
-    from kmpops.stack import approver_token
-
-    answered: set[str] = set()
-    token = approver_token(root, "alice")
+    answered: set[str] = set()  # paused states answered (one answer per pause)
     with get_client(sync_client=True) as client:
         while not stop.is_set():
             try:
-                _answer_paused(client, api_url, token, answered)
+                _answer_paused(client, root, api_url, answered)
             except Exception as err:  # the server is busy: try again, never die
                 print(f"  approval: could not answer yet ({type(err).__name__}: {err}); retrying")
             stop.wait(0.5)
 
 
-def _answer_paused(client: Any, api_url: str, token: str, answered: set[str]) -> None:
-    """One poll: approve, as alice, each paused run not answered yet."""
+def _answer_paused(client: Any, root: Path, api_url: str, answered: set[str]) -> None:
+    """One poll: answer each paused state not answered yet (dave confirms, alice approves)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -67,7 +66,9 @@ def _answer_paused(client: Any, api_url: str, token: str, answered: set[str]) ->
     )
     from prefect.client.schemas.objects import StateType
 
-    from kmpops.approve import approve_run
+    from kmpops.approve import approve_run, pending_request
+    from kmpops.errors import KmpOpsError
+    from kmpops.stack import approver_token
 
     runs = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
@@ -75,19 +76,26 @@ def _answer_paused(client: Any, api_url: str, token: str, answered: set[str]) ->
         )
     )
     for run in runs:
-        if str(run.id) in answered:
+        if run.state is None or str(run.state.id) in answered:
             continue
         time.sleep(1.0)  # let a person watching the UI see the paused run
+        try:
+            asked = pending_request(api_url, str(run.id))
+        except KmpOpsError:
+            continue  # resumed meanwhile, or not an approval
+        confirming = "Waiting for the requester" in asked.description
+        who, decision = ("dave", "confirm") if confirming else ("alice", "approve")
         approve_run(
             api_url,
             str(run.id),
-            decision="approve",
-            approver="alice",
+            decision=decision,
+            approver=who,
             reason="demo: staging green, change reviewed",
-            token=token,
+            token=approver_token(root, who),
+            request_code=asked.request_code,
         )
-        answered.add(str(run.id))
-        print(f"  approval: alice approved paused run {run.name}")
+        answered.add(str(run.state.id))
+        print(f"  approval: {who} answered {decision} on paused run {run.name}")
 
 
 def _serve_deployments(root: Path, timeout: float = 300.0) -> list[str]:
@@ -197,7 +205,7 @@ def _deploy(root: Path, info: Any, cfg: Any, version: str) -> dict[str, Any]:
                 service="web",
                 version=version,
                 environment="production",
-                requested_by="demo-operator",
+                requested_by="dave",
                 allow_first_install=True,
             )
         )
@@ -304,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     print("Try one yourself:")
     print(f"  1. open {ui}/deployments, click deploy-pipeline, then Run → Custom run")
     print('  2. request: {"service": "web", "version": "' + version + '",')
-    print('               "environment": "staging", "requested_by": "bob"} → Submit')
-    print("  3. for production the run pauses: on its page click Resume, answer as alice with")
-    print(f"     the token in {root / 'secrets' / 'approver-alice.token'}")
+    print('               "environment": "production", "requested_by": "dave"} → Submit')
+    print("  3. the run pauses twice; each time click Resume on its page: first dave confirms his")
+    print("     request (decision confirm, his token), then alice approves it (decision approve,")
+    print(f"     her token); the tokens are {root / 'secrets'}/approver-<name>.token")
     print("  A schedule is turned on from its deployment's page (toggle next to the schedule).")
     print("Stop everything:   make stack-down")
     ok = chain.ok and all(current == version for _, _, current in rows)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from kmpops import shellsafe
 from kmpops.errors import ConfigError, PolicyViolation
-from tasks.approval import request_approval
+from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
 from tasks.common import audit, notify, ops_config, records, run_id
 
@@ -93,7 +93,7 @@ def approval_drill(
         subject=subject,
         summary_markdown=plan,
         policy=env.policy,
-        requested_by=request.requester,
+        requested_by=requester_for_run(request.requester),
         timeout_s=approval_timeout_s,
         required=max(env.policy.quorum, 1),
     )

@@ -6,6 +6,18 @@ freeze override adds one) -> implementation by running deploy-pipeline as a subf
 -> on failure the rollback procedure (deploy-pipeline rolls back its own hosts; services already
 deployed by this change are put back on their previous releases) -> closed with its outcome.
 Every state is in the records store (change_requests) and the audit chain.
+
+Identity and binding: the requester confirms the change with their own token (the request's
+first answer) even when the risk needs no approver; the record keeps that authenticated
+requester, the approvers, the run id and the config digest. A deploy may use the change in
+place of its own approval only if it is what the change names (service, version, environment),
+started by this very run, on the same config, and only once per service and environment (a
+consumption record; see ``tasks.approval.consume_change_request``).
+
+Ends: a change that was implemented ends in state ``implemented``; a failed implementation that
+was rolled back, ``rolled_back``; anything else (the flow itself broke, or its process died)
+``failed`` — the in-process hooks close it, and ``change-request-recover`` closes a change whose
+run crashed from the records (which deploys consumed it, and how they ended).
 """
 
 from __future__ import annotations
@@ -19,13 +31,18 @@ from pydantic import BaseModel, Field, field_validator
 from flows.deploy_pipeline import DeployRequest, deploy_pipeline
 from kmpops import shellsafe
 from kmpops.errors import PolicyViolation
-from kmpops.plans.approval import required_approvals
+from kmpops.plans.approval import (
+    DeployEnd,
+    change_request_recovery_outcome,
+    is_service_identity,
+    required_approvals,
+)
 from kmpops.plans.freeze import check_freeze
 from kmpops.plans.risk import assess_risk
 from kmpops.release import validate_version
-from tasks.approval import request_approval
+from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
-from tasks.common import actor, audit, notify, ops_config, records
+from tasks.common import audit, config_digest, notify, ops_config, records, run_id
 from tasks.deploy import close_connections, rollback_host
 
 
@@ -39,7 +56,10 @@ class ChangeRequestInput(BaseModel):
     version: str = Field(description="release version to deploy")
     implementation_plan: str = Field(default="deploy-pipeline per service")
     rollback_plan: str = Field(default="deploy-pipeline rollback to each host's previous release")
-    requested_by: str = Field(default="", description="who asks (four-eyes)")
+    requested_by: str = Field(
+        default="",
+        description="who asks; they confirm with their own token first (empty: whoever confirms)",
+    )
     emergency: bool = Field(default=False, description="override a freeze window")
 
     @field_validator("services", "environments")
@@ -86,7 +106,7 @@ def change_request(change: ChangeRequestInput) -> dict[str, Any]:
         cfg.service(name)
     for name in change.environments:
         cfg.environment(name)
-    requested_by = change.requested_by or actor()
+    requested_by = requester_for_run(change.requested_by)
     rec = records()
     row = rec.add_change_request(
         title=change.title,
@@ -95,9 +115,14 @@ def change_request(change: ChangeRequestInput) -> dict[str, Any]:
         environments=change.environments,
         implementation_plan=change.implementation_plan,
         rollback_plan=change.rollback_plan,
-        requested_by=requested_by,
+        requested_by=requested_by or "(to be confirmed)",
         state="requested",
-        details={"version": change.version, "emergency": change.emergency},
+        details={
+            "version": change.version,
+            "emergency": change.emergency,
+            "run_id": run_id(),
+            "config_digest": config_digest(),
+        },
     )
     cr_id = row.id
     subject = f"change-request/{cr_id}"
@@ -153,47 +178,71 @@ def change_request(change: ChangeRequestInput) -> dict[str, Any]:
         policy=policy,
         requested_by=requested_by,
         required=needed,
+        plan={
+            "services": list(change.services),
+            "version": change.version,
+            "environments": list(change.environments),
+            "hosts": touched,
+        },
+        confirm_requester=True,
     )
-    if not outcome.approved:
+    if not outcome.approved or outcome.requester is None:
         return _close(cr_id, "closed", "rejected", approval=outcome.summary())
     rec.update_change_request(
         cr_id,
         state="approved",
+        requested_by=outcome.requester,
         details={
             **rec.change_request(cr_id).details,
             "approved_by": list(outcome.approved_by),
+            "requester": outcome.requester,
             "approval": outcome.summary(),
+            "plan_digest": outcome.plan_digest,
         },
     )
-    audit("change.approved", subject, approved_by=list(outcome.approved_by))
+    audit(
+        "change.approved",
+        subject,
+        approved_by=list(outcome.approved_by),
+        requester=outcome.requester,
+        plan_digest=outcome.plan_digest,
+    )
 
     # implementation: one deploy-pipeline subflow per service
     target = "production" if "production" in change.environments else change.environments[-1]
     rec.update_change_request(cr_id, state="implementing")
     done: list[tuple[str, dict[str, Any]]] = []
-    for service in change.services:
-        state = deploy_pipeline(
-            DeployRequest(
-                service=service,
-                version=change.version,
-                environment=target,
-                change_request_id=cr_id,
-                requested_by=requested_by,
-                emergency=change.emergency,
-            ),
-            return_state=True,
-        )
-        if state.is_completed():
-            done.append((service, state.result()))
-            continue
-        error = str(state.result(raise_on_failure=False))[:500]
-        logger.error("implementation of %s failed: %s", service, error)
-        undone = _roll_back_services(done, change.version)
-        _close(cr_id, "closed", "rolled_back", error=error, rolled_back=undone)
-        notify("warning", f"Change request #{cr_id} rolled back", error)
-        raise PolicyViolation(f"change request #{cr_id} failed and was rolled back: {error}")
+    try:
+        for service in change.services:
+            state = deploy_pipeline(
+                DeployRequest(
+                    service=service,
+                    version=change.version,
+                    environment=target,
+                    change_request_id=cr_id,
+                    # a service identity is the run's own, never a parameter
+                    requested_by=""
+                    if is_service_identity(outcome.requester)
+                    else outcome.requester,
+                    emergency=change.emergency,
+                ),
+                return_state=True,
+            )
+            if state.is_completed():
+                done.append((service, state.result()))
+                continue
+            error = str(state.result(raise_on_failure=False))[:500]
+            logger.error("implementation of %s failed: %s", service, error)
+            undone = _roll_back_services(done, change.version)
+            _close(cr_id, "rolled_back", "rolled_back", error=error, rolled_back=undone)
+            notify("warning", f"Change request #{cr_id} rolled back", error)
+            raise PolicyViolation(f"change request #{cr_id} failed and was rolled back: {error}")
+    except BaseException as exc:
+        if records().change_request(cr_id).state == "implementing":  # not closed above
+            _close(cr_id, "failed", "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
     return _close(
-        cr_id, "closed", "implemented", services=[s for s, _ in done], version=change.version
+        cr_id, "implemented", "implemented", services=[s for s, _ in done], version=change.version
     )
 
 
@@ -209,3 +258,74 @@ def _roll_back_services(done: list[tuple[str, dict[str, Any]]], version: str) ->
                     lines.append(rollback_host(service, env_name, host.name, previous, version))
     close_connections()
     return lines
+
+
+def _deploy_ends(cr_id: int) -> dict[str, DeployEnd]:
+    """How each deploy this change started ended, from the audit trail (per service)."""
+    rec = records()
+    ends: dict[str, DeployEnd] = {}
+    for event in rec.audit_events(action="deploy.requested"):
+        details = event.details or {}
+        if details.get("change_request_id") != cr_id or details.get("dry_run") or not event.run_id:
+            continue
+        service = event.subject.split("@", 1)[0]
+        actions = {e.action for e in rec.audit_events(run_id=event.run_id)}
+        if "deploy.completed" in actions:
+            end: DeployEnd = "completed"
+        elif actions & {"deploy.rolled_back", "deploy.recovered"}:
+            end = "rolled_back"
+        elif "deploy.activating" in actions:
+            end = "unfinished"
+        else:
+            end = "not_started"
+        if ends.get(service) != "completed":
+            ends[service] = end
+    return ends
+
+
+@flow(name="change-request-recover")
+def change_request_recover(
+    change_request_id: int | None = None, force: bool = False
+) -> list[dict[str, Any]]:
+    """Close change requests whose run died while they were open (approved or implementing),
+    from the records: ``implemented``, ``rolled_back`` or ``failed`` (see
+    :func:`kmpops.plans.approval.change_request_recovery_outcome`).
+
+    Without ``change_request_id`` every open change whose run is in a final state is closed.
+    A change whose run is still shown Running is left alone unless ``force`` (an operator
+    knows its process is gone); asked for by id, it is refused with PolicyViolation. Changes
+    nothing on hosts (deploy-recover rolls back a crashed deploy); idempotent.
+    """
+    from tasks.deploy import read_flow_run
+
+    rec = records()
+    if change_request_id is not None:
+        rows = [rec.change_request(change_request_id)]
+    else:
+        rows = rec.change_requests(states=("requested", "assessed", "approved", "implementing"))
+    closed = []
+    for row in rows:
+        if row.state not in ("requested", "assessed", "approved", "implementing"):
+            continue  # already ended
+        owner = (row.details or {}).get("run_id")
+        if owner and not force:
+            info = read_flow_run(owner)
+            if not info["final"]:
+                if change_request_id is not None:
+                    raise PolicyViolation(
+                        f"change request #{row.id}: its run {owner} is {info['state_name']}; "
+                        "if its process is gone, run again with force=True"
+                    )
+                continue
+        ends = _deploy_ends(row.id)
+        outcome = change_request_recovery_outcome(row.services or [], ends)
+        closed.append(
+            _close(row.id, outcome, outcome, recovered_from_run=owner, deploys=dict(ends))
+        )
+        if outcome == "failed":
+            notify(
+                "critical",
+                f"Change request #{row.id} ended failed after its run died",
+                f"deploys: {ends}; check the hosts (deploy-recover) and close it by hand",
+            )
+    return closed

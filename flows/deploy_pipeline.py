@@ -29,7 +29,12 @@ from kmpops.plans.failures import group_failures
 from kmpops.plans.freeze import check_freeze
 from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
 from kmpops.release import validate_version
-from tasks.approval import request_approval
+from tasks.approval import (
+    change_request_refusal_for,
+    consume_change_request,
+    request_approval,
+    requester_for_run,
+)
 from tasks.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -37,7 +42,14 @@ from tasks.artifacts import (
     update_progress_artifact,
 )
 from tasks.audit import anchor_after_change
-from tasks.common import actor, audit, notify, ops_config, records, run_id
+from tasks.common import (
+    audit,
+    config_digest,
+    ensure_config_unchanged,
+    notify,
+    ops_config,
+    run_id,
+)
 from tasks.deploy import (
     ResolvedArtifact,
     activate_releases,
@@ -72,7 +84,11 @@ class DeployRequest(BaseModel):
     emergency: bool = Field(
         default=False, description="emergency override of a freeze window (one more approver)"
     )
-    requested_by: str = Field(default="", description="who asks for this deploy (four-eyes)")
+    requested_by: str = Field(
+        default="",
+        description="who asks for this deploy; they confirm it with their own token before "
+        "anyone can approve it (empty: whoever confirms)",
+    )
     allow_first_install: bool = Field(default=False, description="hosts without a release")
     bake_seconds: float | None = Field(
         default=None, ge=0, description="override the policy's bake time"
@@ -232,12 +248,18 @@ def _check_stage(run: _Run, env: str, hosts: list[str], kind: str) -> list[str]:
         raise PolicyViolation(f"{kind} checks failed on {env}: {exc}") from exc
 
 
-def _approval_from_change_request(req: DeployRequest, needed: int) -> bool:
-    if req.change_request_id is None:
-        return False
-    cr = records().change_request(req.change_request_id)
-    approved_by = set((cr.details or {}).get("approved_by", []))
-    return cr.state in ("approved", "implementing") and len(approved_by) >= needed
+def _approval_facts(
+    req: DeployRequest, plan: RolloutPlan, artifact: ResolvedArtifact
+) -> dict[str, Any]:
+    """What an approval of ``plan`` is for: shown in the form, hashed into its plan digest."""
+    return {
+        "service": req.service,
+        "version": req.version,
+        "environment": plan.environment,
+        "hosts": list(plan.hosts),
+        "artifact_source": artifact.source,
+        "artifact_sha256": artifact.sha256,
+    }
 
 
 @flow(
@@ -262,7 +284,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     svc_name, target = req.service, req.environment
     cfg.service(svc_name)
     cfg.environment(target)
-    requested_by = req.requested_by or actor()
+    requested_by = requester_for_run(req.requested_by)
+    digest = config_digest()
     envs = (
         ["staging", target] if target != "staging" and "staging" in cfg.environments else [target]
     )
@@ -275,10 +298,19 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         requested_by=requested_by,
         change_request_id=req.change_request_id,
         emergency=req.emergency,
+        config_digest=digest,
     )
+    if req.change_request_id is not None:  # refused before anything changes
+        why = change_request_refusal_for(
+            req.change_request_id, req.service, req.version, target, digest
+        )
+        if why:
+            audit("deploy.refused", subject, reason=why)
+            raise PolicyViolation(why)
 
     now = datetime.now(UTC)
     extra = 0
+    overrides: dict[str, bool] = {}  # env -> an emergency overrides its freeze window
     for env in envs:
         decision = check_freeze(
             cfg.environment(env).policy.freeze_windows, now, emergency=req.emergency
@@ -287,6 +319,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             audit("deploy.refused", subject, reason=decision.reason)
             raise PolicyViolation(f"{env}: {decision.reason}")
         extra = max(extra, decision.extra_approvers)
+        overrides[env] = decision.extra_approvers > 0
 
     t = time.monotonic()
     artifact = resolve_artifact(svc_name, req.version, req.artifact)
@@ -304,7 +337,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         raise PolicyViolation(f"pre-deployment checklist failed: {', '.join(report.failed)}")
 
     plans = _plans(req, envs, current)
-    plan_md = "\n\n".join(p.to_markdown() for p in plans)
+    plan_md = "\n\n".join(p.to_markdown() for p in plans) + f"\n\nConfig digest: `{digest}`"
     create_markdown_artifact(plan_md, key="deploy-plan", description=f"Rollout plan {subject}")
     if req.dry_run:
         audit("deploy.dry_run", subject, hosts=[h for p in plans for h in p.hosts])
@@ -325,28 +358,37 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         for plan in plans:
             env = plan.environment
             policy = cfg.environment(env).policy
-            if env != "staging":
+            # production is approved; staging only when an emergency overrides its freeze
+            # (declaring an emergency is a human act: approved and its requester authenticated)
+            if env != "staging" or overrides.get(env, False):
                 needed = required_approvals(
                     policy_quorum=policy.quorum,
                     approval_required=policy.approval_required,
                     emergency=extra > 0,
                 )
-                if needed and _approval_from_change_request(req, needed):
+                if needed and req.change_request_id is not None:
+                    consume_change_request(
+                        req.change_request_id, req, env, digest, needed, subject=subject
+                    )
                     approvals.append(f"change request #{req.change_request_id}")
                 elif needed:
                     t = time.monotonic()
                     outcome = request_approval(
                         subject=f"deploy {subject}",
                         summary_markdown=plan.to_markdown()
-                        + f"\n\nChecklist: all six gates passed. Requested by **{requested_by}**.",
+                        + "\n\nChecklist: all six gates passed. Requested by "
+                        f"**{requested_by or '(to be confirmed)'}**.",
                         policy=policy,
                         requested_by=requested_by,
                         required=needed,
+                        plan=_approval_facts(req, plan, artifact),
                     )
                     run.stage(f"approval ({env})", t)
                     approvals.append(outcome.summary())
                     if not outcome.approved:
                         raise PolicyViolation(f"approval for {env}: {outcome.summary()}")
+                # what was approved was planned on the frozen config: refuse a changed file
+                ensure_config_unchanged(f"deploy {subject} to {env}")
             t = time.monotonic()
             _rollout(run, plan, artifact)
             run.stage(f"deploy {env}", t)

@@ -37,6 +37,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmpops.config import OpsConfig, Policy
+from kmpops.plans.approval import service_identity
 from kmpops.plans.incident import (
     ESCALATION_LEVELS,
     ContainmentAction,
@@ -55,9 +56,9 @@ from kmpops.plans.incident import (
     render_postmortem,
 )
 from tasks.alerting import evaluate_rule
-from tasks.approval import request_approval
+from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
-from tasks.common import actor, audit, notify, ops_config, records
+from tasks.common import audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (
     PAUSE_GRACE_S,
@@ -295,7 +296,7 @@ def _approve(
         + (f"Analysis: {correlation}\n\n" if correlation else "")
         + plan.markdown(),
         policy=policy,
-        requested_by=actor(),
+        requested_by=requester_for_run("") or service_identity("incident-response"),
         timeout_s=options.approval_timeout_s,
     )
     record_phase(incident_id, "containment", f"approval {outcome.summary()}")

@@ -30,7 +30,8 @@ from kmpops.config import Name
 from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.access import plan_key_change
 from tasks.access import read_host_keys, replace_authorized_keys, restore_authorized_keys
-from tasks.common import actor, audit, ops_config
+from tasks.approval import requester_for_run
+from tasks.common import audit, ops_config
 from tasks.locks import host_targets, locked
 from tasks.reports import markdown_table, publish_report
 
@@ -151,7 +152,7 @@ def provision_access(change: AccessChange) -> dict[str, Any]:
         publish_report("provision-access", "# Provision access (plan)\n\n" + plan_md + "\n", rows)
         audit("access.plan", subject, hosts=to_change, dry_run=change.dry_run)
         return {"plan": rows, "changed": [], "dry_run": change.dry_run}
-    requested_by = change.requested_by or actor()
+    requested_by = requester_for_run(change.requested_by)
     if env.policy.approval_required:
         from tasks.approval import request_approval
 

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from kmpops.backup import RestoreCandidate, choose_restore_point
 from kmpops.errors import PolicyViolation
-from tasks.approval import request_approval
+from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
 from tasks.backup import backup_host_configuration, restore_host_configuration
 from tasks.common import audit_event, ops_config, records
@@ -27,7 +27,7 @@ def restore_configuration(
     backup_id: int | None = None,
     at: datetime | None = None,
     prune: bool = True,
-    requested_by: str = "operator",
+    requested_by: str = "",
     safety_backup: bool = True,
 ) -> dict[str, Any]:
     """Restore ``host``'s configuration from catalog backup ``backup_id`` (default: newest
@@ -74,7 +74,7 @@ def restore_configuration(
             subject=f"restore-configuration/{host}/{record_id}",
             summary_markdown=summary,
             policy=policy,
-            requested_by=requested_by,
+            requested_by=requester_for_run(requested_by),
         )
         if not outcome.approved:
             raise PolicyViolation(f"restore refused: {outcome.summary()}")

@@ -27,7 +27,7 @@ from kmpops.config import Policy
 from kmpops.connectors.database import PostgresDatabase
 from kmpops.errors import PolicyViolation, Unsupported
 from kmpops.plans.recovery import plan_restore
-from tasks.approval import request_approval
+from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
 from tasks.backup import (
     backup_database_to_store,
@@ -54,7 +54,7 @@ def restore_database(
     target_dbname: str | None = None,
     environment: str | None = None,
     force: bool = False,
-    requested_by: str = "operator",
+    requested_by: str = "",
 ) -> dict[str, Any]:
     """Restore ``database``'s backup ``backup_id`` (default: newest verified, at or before
     ``at``) into ``target_dbname`` (default: the configured dbname; otherwise a new scratch
@@ -135,7 +135,7 @@ def restore_database(
             subject=subject,
             summary_markdown=summary,
             policy=policy,
-            requested_by=requested_by,
+            requested_by=requester_for_run(requested_by),
         )
         if not outcome.approved:
             raise PolicyViolation(f"restore refused: {outcome.summary()}")

@@ -21,9 +21,11 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, field_validator
 
+from kmpops.plans.approval import is_service_identity
 from kmpops.plans.risk import assess_risk
 from kmpops.shellsafe import validate_name
-from tasks.common import actor, audit, notify, ops_config, records
+from tasks.approval import requester_for_run
+from tasks.common import audit, notify, ops_config, records
 from tasks.reports import markdown_table, publish_report
 
 UpdateKind = Literal["security", "bugfix", "feature", "dependency", "system"]
@@ -105,7 +107,7 @@ def update_management(request: UpdateRequest) -> dict[str, Any]:
     req = request
     logger = get_run_logger()
     now = datetime.now(UTC)
-    who = req.requested_by or actor()
+    who = requester_for_run(req.requested_by)
     subject = f"{req.service}@{req.version}->{req.environment}"
     impact = impact_assessment(req, now)
     risk = impact["risk"]
@@ -131,7 +133,7 @@ def update_management(request: UpdateRequest) -> dict[str, Any]:
                 environment=req.environment,
                 dry_run=req.dry_run,
                 change_request_id=req.change_request_id,
-                requested_by=who,
+                requested_by="" if is_service_identity(who) else who,
                 allow_first_install=req.allow_first_install,
                 bake_seconds=req.bake_seconds,
             )

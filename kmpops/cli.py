@@ -200,13 +200,19 @@ def audit_checkpoint(
 @app.command()
 def approve(
     flow_run_id: Annotated[str, typer.Argument(help="the paused flow run")],
-    approver: Annotated[str, typer.Option(help="who approves")],
-    decision: Annotated[str, typer.Option(help="approve or reject")] = "approve",
+    approver: Annotated[str, typer.Option(help="your name in the token book")],
+    decision: Annotated[
+        str, typer.Option(help="approve, reject, or confirm (the requester, first)")
+    ] = "approve",
     reason: Annotated[str, typer.Option(help="why")] = "",
     token_env: Annotated[
         str, typer.Option(help="environment variable holding the approver token")
     ] = "KMPOPS_APPROVER_TOKEN",  # noqa: S107 - the variable's name, not a token
     api_url: Annotated[str | None, typer.Option(help="Prefect API URL")] = None,
+    request_code: Annotated[
+        str | None,
+        typer.Option(help="the request code you read in the form (default: the run's own)"),
+    ] = None,
 ) -> None:
     """Answer a paused approval from the command line (the same form as the UI)."""
     from kmpops.approve import approve_run
@@ -215,8 +221,8 @@ def approve(
     if not url:
         _fail("set PREFECT_API_URL or pass --api-url", 2)
         return
-    if decision not in ("approve", "reject"):
-        _fail(f"--decision must be approve or reject, not {decision!r}", 2)
+    if decision not in ("approve", "reject", "confirm"):
+        _fail(f"--decision must be approve, reject or confirm, not {decision!r}", 2)
     try:
         approve_run(
             url,
@@ -225,6 +231,7 @@ def approve(
             approver=approver,
             reason=reason,
             token=os.environ.get(token_env, ""),
+            request_code=request_code,
         )
     except KmpOpsError as err:
         _fail(f"approval not accepted: {err}")

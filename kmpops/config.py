@@ -247,6 +247,11 @@ class Policy(Strict):
                 f"quorum {self.quorum} needs at least {self.quorum} approvers, "
                 f"{len(self.approvers)} listed"
             )
+        if self.approval_required and self.approver_tokens is None:
+            raise ValueError(
+                "approval_required needs approver_tokens (a token book): without one an "
+                "answer cannot be authenticated and anyone could approve"
+            )
         return self
 
 

@@ -3,6 +3,12 @@
 Nothing here runs at import. The config path comes from ``KMPOPS_CONFIG`` (default ``ops.yaml``);
 the config and the records store are built once per process and reused. The redacting log filter
 is installed the first time any of these is used, i.e. inside every flow run that touches them.
+
+The config is frozen for a run: the first ``ops_config()`` inside a flow run (or its tasks) pins
+the validated config and its sha256 (:func:`config_digest`) to that run id, and every later call
+in the same run gets the same object even if ops.yaml changes on disk meanwhile. A procedure that
+waited (an approval) calls :func:`ensure_config_unchanged` before it applies: a config edited
+since the plan was made is refused, never silently used (re-plan, re-approve).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from kmpops.secrets import resolve_secret
 
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
+#: run id -> (config, digest) frozen at the run's first ops_config(); bounded, oldest dropped
+_frozen: dict[str, tuple[OpsConfig, str, str]] = {}  # (config, digest, sha256 of the file)
+_FROZEN_MAX = 256
 
 
 def config_path() -> Path:
@@ -35,7 +44,79 @@ def config_path() -> Path:
 
 
 def ops_config() -> OpsConfig:
-    """The validated config, loaded once per process (reloaded if the file changed)."""
+    """The validated config. Inside a flow run: the config frozen for that run (see the module
+    docstring); outside one: loaded once per process, reloaded if the file changed."""
+    current = run_id()
+    if current is not None:
+        with _lock:
+            frozen = _frozen.get(current)
+        if frozen is not None:
+            return frozen[0]
+        raw = _file_sha256(config_path())  # read before the load: a change in between shows
+        cfg = _load_current_config()
+        with _lock:
+            frozen = _frozen.setdefault(current, (cfg, digest_of_config(cfg), raw))
+            while len(_frozen) > _FROZEN_MAX:
+                _frozen.pop(next(iter(_frozen)))
+        return frozen[0]
+    return _load_current_config()
+
+
+def digest_of_config(cfg: OpsConfig) -> str:
+    """sha256 of a validated config (secret values masked, so never part of it)."""
+    from kmpops.plans.approval import config_digest as _digest
+
+    return _digest(cfg.model_dump(mode="json", by_alias=True))
+
+
+def config_digest() -> str:
+    """The sha256 of the config this run uses (frozen at its first ops_config())."""
+    cfg = ops_config()
+    current = run_id()
+    with _lock:
+        frozen = _frozen.get(current) if current is not None else None
+    return frozen[1] if frozen is not None else digest_of_config(cfg)
+
+
+def ensure_config_unchanged(what: str) -> str:
+    """Raise PolicyViolation if ops.yaml on disk no longer is the config this run was planned
+    on (its digest changed, or it no longer loads); returns the digest otherwise.
+
+    Called between an approval and the change it approved: the approvers saw the plan of the
+    frozen config, so a changed file means re-plan and re-approve (start a new run)."""
+    from kmpops.errors import KmpOpsError, PolicyViolation
+
+    planned = config_digest()
+    current = run_id()
+    with _lock:
+        frozen = _frozen.get(current) if current is not None else None
+    if frozen is not None and frozen[2] and _file_sha256(config_path()) == frozen[2]:
+        return planned  # the very bytes it was loaded from: no need to parse it again
+    try:
+        now = digest_of_config(load_config(config_path()))
+    except (KmpOpsError, OSError, ValueError) as exc:
+        raise PolicyViolation(
+            f"{what}: the config no longer loads ({exc}); re-plan and re-approve in a new run"
+        ) from None
+    if now != planned:
+        raise PolicyViolation(
+            f"{what}: the config changed since the plan was approved (config digest "
+            f"{planned[:12]} -> {now[:12]}); re-plan and re-approve in a new run"
+        )
+    return planned
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, "" if it cannot be read."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _load_current_config() -> OpsConfig:
     path = config_path()
     stamp = (str(path), path.stat().st_mtime_ns if path.exists() else 0)
     with _lock:
@@ -105,6 +186,33 @@ def run_id() -> str | None:
     tctx = TaskRunContext.get()
     if tctx is not None and tctx.task_run.flow_run_id is not None:
         return str(tctx.task_run.flow_run_id)
+    return None
+
+
+def run_service_identity() -> str | None:
+    """The service identity the current run acts as, from Prefect's provenance: a run the
+    scheduler created is ``service:scheduler``, one an automation (event trigger) created is
+    ``service:automation``; a subflow acts as its parent run does; None for a run a person
+    started (they authenticate themselves)."""
+    from prefect.client.orchestration import get_client
+
+    from kmpops.plans.approval import service_identity
+
+    ctx = FlowRunContext.get()
+    flow_run = ctx.flow_run if ctx is not None else None
+    with get_client(sync_client=True) as client:
+        for _ in range(8):  # a subflow chain deeper than this acts as a person would
+            if flow_run is None:
+                return None
+            if flow_run.auto_scheduled:
+                return service_identity("scheduler")
+            created = flow_run.created_by
+            if created is not None and str(created.type).upper() == "AUTOMATION":
+                return service_identity("automation")
+            if flow_run.parent_task_run_id is None:
+                return None
+            parent = client.read_task_run(flow_run.parent_task_run_id).flow_run_id
+            flow_run = client.read_flow_run(parent) if parent else None
     return None
 
 

@@ -246,3 +246,18 @@ class Lease(Base):
     acquired_at: Mapped[datetime | None]
     renewed_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+
+
+class Consumption(Base):
+    """A one-time use: a change request spent on one service/environment, an approval answer
+    spent on one request. The unique key is what makes a second use fail (in the database,
+    so two runs racing for it cannot both win)."""
+
+    __tablename__ = "consumptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(300), unique=True)
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -44,6 +44,7 @@ from kmpops.records.models import (
     Backup,
     Base,
     ChangeRequest,
+    Consumption,
     Drill,
     Incident,
     IncidentEvent,
@@ -518,6 +519,48 @@ class Records:
     def change_request(self, cr_id: int) -> ChangeRequest:
         """The change request ``cr_id``; NotFound otherwise."""
         return self._get(ChangeRequest, cr_id, "change request")
+
+    def change_requests(self, *, states: Sequence[str] = ()) -> list[ChangeRequest]:
+        """Change requests (oldest first), optionally only those in ``states``."""
+        q = select(ChangeRequest).order_by(ChangeRequest.id)
+        if states:
+            q = q.where(ChangeRequest.state.in_(list(states)))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- one-time uses -------------------------------------------------------------------
+
+    def consume(
+        self, key: str, *, kind: str, run_id: str | None, details: dict[str, Any] | None = None
+    ) -> bool:
+        """Spend ``key`` once: True for the first use, False if it was already spent (the
+        database's unique key decides, so concurrent runs cannot both win)."""
+        try:
+            self._add(
+                Consumption,
+                key=key,
+                kind=kind,
+                run_id=run_id,
+                details=_jsonable(details or {}),
+            )
+        except SAIntegrityError:
+            return False
+        return True
+
+    def consumption(self, key: str) -> Consumption | None:
+        """The record of ``key``'s use, or None if it was never spent."""
+        with self.session() as s:
+            return s.scalars(select(Consumption).where(Consumption.key == key)).first()
+
+    def consumptions(self, *, kind: str | None = None, prefix: str = "") -> list[Consumption]:
+        """Spent keys (oldest first), optionally of one kind and/or starting with ``prefix``."""
+        q = select(Consumption).order_by(Consumption.id)
+        if kind is not None:
+            q = q.where(Consumption.kind == kind)
+        if prefix:
+            q = q.where(Consumption.key.startswith(prefix, autoescape=True))
+        with self.session() as s:
+            return list(s.scalars(q))
 
     # -- backups ----------------------------------------------------------------------------
 

@@ -289,13 +289,17 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
 
 
 APPROVERS = ("alice", "bob", "carol")
+#: people of the local stack: the approvers, and dave and erin who request changes (a requester
+#: confirms their request with their own token before anyone can approve it)
+PEOPLE = (*APPROVERS, "dave", "erin")
 
 
 def _write_approver_tokens(root: Path) -> None:
-    """Give each local approver a random token; the config references only their digests.
+    """Give each local person a random token; the config references only their digests.
 
     ``secrets/approver-<name>.token`` holds the plain token (what that person would keep to
     themselves), ``secrets/approver_tokens`` the ``name:sha256`` book the policy checks against.
+    A book written before a person was added gets that person appended (existing tokens kept).
     """
     import hashlib
     import secrets as pysecrets
@@ -305,10 +309,13 @@ def _write_approver_tokens(root: Path) -> None:
     folder = root / "secrets"
     folder.mkdir(parents=True, exist_ok=True)
     book = folder / "approver_tokens"
-    if book.exists():
+    lines = book.read_text().splitlines() if book.exists() else []
+    known = {line.partition(":")[0] for line in lines}
+    if known >= set(PEOPLE):
         return
-    lines = []
-    for name in APPROVERS:
+    for name in PEOPLE:
+        if name in known:
+            continue
         token = pysecrets.token_urlsafe(24)
         token_file = folder / f"approver-{name}.token"
         write_secret_file(token_file, token + "\n")
@@ -344,7 +351,7 @@ def _write_audit_key(root: Path) -> Path:
 
 
 def approver_token(root: Path, name: str) -> str:
-    """The local stack's token of approver ``name`` (for the demo and the tests)."""
+    """The local stack's token of person ``name`` (for the demo and the tests)."""
     return (root / "secrets" / f"approver-{name}.token").read_text().strip()
 
 

@@ -130,9 +130,31 @@ def answer_in_dialog(
 
     field("your name, as listed").locator("textarea").fill(approver)
     field("why (recorded").locator("textarea").fill(reason)
-    field("your approver token").locator("textarea").fill(token)
+    field("your personal token").locator("textarea").fill(token)
     dialog.get_by_role("button", name="Submit").click()
     dialog.wait_for(state="hidden")
+
+
+def confirm_as_requester(stack: Any, page: Any, run_id: str) -> None:
+    """The requester (dave) confirms the request in the UI with his own token; returns once
+    the run waits again (for its approvers)."""
+    from kmpops.stack import approver_token
+
+    dialog = open_resume_dialog(page, stack.prefect["ui_url"], run_id)
+    text = dialog.inner_text()
+    assert f"Waiting for the requester ({REQUESTER}) to confirm" in text
+    assert "request code" in text
+    answer_in_dialog(
+        page,
+        dialog,
+        decision="confirm",
+        approver=REQUESTER,
+        reason="I asked for it",
+        token=approver_token(Path(stack.root), REQUESTER),
+    )
+    assert wait_for_answer(stack, run_id, REQUESTER).outcome == "confirmed"
+    wait_for_state(run_id, {"PAUSED"})
+    page.reload()
 
 
 def test_ui_approval_by_alice_completes_the_run(
@@ -145,6 +167,7 @@ def test_ui_approval_by_alice_completes_the_run(
     wait_for_state(run_id, {"PAUSED"})
 
     t0 = time.monotonic()
+    confirm_as_requester(stack, page, run_id)
     dialog = open_resume_dialog(page, stack.prefect["ui_url"], run_id)
     page.wait_for_timeout(400)  # let the dialog's fade-in finish before the screenshot
     page.screenshot(path=str(screenshots / "approval-dialog.png"))
@@ -152,7 +175,7 @@ def test_ui_approval_by_alice_completes_the_run(
     text = dialog.inner_text()
     assert "Requested by:" in text and "INC-4711" in text and "**" not in text
     assert dialog.locator("table").get_by_text("prd-2").is_visible()
-    assert "not dave (four-eyes)" in text
+    assert "not dave (four-eyes)" in text and "dave (authenticated)" in text
 
     reason = "on call, INC-4711 confirmed in the alert"
     answer_in_dialog(
@@ -212,24 +235,28 @@ def test_ui_unknown_approver_is_refused_and_the_run_stays_paused(
     page.screenshot(path=str(screenshots / "approval-dialog-after-refusal.png"))
     dialog.get_by_role("button", name="Close").click()
 
-    # a real approver rejects it from the command line: the run ends Failed, recorded
-    env = dict(os.environ, KMPOPS_APPROVER_TOKEN=approver_token(Path(stack.root), "bob"))
-    env["PREFECT_API_URL"] = stack.prefect["api_url"]
+    # the requester confirms and a real approver rejects it from the command line: the run
+    # ends Failed, recorded
     kmpops = str(Path(sys.executable).with_name("kmpops"))
-    answer = ["--approver", "bob", "--decision", "reject", "--reason", "no incident ticket"]
-    cli = subprocess.run(
-        [kmpops, "approve", run_id, *answer],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cli.returncode == 0, cli.stderr
-    assert env["KMPOPS_APPROVER_TOKEN"] not in cli.stdout + cli.stderr
+    for who, decision in ((REQUESTER, "confirm"), ("bob", "reject")):
+        env = dict(os.environ, KMPOPS_APPROVER_TOKEN=approver_token(Path(stack.root), who))
+        env["PREFECT_API_URL"] = stack.prefect["api_url"]
+        answer = ["--approver", who, "--decision", decision, "--reason", "no incident ticket"]
+        wait_for_state(run_id, {"PAUSED"})
+        cli = subprocess.run(
+            [kmpops, "approve", run_id, *answer],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert env["KMPOPS_APPROVER_TOKEN"] not in cli.stdout + cli.stderr
+        wait_for_answer(stack, run_id, who)
     wait_for_state(run_id, {"FAILED"}, timeout=60)
     drill.thread.join(30)
     request, *answers = approvals(stack, run_id)
     assert request.details["kind"] == "request" and request.outcome == "rejected"
     decisions = [(a.approver, a.decision) for a in answers]
-    assert decisions == [("mallory", "approve"), ("bob", "reject")]
-    assert not answers[1].outcome.startswith("refused")
+    assert decisions == [("mallory", "approve"), (REQUESTER, "confirm"), ("bob", "reject")]
+    assert [a.outcome for a in answers[1:]] == ["confirmed", "rejected"]

@@ -7,6 +7,7 @@ Linux's ephemeral range, where a client socket could hold them).
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -112,6 +113,14 @@ def test_failed_host_rolls_every_host_back(stack, restore_keys, variant) -> None
         assert keys_file(h).read_text() == restore_keys[h.name]
 
 
+def requester_confirmation() -> dict:
+    """dave's confirmation of the request he filed, with his own token."""
+    from tests.conftest import STACK_ROOT
+
+    token = (STACK_ROOT / "secrets" / "approver-dave.token").read_text().strip()
+    return {"decision": "confirm", "approver": "dave", "reason": "", "approver_token": token}
+
+
 def answer_approval(subject_prefix: str, answer: dict) -> threading.Thread:
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
@@ -132,12 +141,22 @@ def answer_approval(subject_prefix: str, answer: dict) -> threading.Thread:
                 ]
                 run_id = pending[-1].run_id if pending else None
                 time.sleep(0.2)
-            with get_client(sync_client=True) as client:
-                while not client.read_flow_run(run_id).state.is_paused():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("run did not pause")
-                    time.sleep(0.1)
-            resume_flow_run(run_id, run_input=answer)
+            from kmpops.approve import pending_request
+
+            seen: set = set()
+            # the requester (dave) confirms the change with his own token, then the approver
+            for one in (requester_confirmation(), answer):
+                with get_client(sync_client=True) as client:
+                    while True:
+                        state = client.read_flow_run(run_id).state
+                        if state.is_paused() and state.id not in seen:
+                            seen.add(state.id)
+                            break
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("run did not pause")
+                        time.sleep(0.1)
+                code = pending_request(os.environ["PREFECT_API_URL"], run_id).request_code
+                resume_flow_run(run_id, run_input={**one, "request_code": code})
         except BaseException as exc:
             errors.append(exc)
 

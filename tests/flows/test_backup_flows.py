@@ -171,6 +171,30 @@ def _paused(flow_run_id: str) -> bool:
     return state["type"] == "PAUSED"
 
 
+def _confirm_as_requester(bk, run_id: str, requester: str) -> None:
+    """The requester confirms the paused request with their own token (the first answer a
+    request waits for); returns once the run waits again, for its approvers."""
+    from kmpops.approve import approve_run
+
+    approve_run(
+        api_url(),
+        run_id,
+        decision="confirm",
+        approver=requester,
+        reason="",
+        token=bk.token(requester),
+    )
+    wait_for(
+        lambda: [
+            a
+            for a in bk.records().approvals(run_id=run_id)
+            if a.details.get("kind") == "answer" and a.approver == requester
+        ],
+        timeout=30,
+    )
+    wait_for(lambda: _paused(run_id), timeout=30)
+
+
 def _run_answering_approval(bk, flow, *args, decision: str, approver: str, reason: str, **kwargs):
     """Run ``flow(*args, **kwargs)`` in a thread, answer its pending approval request with
     ``decision`` as ``approver`` once the run is paused, and return the thread's result box
@@ -188,6 +212,7 @@ def _run_answering_approval(bk, flow, *args, decision: str, approver: str, reaso
         timeout=90,
     )
     wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+    _confirm_as_requester(bk, request[-1].run_id, kwargs["requested_by"])
     approve_run(
         api_url(),
         request[-1].run_id,
@@ -348,6 +373,7 @@ def test_restore_over_existing_production_database_needs_approval_and_takes_safe
         timeout=90,
     )
     wait_for(lambda: _paused(request[-1].run_id), timeout=30)
+    _confirm_as_requester(bk, request[-1].run_id, "dave")
     approve_run(
         api_url(),
         request[-1].run_id,

@@ -71,11 +71,12 @@ def baseline(stack, tmp_path_factory):
     assert set(snapshot(stack).values()) == {"cr-1.0"}
 
 
-def answer(stack, answers, subject_prefix="change-request/"):
-    """Answer the next paused approval(s) from a thread, with the stack's approver tokens."""
+def answer(stack, answers, subject_prefix="change-request/", requester="dave"):
+    """Answer the next paused approval(s) from a thread as ``kmpops approve`` does: first the
+    requester confirms the change with their own token, then each (approver, decision)."""
     from prefect.client.orchestration import get_client
-    from prefect.flow_runs import resume_flow_run
 
+    from kmpops.approve import approve_run
     from kmpops.stack import approver_token
     from tasks.common import records
 
@@ -95,21 +96,20 @@ def answer(stack, answers, subject_prefix="change-request/"):
                 time.sleep(0.2)
             seen = set()
             with get_client(sync_client=True) as client:
-                for who, decision in answers:
+                for who, decision in [(requester, "confirm"), *answers]:
                     while True:
                         state = client.read_flow_run(run_id).state
                         if state.is_paused() and state.id not in seen:
                             seen.add(state.id)
                             break
                         time.sleep(0.1)
-                    resume_flow_run(
+                    approve_run(
+                        os.environ["PREFECT_API_URL"],
                         run_id,
-                        run_input={
-                            "decision": decision,
-                            "approver": who,
-                            "reason": "reviewed",
-                            "approver_token": approver_token(Path(stack.root), who),
-                        },
+                        decision=decision,
+                        approver=who,
+                        reason="reviewed",
+                        token=approver_token(Path(stack.root), who),
                     )
         except BaseException as exc:
             errors.append(exc)
@@ -142,8 +142,11 @@ def test_high_risk_change_needs_two_approvers_and_is_implemented(stack, baseline
     assert result["outcome"] == "implemented"
     assert set(snapshot(stack).values()) == {"cr-2.0"}
     cr = records().change_request(result["id"])
-    assert (cr.risk, cr.state, cr.outcome) == ("high", "closed", "implemented")
+    assert (cr.risk, cr.state, cr.outcome) == ("high", "implemented", "implemented")
     assert sorted(cr.details["approved_by"]) == ["alice", "bob"]
+    assert (cr.requested_by, cr.details["requester"]) == ("dave", "dave")  # authenticated
+    spent = records().consumptions(prefix=f"change-request:{cr.id}:")
+    assert [c.key for c in spent] == [f"change-request:{cr.id}:web:production"]
     actions = [e.action for e in records().audit_events(subject=f"change-request/{cr.id}")]
     for action in (
         "change.requested",
@@ -185,7 +188,7 @@ def test_failed_implementation_is_rolled_back_and_closed(stack, baseline):
     last = max((r for r in rows if (r.details or {}).get("kind") == "request"), key=lambda r: r.id)
     cr_id = int(last.subject.split("/")[1])
     cr = records().change_request(cr_id)
-    assert (cr.risk, cr.outcome) == ("medium", "rolled_back")
+    assert (cr.risk, cr.state, cr.outcome) == ("medium", "rolled_back", "rolled_back")
 
 
 def test_unknown_environment_refused_before_anything(stack, baseline):
@@ -195,3 +198,71 @@ def test_unknown_environment_refused_before_anything(stack, baseline):
     state = run_change(version="cr-2.0", environments=["nope"])
     assert state.is_failed() and "unknown environment" in state.message
     assert len(records().audit_events(action="change.requested")) == count
+
+
+def test_change_whose_run_crashed_is_closed_from_the_records(stack, baseline):
+    """A change-request run that died mid-implementation leaves its change ``implementing``;
+    change-request-recover closes it from the records: ``implemented`` when its deploy
+    completed, ``rolled_back`` when nothing of it went live, and leaves a live run alone."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from flows.change_request import change_request_recover
+    from kmpops.errors import PolicyViolation
+    from tasks.common import records
+
+    @flow(name="change-request")
+    def stand_in() -> None:  # only its flow run row is used: the run that "died"
+        return None
+
+    def dead_run(state) -> str:
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run(stand_in, state=Running())
+            client.set_flow_run_state(run.id, state, force=True)
+        return str(run.id)
+
+    rec = records()
+
+    def change(owner: str) -> int:
+        return rec.add_change_request(
+            title="crashed change",
+            services=["web"],
+            environments=["production"],
+            requested_by="dave",
+            state="implementing",
+            details={"version": "cr-2.0", "run_id": owner, "approved_by": ["alice", "bob"]},
+        ).id
+
+    # deployed before the crash: its deploy run's audit trail says completed
+    done_owner = dead_run(Crashed(message="process killed"))
+    done_id = change(done_owner)
+    deploy_run = dead_run(Crashed(message="stand-in deploy run"))
+    for action, details in (
+        ("deploy.requested", {"change_request_id": done_id, "dry_run": False}),
+        ("deploy.activating", {"batch": 1}),
+        ("deploy.completed", {}),
+    ):
+        rec.audit(
+            actor="pytest",
+            action=action,
+            subject="web@cr-2.0->production",
+            details=details,
+            run_id=deploy_run,
+        )
+    # crashed before any deploy
+    empty_id = change(dead_run(Crashed(message="process killed")))
+    # still running: left alone, refused when asked for by id
+    live_id = change(dead_run(Running()))
+
+    closed = {c["id"]: c["state"] for c in change_request_recover()}
+    assert closed[done_id] == "implemented" and closed[empty_id] == "rolled_back"
+    assert live_id not in closed
+    assert rec.change_request(done_id).state == "implemented"
+    assert rec.change_request(empty_id).state == "rolled_back"
+    assert rec.change_request(live_id).state == "implementing"
+    state = change_request_recover(change_request_id=live_id, return_state=True)
+    assert state.is_failed() and "force=True" in state.message
+    with pytest.raises(PolicyViolation):
+        state.result()
+    assert change_request_recover(change_request_id=done_id) == []  # idempotent

@@ -163,8 +163,12 @@ def baseline(stack, releases):
     return result
 
 
-def answer_when_paused(answers, *, subject_prefix="deploy ", via_cli=False):
-    """Start a thread that answers the next paused approval(s) in order; returns the thread."""
+def answer_when_paused(
+    answers, *, subject_prefix="deploy ", via_cli=False, requester="dave", requester_token=None
+):
+    """Start a thread that answers the next paused approval(s) in order, after the requester
+    confirmed the request with their own token (``requester=None``: no confirmation);
+    returns the thread."""
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
@@ -200,12 +204,13 @@ def answer_when_paused(answers, *, subject_prefix="deploy ", via_cli=False):
         try:
             run_id = find_run()
             seen: set = set()
-            for ans in answers:
+            first = [approve(requester, decision="confirm", token=requester_token)]
+            for ans in (first if requester else []) + list(answers):
                 ans = dict(ans)
                 if ans["approver_token"] is None:
                     from kmpops.stack import approver_token
 
-                    known = ans["approver"] in APPROVERS
+                    known = ans["approver"] in (*APPROVERS, "dave", "erin")
                     ans["approver_token"] = (
                         approver_token(STACK_ROOT[0], ans["approver"]) if known else "x"
                     )
@@ -222,7 +227,10 @@ def answer_when_paused(answers, *, subject_prefix="deploy ", via_cli=False):
                         token=ans.get("approver_token", ""),
                     )
                 else:
-                    resume_flow_run(run_id, run_input=ans)
+                    from kmpops.approve import pending_request
+
+                    code = pending_request(os.environ["PREFECT_API_URL"], run_id).request_code
+                    resume_flow_run(run_id, run_input={**ans, "request_code": code})
         except BaseException as exc:  # surfaced by the test
             errors.append(exc)
 
@@ -714,6 +722,12 @@ POLICY = {
 }
 
 
+def stack_policy(**extra):
+    """POLICY checked against the local stack's token book (approval_required needs one)."""
+    book = STACK_ROOT[0] / "secrets" / "approver_tokens"
+    return {**POLICY, "approver_tokens": f"file:{book}", **extra}
+
+
 @pytest.mark.parametrize(
     ("policy", "answers", "status", "approved_by", "refused"),
     [
@@ -753,12 +767,16 @@ POLICY = {
 def test_approval_step(stack, tmp_path, policy, answers, status, approved_by, refused):
     from kmpops.plans.approval import token_digest
 
-    data = {**POLICY, **policy}
+    data = stack_policy(**policy)
+    requester_token = None
     if data.pop("tokens", False):
         book = tmp_path / "approver-tokens"
         book.write_text("".join(f"{n}:{token_digest('tok-' + n)}\n" for n in data["approvers"]))
         data["approver_tokens"] = f"file:{book}"
-    answering = answer_when_paused(answers, subject_prefix="probe")
+        requester_token = "tok-alice"
+    answering = answer_when_paused(
+        answers, subject_prefix="probe", requester="alice", requester_token=requester_token
+    )
     result = approval_probe_flow()(data, 60)
     answering.join(10)
     assert not answering.errors
@@ -770,7 +788,7 @@ def test_approval_step(stack, tmp_path, policy, answers, status, approved_by, re
 @pytest.mark.parametrize(("outcome", "approved"), [("reject", False), ("approve", True)])
 def test_approval_timeout_applies_policy_outcome(stack, outcome, approved):
     started = time.monotonic()
-    result = approval_probe_flow()({**POLICY, "timeout_outcome": outcome}, 2)
+    result = approval_probe_flow()(stack_policy(timeout_outcome=outcome), 2)
     assert result["status"] == "timed_out" and result["approved"] is approved
     assert time.monotonic() - started < 15
 
@@ -779,9 +797,9 @@ def test_approval_token_never_stored(stack, tmp_path):
     from tasks.common import records
 
     answering = answer_when_paused(
-        [approve("bob", token="sekrit-token-123")], subject_prefix="probe"
+        [approve("bob", token="sekrit-token-123")], subject_prefix="probe", requester="alice"
     )
-    approval_probe_flow()(POLICY, 60)
+    approval_probe_flow()(stack_policy(), 60)
     answering.join(10)
     dump = " ".join(f"{a.details} {a.reason} {a.summary}" for a in records().approvals())
     dump += " ".join(records().export_audit())

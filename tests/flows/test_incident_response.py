@@ -166,6 +166,8 @@ class Responder:
         from prefect.client.schemas.objects import StateType
         from prefect.flow_runs import resume_flow_run
 
+        from kmpops.approve import pending_request
+
         seen: set = set()
         try:
             with get_client(sync_client=True) as client:
@@ -196,6 +198,9 @@ class Responder:
                             self.answered.append(f"ack {level}")
                         else:
                             seen.add(state.id)
+                            code = pending_request(
+                                os.environ["PREFECT_API_URL"], str(run.id)
+                            ).request_code
                             resume_flow_run(
                                 run.id,
                                 run_input={
@@ -203,6 +208,7 @@ class Responder:
                                     "approver": "bob",
                                     "reason": "roll back the faulty release",
                                     "approver_token": self.token,
+                                    "request_code": code,
                                 },
                             )
                             self.answered.append("approve")
