@@ -112,7 +112,10 @@ def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:
         "-master.defaultReplication=000",
         f"-volume.port={port + 3}",
         f"-volume.port.grpc={port + 4}",
-        "-volume.max=64",
+        # Each bucket is a collection that grows volumes of its own (several at once): a test
+        # session makes dozens of buckets, and 64 ran out ("No writable volume" → HTTP 500).
+        # Volumes are sparse files, so a high ceiling costs nothing until data arrives.
+        "-volume.max=1000",
         "-volume.preStopSeconds=0",
         f"-filer.port={port + 5}",
         f"-filer.port.grpc={port + 6}",
