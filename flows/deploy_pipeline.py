@@ -258,9 +258,13 @@ def _judge(run: _Run, env: str, report: AnalysisReport, what: str) -> None:
         requested_by=run.requested_by,
         required=max(1, policy.quorum),
     )
-    run.notes.append(f"inconclusive analysis ({what}): {outcome.summary()}")
+    if outcome.approved_by:
+        decided = f"approved by {', '.join(outcome.approved_by)}"
+    else:
+        decided = f"rejected by {outcome.rejected_by}" if outcome.rejected_by else outcome.status
+    run.notes.append(f"inconclusive analysis ({what}): decision: {decided}")
     if not outcome.approved:
-        raise PolicyViolation(f"{what}: {report.describe()}; decision: {outcome.summary()}")
+        raise PolicyViolation(f"{what}: {report.describe()}; decision: {decided}")
 
 
 def _compensate(run: _Run) -> tuple[list[str], list[str]]:

@@ -59,6 +59,7 @@ from tasks.incident import (
     run_service_command,
     wait_for_ack,
 )
+from tasks.verify import analyse_recovery
 
 
 class AlertSignal(BaseModel):
@@ -333,6 +334,30 @@ def _eradication(
     return items
 
 
+def _recovery_analysis(incident_id: int, service: str, hosts: list[str]) -> bool:
+    """The service's configured analysis of the recovered hosts (kmpops/plans/analysis.py):
+    False when it failed, or was inconclusive and the environment's policy says fail or the
+    person asked (policy ``pause``) did not approve. Each verdict is an incident phase."""
+    from kmpops.plans.analysis import verification_action
+
+    ok = True
+    for env, report in analyse_recovery(service, hosts):
+        policy = ops_config().environment(env).policy
+        action = verification_action(report.outcome, policy.inconclusive)
+        if action == "pause":
+            decision = request_approval(
+                subject=f"analysis inconclusive: incident #{incident_id} recovery on {env}",
+                summary_markdown=f"{report.describe()}\n\nApprove to call the service recovered.",
+                policy=policy,
+                requested_by="incident-response",
+                required=max(1, policy.quorum),
+            )
+            action = "proceed" if decision.approved else "roll_back"
+        record_phase(incident_id, "recovery", report.describe()[:500])
+        ok = ok and action == "proceed"
+    return ok
+
+
 def _recovery(
     incident_id: int,
     signal: AlertSignal,
@@ -355,6 +380,7 @@ def _recovery(
         record_phase(
             incident_id, "recovery", f"{host} health: {'ok' if ok else 'FAILED'} ({detail})"
         )
+    healthy = _recovery_analysis(incident_id, options.service, hosts) and healthy
     resolved: bool | None = None
     last_value: float | None = None
     if signal.rule and signal.rule in cfg.alerts and key:

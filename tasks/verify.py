@@ -432,3 +432,21 @@ def run_staging_tests(service: str, environment: str, host_names: list[str]) -> 
 def describe_start(start: AnalysisStart) -> dict[str, Any]:
     """Plain data about an analysis start (for logs and results)."""
     return {"hosts": list(start.hosts), "started_at": start.started_at, "notes": list(start.notes)}
+
+
+def analyse_recovery(
+    service: str, host_names: list[str], bake_s: float | None = None
+) -> list[tuple[str, AnalysisReport]]:
+    """The service's analysis of ``host_names`` from now on (incident recovery: is the service
+    healthy again?), per environment: (environment, report). Call it from a flow. Read-only."""
+    cfg = ops_config()
+    by_env: dict[str, list[str]] = {}
+    for name in host_names:
+        env, _ = cfg.host(name)
+        by_env.setdefault(env, []).append(name)
+    out = []
+    for env, hosts in by_env.items():
+        offsets = mark_log_offsets(service, env, hosts)
+        start = begin_analysis(service, env, hosts, offsets)
+        out.append((env, run_analysis(start, bake_s, f"recovery {env}")))
+    return out
