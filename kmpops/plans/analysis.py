@@ -108,9 +108,6 @@ def judge_reading(reading: Reading, *, success: str, min_requests: float = 0) ->
     """Judge one reading (see the module docstring). Too little traffic is checked before the
     value: 0 errors in 3 requests says nothing about an error ratio."""
     value = reading.value
-    if value is None or math.isnan(value):
-        why = reading.detail or "no data"
-        return ReadingResult(Outcome.INCONCLUSIVE, f"inconclusive: {why}", reading)
     if reading.requests is not None and reading.requests < min_requests:
         return ReadingResult(
             Outcome.INCONCLUSIVE,
@@ -118,6 +115,9 @@ def judge_reading(reading: Reading, *, success: str, min_requests: float = 0) ->
             f"at least {min_requests:g} needed)",
             reading,
         )
+    if value is None or math.isnan(value):
+        why = reading.detail or "no data"
+        return ReadingResult(Outcome.INCONCLUSIVE, f"inconclusive: {why}", reading)
     if meets(value, success):
         return ReadingResult(Outcome.PASSED, f"{value:.4g} meets {success}", reading)
     return ReadingResult(Outcome.FAILED, f"{value:.4g} does not meet {success}", reading)

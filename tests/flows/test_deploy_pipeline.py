@@ -849,12 +849,12 @@ def test_gates_read_their_evidence_on_the_real_store(stack, baseline, use_config
     assert state.is_failed()
     assert "pre-deployment checklist failed: tests_passed, security_scan" in failure_text(state)
     assert snapshot(stack) == before
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
+    (artifact,) = [a for a in found if a.key == "deploy-checklist" and a.flow_run_id == run_id]
     rows = {r["gate"]: r for r in json.loads(artifact.data)}
     assert rows["security_scan"]["result"] == "FAIL"
     assert (
@@ -919,7 +919,8 @@ def test_release_marked_bad_is_refused_next_time(stack, baseline, use_config):
     run = str(state.state_details.flow_run_id)
     (request,) = [a for a in rec.approvals() if a.run_id == run and kind(a) == "request"]
     assert (request.outcome, request.approver) == ("approved", "alice")
-    assert "OVERRIDE: web 12.0.0 was marked bad" in request.summary
+    assert "web 12.0.0 was marked bad: production/prd-1 by incident #4242" in request.summary
+    assert "EMERGENCY OVERRIDE (one more approver required)" in request.summary
 
 
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------

@@ -54,7 +54,8 @@ def test_bad_condition_is_refused(condition):
     ("reading", "success", "min_requests", "outcome", "reason"),
     [
         # the finding: 0 errors in 0 requests was a pass; it is inconclusive now
-        (Reading(None, 0.0, "no data"), "< 0.05", 20, U, "inconclusive: no data"),
+        (Reading(None, 0.0, "no data"), "< 0.05", 20, U, "too little traffic (0 requests"),
+        (Reading(None, None, "no data"), "< 0.05", 20, U, "inconclusive: no data"),
         (Reading(0.0, 0.0), "< 0.05", 20, U, "too little traffic (0 requests, at least 20"),
         (Reading(0.0, 19.0), "< 0.05", 20, U, "too little traffic (19 requests"),
         (Reading(math.nan, 100.0), "< 0.05", 20, U, "inconclusive"),
