@@ -335,25 +335,21 @@ def _eradication(
 
 
 def _recovery_analysis(incident_id: int, service: str, hosts: list[str]) -> bool:
-    """The service's configured analysis of the recovered hosts (kmpops/plans/analysis.py):
-    False when it failed, or was inconclusive and the environment's policy says fail or the
-    person asked (policy ``pause``) did not approve. Each verdict is an incident phase."""
+    """The service's configured analysis of the recovered hosts (kmpops/plans/analysis.py),
+    each verdict an incident phase. False when it failed or was inconclusive: the incident is
+    then not recovered but needs attention — the person's decision the ``inconclusive`` policy
+    asks for, taken on the incident rather than by pausing a response that has paged people."""
     from kmpops.plans.analysis import verification_action
 
     ok = True
     for env, report in analyse_recovery(service, hosts):
-        policy = ops_config().environment(env).policy
-        action = verification_action(report.outcome, policy.inconclusive)
+        action = verification_action(
+            report.outcome, ops_config().environment(env).policy.inconclusive
+        )
+        line = report.describe()[:480]
         if action == "pause":
-            decision = request_approval(
-                subject=f"analysis inconclusive: incident #{incident_id} recovery on {env}",
-                summary_markdown=f"{report.describe()}\n\nApprove to call the service recovered.",
-                policy=policy,
-                requested_by="incident-response",
-                required=max(1, policy.quorum),
-            )
-            action = "proceed" if decision.approved else "roll_back"
-        record_phase(incident_id, "recovery", report.describe()[:500])
+            line += " — a person decides (the incident needs attention)"
+        record_phase(incident_id, "recovery", line)
         ok = ok and action == "proceed"
     return ok
 

@@ -22,7 +22,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -50,6 +49,7 @@ from tasks.deploy import _host, _on_hosts, _values, host_connection
 
 __all__ = [
     "AnalysisStart",
+    "analyse_recovery",
     "begin_analysis",
     "mark_log_offsets",
     "run_analysis",
@@ -427,11 +427,6 @@ def run_staging_tests(service: str, environment: str, host_names: list[str]) -> 
     if failures:
         raise PolicyViolation("integration tests on staging failed: " + "; ".join(failures))
     return evidence
-
-
-def describe_start(start: AnalysisStart) -> dict[str, Any]:
-    """Plain data about an analysis start (for logs and results)."""
-    return {"hosts": list(start.hosts), "started_at": start.started_at, "notes": list(start.notes)}
 
 
 def analyse_recovery(
