@@ -52,4 +52,5 @@ bench: system-deps $(BIN)/kmpops
 	$(BIN)/python bench/bench_fleet.py --hosts 50
 
 clean: stack-down
+	@d=$$(cat var/stack/postgres/cluster-dir 2>/dev/null); case "$$d" in /var/lib/kmpops/pg-*) rm -rf "$$d";; esac
 	rm -rf var

@@ -118,7 +118,10 @@ def write_ops_yaml(info: stack.StackInfo, root: Path, batch: str) -> Path:
     production = cfg["environments"]["production"]
     production["policy"] = {"approval_required": False, "batch_size": batch, "max_failures": 0}
     cfg["environments"] = {"production": production}
-    cfg["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
+    cfg["records"] = {
+        "url": f"sqlite:///{root / 'records.db'}",
+        "audit_key": cfg["records"]["audit_key"],
+    }
     cfg["notifications"] = {"routes": {"critical": [f"jsonl://{root / 'notifications.jsonl'}"]}}
     cfg["storage"] = {"backend": "local", "path": str(root / "objects")}
     cfg.pop("databases", None)

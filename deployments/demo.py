@@ -6,7 +6,9 @@
    integration tests, monitoring check, production approval (answered here as ``alice`` with her
    approver token, exactly as ``kmpops approve`` would), rolling batches, verification, bake;
 3. backs up the sample database, verifies the backup by restoring it into a scratch database;
-4. prints what a person can check: each host's ``current`` release read from the host itself, the
+4. serves every procedure as a deployment (``kmpops serve`` in the background, schedules paused),
+   so each can be started from the UI, and waits until all of them are READY;
+5. prints what a person can check: each host's ``current`` release read from the host itself, the
    backup's checksum and restored row counts, the audit chain, the Prefect UI address.
 
 Running it again deploys the next release (the previous one stays on the hosts for rollback).
@@ -36,8 +38,28 @@ def _env(root: Path, info: Any) -> None:
 
 
 def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
-    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does."""
+    """Answer every paused deploy-pipeline run as alice, the way `kmpops approve` does.
+
+    A poll that fails (a busy SQLite-backed server answers 503 while it is locked) is retried
+    until ``stop`` is set: the thread never dies silently and leaves the approval to time out.
+    """
     from prefect.client.orchestration import get_client
+
+    from kmpops.stack import approver_token
+
+    answered: set[str] = set()
+    token = approver_token(root, "alice")
+    with get_client(sync_client=True) as client:
+        while not stop.is_set():
+            try:
+                _answer_paused(client, api_url, token, answered)
+            except Exception as err:  # the server is busy: try again, never die
+                print(f"  approval: could not answer yet ({type(err).__name__}: {err}); retrying")
+            stop.wait(0.5)
+
+
+def _answer_paused(client: Any, api_url: str, token: str, answered: set[str]) -> None:
+    """One poll: approve, as alice, each paused run not answered yet."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -46,32 +68,65 @@ def _auto_approver(root: Path, api_url: str, stop: threading.Event) -> None:
     from prefect.client.schemas.objects import StateType
 
     from kmpops.approve import approve_run
-    from kmpops.stack import approver_token
 
-    answered: set[str] = set()
-    token = approver_token(root, "alice")
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+        )
+    )
+    for run in runs:
+        if str(run.id) in answered:
+            continue
+        time.sleep(1.0)  # let a person watching the UI see the paused run
+        approve_run(
+            api_url,
+            str(run.id),
+            decision="approve",
+            approver="alice",
+            reason="demo: staging green, change reviewed",
+            token=token,
+        )
+        answered.add(str(run.id))
+        print(f"  approval: alice approved paused run {run.name}")
+
+
+def _serve_deployments(root: Path, timeout: float = 300.0) -> list[str]:
+    """(Re)start ``kmpops serve`` in the background with schedules paused; wait until every flow's
+    deployment is READY (the new process polls for its runs).
+
+    The process runs detached with its pid in ``root/serve/serve.pid`` (``make stack-down`` stops
+    it), logs to ``root/serve/serve.log`` and serves every flow as a deployment, so each procedure
+    can be started from the UI. A serve process left by an earlier demo is replaced, so a second
+    `make demo` serves the code and config it just used. Returns the deployments' names; raises
+    RuntimeError naming the missing ones if they do not all appear within ``timeout`` seconds.
+    """
+    from prefect.client.orchestration import get_client
+
+    from deployments.serve import discover
+    from kmpops.stack._proc import read_pid, start_process, stop_process
+
+    pid_file, log_file = root / "serve" / "serve.pid", root / "serve" / "serve.log"
+    stop_process(pid_file, timeout=15.0)
+    wanted = {fl.name for fl in discover()}
+    argv = [sys.executable, "-m", "deployments.serve", "--schedules", "paused"]
+    env = {"PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1"}
+    start_process(argv, pid_file=pid_file, log_file=log_file, env=env, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    found: set[str] = set()
     with get_client(sync_client=True) as client:
-        while not stop.is_set():
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                )
-            )
-            for run in runs:
-                if str(run.id) in answered:
-                    continue
-                time.sleep(1.0)  # let a person watching the UI see the paused run
-                approve_run(
-                    api_url,
-                    str(run.id),
-                    decision="approve",
-                    approver="alice",
-                    reason="demo: staging green, change reviewed",
-                    token=token,
-                )
-                answered.add(str(run.id))
-                print(f"  approval: alice approved paused run {run.name}")
-            stop.wait(0.5)
+        while time.monotonic() < deadline:
+            if read_pid(pid_file) is None:
+                raise RuntimeError(f"the serve process exited; see {log_file}")
+            found = {  # READY: this process polls for their runs (not just an old registration)
+                d.name
+                for d in client.read_deployments()
+                if d.name in wanted and d.status is not None and d.status.value == "READY"
+            }
+            if found == wanted:
+                return sorted(found)
+            time.sleep(0.5)
+    missing = ", ".join(sorted(wanted - found))
+    raise RuntimeError(f"not served (READY) within {timeout:.0f}s: {missing}; see {log_file}")
 
 
 def _next_version(root: Path) -> str:
@@ -174,8 +229,13 @@ def _backup_verify_restore(cfg: Any) -> dict[str, Any]:
     backups = backup_database(databases=["app"])
     verify_backups(databases=["app"], hosts=[], apply_retention=False)
     target = "app_restored_demo"
-    restore_database(database="app", target_dbname=target, environment="development")
     db = cfg.databases["app"]
+    # The previous demo's scratch copy goes first: restore-database refuses to overwrite a
+    # scratch database that exists (only the configured database itself is ever replaced).
+    admin = f"host={db.host} port={db.port} user={db.user} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    restore_database(database="app", target_dbname=target)
     counts = {}
     for dbname in ("app", target):
         dsn = f"host={db.host} port={db.port} user={db.user} dbname={dbname}"
@@ -201,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     info = stack.up(stack.StackSpec(root=root, port_base=args.port_base, prefect_db="sqlite"))
     print(f"  stack up in {info.started_s}s ({len(info.hosts)} hosts)")
     _env(root, info)
+    # A serve process left by an earlier demo is replaced at the end; stopped first, so it does not
+    # compete with this run's flows for the SQLite-backed server.
+    from kmpops.stack._proc import stop_process
+
+    stop_process(root / "serve" / "serve.pid", timeout=15.0)
 
     from kmpops.config import load_config
 
@@ -215,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     print("Backing up the sample database and verifying the backup by restoring it …")
     backup = _backup_verify_restore(cfg)
 
+    print("Serving every procedure as a deployment (schedules paused) …")
+    served = _serve_deployments(root)
+    serve_dir = root / "serve"
+    serve_pid = (serve_dir / "serve.pid").read_text().strip()
+    print(f"  {len(served)} deployments served by pid {serve_pid} (log: {serve_dir / 'serve.log'})")
+
     from kmpops.records import Records
 
-    records = Records(cfg.records.url)
+    records = Records.from_config(cfg)
     chain = records.verify_audit()
     rows = _host_current(cfg, "web")
 
@@ -240,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     for dbname, counts in backup["counts"].items():
         print(f"  rows in {dbname:18s} {counts}")
     print(f"Audit chain:       {'intact' if chain.ok else 'BROKEN'} ({chain.events} events)")
+    ui = info.prefect["ui_url"]
+    print(f"Deployments:       {len(served)} procedures served, schedules paused")
+    print("Try one yourself:")
+    print(f"  1. open {ui}/deployments, click deploy-pipeline, then Run → Custom run")
+    print('  2. request: {"service": "web", "version": "' + version + '",')
+    print('               "environment": "staging", "requested_by": "bob"} → Submit')
+    print("  3. for production the run pauses: on its page click Resume, answer as alice with")
+    print(f"     the token in {root / 'secrets' / 'approver-alice.token'}")
+    print("  A schedule is turned on from its deployment's page (toggle next to the schedule).")
     print("Stop everything:   make stack-down")
     ok = chain.ok and all(current == version for _, _, current in rows)
     ok = ok and backup["counts"]["app"] == backup["counts"]["app_restored_demo"]

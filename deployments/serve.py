@@ -57,6 +57,7 @@ def schedules(config: Any | None) -> dict[str, Plan]:
         "cost-report": Plan(cron="0 8 1 * *"),
         "access-review": Plan(cron="0 9 1 * *"),
         "rotate-service-keys": Plan(cron="0 5 1 */3 *"),
+        "audit-checkpoint": Plan(cron="17 * * * *"),
     }
 
 
@@ -78,17 +79,24 @@ def alert_trigger() -> DeploymentEventTrigger:
     return incident_trigger()
 
 
-def build(config: Any | None) -> list[Any]:
-    """One runner deployment per flow, named after the flow."""
+def build(config: Any | None, *, schedules_active: bool = True) -> list[Any]:
+    """One runner deployment per flow, named after the flow.
+
+    With ``schedules_active=False`` every schedule is created inactive: it shows on the
+    deployment's page and a person turns it on there (the demo serves this way); manual runs,
+    API runs and event triggers work either way.
+    """
+    from prefect.schedules import Cron, Interval
+
     plans = schedules(config)
     deployments = []
     for fl in discover():
         plan = plans.get(fl.name, Plan())
         kwargs: dict[str, Any] = {"name": fl.name, "tags": ["kmp-ops"]}
         if plan.cron:
-            kwargs["cron"] = plan.cron
+            kwargs["schedules"] = [Cron(plan.cron, active=schedules_active)]
         if plan.interval:
-            kwargs["interval"] = plan.interval
+            kwargs["schedules"] = [Interval(plan.interval, active=schedules_active)]
         if plan.trigger == "alert":
             kwargs["triggers"] = [alert_trigger()]
         elif plan.trigger == "deploy-crashed":
@@ -103,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     """Serve (or list) the deployments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print what would be served and exit")
+    parser.add_argument(
+        "--schedules",
+        choices=("on", "paused"),
+        default="on",
+        help="'paused' creates every schedule inactive, to be turned on in the UI (default: on)",
+    )
     args = parser.parse_args(argv)
     config = None
     if os.environ.get("KMPOPS_CONFIG"):
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     from deployments.automations import apply_automations
 
     apply_automations()  # zombie runs -> Crashed (so a killed deploy gets deploy-recover)
-    serve(*build(config))
+    serve(*build(config, schedules_active=args.schedules == "on"))
 
 
 if __name__ == "__main__":

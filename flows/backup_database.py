@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.backup import backup_database_to_store, gather_backup_results
+from tasks.backup import backup_database_to_store, bounded, gather_backup_results
 from tasks.common import ops_config
 
 
@@ -22,8 +22,9 @@ def backup_database(databases: list[str] | None = None) -> list[dict[str, Any]]:
     Raises the first failure after every database was attempted (the others still complete).
     """
     names = databases or sorted(ops_config().databases)
+    step = bounded(backup_database_to_store)
     return gather_backup_results(
-        {name: backup_database_to_store.submit(name) for name in names},
+        {name: step.submit(name) for name in names},
         flow_name="backup-database",
         subject="Database backup",
         column="database",

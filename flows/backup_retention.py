@@ -4,6 +4,10 @@ The plan is pure (``kmpops.plans.retention``): an expired backup (older than
 ``backups.<kind>.retention``) goes only when a newer verified backup of the same database or
 host exists; configuration blobs still referenced by a kept manifest are never deleted. The plan
 is shown as a table artifact; ``dry_run=True`` stops there.
+
+Copies a restore replaced (``<dbname>__pre_<time>``, and staging copies of a killed restore)
+are dropped once older than their database's ``keep_previous_copies``, measured against the
+real clock (``tasks.backup.drop_expired_previous_copies``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from kmpops.plans.retention import (
     RetentionPolicy,
     plan_retention,
 )
-from tasks.backup import apply_retention_deletions, open_object_store
+from tasks.backup import (
+    apply_retention_deletions,
+    bounded,
+    drop_expired_previous_copies,
+    open_object_store,
+)
 from tasks.common import audit_event, ops_config, records
 
 
@@ -105,6 +114,8 @@ def backup_retention(dry_run: bool = False, as_of: datetime | None = None) -> di
         "dry_run": dry_run,
         "deleted": {"backups": 0, "blobs": 0},
     }
+    # old restore copies: their age is real time, never as_of (listed only with dry_run)
+    result["previous_copies_dropped"] = bounded(drop_expired_previous_copies)(dry_run=dry_run)
     if dry_run or plan.empty:
         return result
     result["deleted"] = apply_retention_deletions(result["delete"], list(plan.delete_blobs))

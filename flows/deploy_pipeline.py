@@ -38,10 +38,12 @@ from kmpops import shellsafe
 from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.analysis import AnalysisReport, verification_action
 from kmpops.plans.approval import required_approvals
+from kmpops.plans.failures import group_failures
 from kmpops.plans.freeze import check_freeze
 from kmpops.plans.rollout import RolloutPlan, plan_rollout, rollout_must_stop
 from kmpops.release import validate_version
 from tasks.approval import request_approval
+from tasks.audit import anchor_after_change
 from tasks.common import actor, audit, notify, ops_config, records, run_id
 from tasks.deploy import (
     ResolvedArtifact,
@@ -141,10 +143,19 @@ def _plans(
     return plans
 
 
+def _failure_table(env: str, failures: dict[str, str]) -> None:
+    """Every failed host with its own words: the detail the grouped state message leaves out."""
+    create_table_artifact(
+        [{"environment": env, "host": h, "error": why} for h, why in sorted(failures.items())],
+        key="deploy-host-failures",
+        description=f"Hosts that failed in {env}, each with its error",
+    )
+
+
 def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
     req, env = run.req, plan.environment
     logger = get_run_logger()
-    failures: list[str] = []
+    failures: dict[str, str] = {}  # host -> why; said once per distinct reason (group_failures)
     for number, batch in enumerate(plan.batches, start=1):
         t = time.monotonic()
         try:
@@ -154,13 +165,14 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
         except Exception as exc:  # the task itself broke: no host counts as staged
             outcome = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in batch}
         staged = [h for h in batch if "error" not in outcome[h]]
-        failures += [f"{h}: {outcome[h]['error']}" for h in batch if h not in staged]
+        failures.update({h: outcome[h]["error"] for h in batch if h not in staged})
         run.stage(f"upload {env}", t)
         if rollout_must_stop(len(failures), plan.max_failures):  # nothing of this batch is live
+            _failure_table(env, failures)
             raise RolloutFailed(
                 f"{env} rollout stopped while staging batch {number}/{len(plan.batches)} "
                 f"(none of it switched): {len(failures)} host(s) failed "
-                f"(max_failures {plan.max_failures}): " + "; ".join(failures)
+                f"(max_failures {plan.max_failures}): " + group_failures(failures)
             )
         for host in staged:
             run.ledger[(env, host)] = plan.previous.get(host)
@@ -182,7 +194,7 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
         except Exception as exc:  # the task itself broke: every staged host needs the rollback
             activated = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in staged}
         failed_here = [h for h in staged if "error" in activated[h]]
-        failures += [f"{h}: {activated[h]['error']}" for h in failed_here]
+        failures.update({h: activated[h]["error"] for h in failed_here})
         run.done += len(staged) - len(failed_here)
         for h in staged:
             run.pruned[h] = activated[h].get("pruned", [])
@@ -194,13 +206,14 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
             f"{req.service}/{env}",
             batch=number,
             hosts=list(batch),
-            failures=failures[-len(batch) :] if failures else [],
+            failures={h: failures[h] for h in batch if h in failures},
         )
         if rollout_must_stop(len(failures), plan.max_failures):
+            _failure_table(env, failures)
             raise RolloutFailed(
                 f"{env} rollout stopped in batch {number}/{len(plan.batches)}: "
                 f"{len(failures)} host(s) failed (max_failures {plan.max_failures}): "
-                + "; ".join(failures)
+                + group_failures(failures)
             )
         for host in failed_here:  # within tolerance: back out just this host
             logger.warning("host %s failed within max_failures: rolling it back", host)
@@ -454,6 +467,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                 rollback_failed=failed,
                 seconds=seconds,
             )
+            if target != "staging":
+                anchor_after_change(f"deploy-pipeline rolled back {subject}")
             tail = f"; rolled back {len(rolled)} host(s) in {seconds:g}s" + (
                 f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
             )  # roll_back_hosts closed the connections
@@ -469,6 +484,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     notes = _release_notes(req, subject, all_hosts, current, approvals, report.table(), run, total)
     create_markdown_artifact(notes, key="release-notes", description=f"Release notes {subject}")
     audit("deploy.completed", subject, hosts=[h for _, h in all_hosts], seconds=total)
+    if target != "staging":
+        anchor_after_change(f"deploy-pipeline {subject}")
     notify(
         "info",
         f"Deployed {svc_name} {req.version} to {target}",

@@ -20,7 +20,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.verify_backups import configuration_rpo
 from kmpops.backup import DrillOutcome, render_drill_report
-from tasks.backup import hosts_with_config, verify_configuration_backup, verify_database_backup
+from tasks.backup import (
+    bounded,
+    hosts_with_config,
+    verify_configuration_backup,
+    verify_database_backup,
+)
 from tasks.common import audit_event, notify, ops_config, records, run_id
 
 
@@ -38,8 +43,8 @@ def dr_drill(databases: list[str] | None = None, hosts: list[str] | None = None)
     subjects: list[dict[str, Any]] = []
     futures = []
     for kind, names, verify in (
-        ("database", db_names, verify_database_backup),
-        ("configuration", host_names, verify_configuration_backup),
+        ("database", db_names, bounded(verify_database_backup)),
+        ("configuration", host_names, bounded(verify_configuration_backup)),
     ):
         for name in names:
             verified = [

@@ -3,11 +3,15 @@
 Each run evaluates every rule of ``ops.yaml`` once (run it on a schedule, e.g. every 15 s, or
 with ``rounds``/``interval_s`` to loop inside one run): query → evaluate with the state kept in
 the records store (so a restart keeps the ``for:`` clock) → notifications routed by severity,
-one per state change, reminders at ``notifications.repeat_interval``, silences honoured. An
-alert that starts firing on a rule that opens incidents (critical, or ``incident: true``) emits
-``kmpops.alert.firing``; the incident-response deployment's trigger starts the response from
-that event (also when this evaluator runs on another machine). ``start_incidents="subflow"``
-runs incident-response directly instead (tests, single-process setups).
+one per state change, reminders at ``notifications.repeat_interval``, silences honoured.
+
+An alert that starts firing on a rule that opens incidents (critical, or ``incident: true``)
+opens its incident here, in every evaluation whoever started it (a schedule, maintenance-daily,
+the UI) — exactly once: an alert whose incident is still open only adds a line to it. Then the
+response starts: ``start_incidents="event"`` emits ``kmpops.alert.firing`` carrying the incident
+id (the incident-response deployment's trigger starts the response from it, also when this
+evaluator runs on another machine), ``"subflow"`` runs incident-response here (tests,
+single-process setups), ``"none"`` leaves the opened incident to a person.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from kmpops.plans.incident import incident_title
 from tasks.alerting import (
     RuleEvaluation,
     alert_payload,
@@ -27,6 +32,7 @@ from tasks.alerting import (
     evaluate_rule,
 )
 from tasks.common import notify, ops_config
+from tasks.incident import open_incident
 
 StartMode = Literal["event", "subflow", "none"]
 
@@ -44,8 +50,10 @@ def evaluate_alerts(
     """Evaluate the alert rules ``rounds`` times, ``interval_s`` apart (``at`` fixes the time of
     a single round, for replays). Returns one summary per rule and round.
 
-    ``start_incidents``: ``event`` emits ``kmpops.alert.firing``, ``subflow`` also runs
-    incident-response in this process (with ``incident_options``), ``none`` only notifies.
+    Every firing alert of a rule that opens incidents opens one (``incidents`` in the summary:
+    alert key -> incident id), unless its incident is still open. ``start_incidents``: ``event``
+    emits ``kmpops.alert.firing``, ``subflow`` runs incident-response in this process (with
+    ``incident_options``), ``none`` starts no response.
     ``stop_when_firing`` ends the rounds after the first round in which an alert started firing.
     Raises NotFound for an unknown rule name, ConfigError for a rule without a query.
     """
@@ -61,13 +69,39 @@ def evaluate_alerts(
             result: RuleEvaluation = fut.result()
             for msg in result.messages:
                 notify(msg.severity, msg.title, msg.body, msg.dedup_key)
+            opened: dict[str, int] = {}
             for change in result.firing():
                 fired = True
-                if not result.opens_incident or start_incidents == "none":
+                if not result.opens_incident:
                     continue
                 payload = alert_payload(change)
+                incident_id, created = open_incident(
+                    incident_title(change.rule, change.labels),
+                    change.severity,
+                    change.key,
+                    {
+                        "rule": change.rule,
+                        "labels": change.labels,
+                        "value": change.value,
+                        "source": payload["source"],
+                        "active_since": change.active_since,
+                    },
+                )
+                if not created:
+                    logger.info("alert %s attached to open incident #%s", change.key, incident_id)
+                    continue
+                opened[change.key] = incident_id
+                payload["incident_id"] = incident_id
+                if start_incidents == "none":
+                    logger.warning("incident #%s opened; no response started", incident_id)
+                    continue
                 event_id = emit_alert_firing(payload) if start_incidents == "event" else None
-                logger.info("alert %s firing: event %s", change.key, event_id or "(subflow)")
+                logger.info(
+                    "alert %s firing: incident #%s, event %s",
+                    change.key,
+                    incident_id,
+                    event_id or "(subflow)",
+                )
                 if start_incidents == "subflow":
                     from flows.incident_response import IncidentOptions, incident_response
 
@@ -84,6 +118,7 @@ def evaluate_alerts(
                     "changes": [f"{c.key}: {c.previous} -> {c.state}" for c in result.changes],
                     "notified": [m.title for m in result.messages],
                     "silenced": result.silenced,
+                    "incidents": opened,
                 }
             )
         if fired and stop_when_firing:

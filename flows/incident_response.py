@@ -1,16 +1,23 @@
-"""incident-response: the guide's six phases, from a firing alert to a postmortem.
+"""incident-response: the guide's six phases, from a firing alert to a postmortem — contain first.
 
-1. **detection** — open the incident (an alert already attached to an open incident only adds a
-   line to its timeline and ends this run), then escalate: page L1 and wait for an
-   acknowledgement (``notifications.ack_timeout``), unacknowledged → L2 → L3;
-2. **analysis** — diagnostics over SSH from the affected hosts + recent releases and changes from
-   the records store, correlated with the latest deployment (markdown artifact);
-3. **containment** — the incident type's actions (:mod:`kmpops.plans.incident`); destructive ones
-   need an approval unless the environment policy's ``auto_containment`` lists the severity;
+1. **detection** — open the incident (or take over the one the alert evaluation opened; an
+   alert already attached to an open incident only adds a line to its timeline and ends this
+   run), then start the escalation *alongside* everything else: the ``incident-escalation``
+   subflow pages L1 and waits for an acknowledgement (``notifications.ack_timeout``),
+   unacknowledged → L2 → L3, while the response goes on;
+2. **analysis** — diagnostics over SSH from the affected hosts (started at once, in parallel)
+   + recent releases and changes from the records store, correlated with the latest deployment
+   (markdown artifact);
+3. **containment** — the incident type's actions (:mod:`kmpops.plans.incident`), on targets from
+   the inventory only: an alert's labels may narrow the hosts, and the addresses and keys they
+   name are checked against ``incidents`` in ops.yaml. Where the environment policy's
+   ``auto_containment`` lists the severity and no label chose a target, containment starts
+   right after detection, without waiting for the analysis or an acknowledgement; otherwise it
+   waits for the analysis and an approval;
 4. **eradication** — the faulty release is marked bad, hosts confirmed on the known-good one;
 5. **recovery** — health checks, then the alert's rule is re-evaluated until the alert resolves;
-6. **lessons learned** — the postmortem (timeline, actions, approvals, time to detect / contain
-   / recover) as a markdown artifact and in the incident record.
+6. **lessons learned** — once the escalation has ended, the postmortem (timeline, actions,
+   approvals, time to detect / contain / recover) as a markdown artifact and in the record.
 
 Every phase writes the incident timeline and the audit chain. Started by the
 ``kmpops.alert.firing`` event (deployment trigger), by evaluate-alerts as a subflow, from the UI
@@ -19,7 +26,10 @@ or the API (``alert`` may then carry just a title, a severity and hosts).
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -31,12 +41,16 @@ from kmpops.config import OpsConfig, Policy
 from kmpops.plans.incident import (
     ESCALATION_LEVELS,
     ContainmentAction,
+    ContainmentPlan,
+    IncidentScope,
     TimelineEntry,
     alert_key,
+    classify_incident,
+    containment_plan_for,
+    correlate_release,
     eradication_steps,
-    hosts_for_alert,
-    incident_type_for,
-    plan_containment,
+    incident_scope,
+    incident_title,
     postmortem_metrics,
     render_diagnostics,
     render_postmortem,
@@ -46,11 +60,14 @@ from tasks.approval import request_approval
 from tasks.common import actor, audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (
+    PAUSE_GRACE_S,
     check_service_health,
+    claim_incident,
+    containment_facts,
     disable_key_everywhere,
     gather_diagnostics,
-    host_environment,
     instances_of,
+    inventory,
     notify_level,
     open_incident,
     recent_history,
@@ -76,7 +93,12 @@ class AlertSignal(BaseModel):
     source: str = "manual"
     key: str | None = Field(default=None, description="alert key (dedup)")
     title: str | None = None
-    hosts: list[str] = Field(default_factory=list, description="affected hosts (manual runs)")
+    hosts: list[str] = Field(
+        default_factory=list, description="affected hosts (manual runs; narrows, never widens)"
+    )
+    incident_id: int | None = Field(
+        default=None, description="the incident the alert evaluation opened for this alert"
+    )
 
 
 class IncidentOptions(BaseModel):
@@ -94,22 +116,42 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _affected_hosts(cfg: OpsConfig, signal: AlertSignal, service: str) -> list[str]:
-    if signal.hosts:
-        return list(signal.hosts)
+def _scope(cfg: OpsConfig, signal: AlertSignal, service: str) -> IncidentScope:
     deployed: list[str] = []
     for env_name, env in cfg.environments.items():
         for host in env.hosts:
             if records().current_release(service, env_name, host.name) is not None:
                 deployed.append(host.name)
-    return hosts_for_alert(signal.labels, instances_of(cfg, service), deployed)
+    return incident_scope(
+        signal.labels,
+        inventory=inventory(cfg),
+        requested_hosts=signal.hosts,
+        instances=instances_of(cfg, service),
+        deployed=deployed,
+    )
 
 
-def _escalate(incident_id: int, title: str, summary: str, timeout_s: float) -> dict[str, Any]:
+@flow(name="incident-escalation")
+def incident_escalation(
+    incident_id: int,
+    title: str,
+    summary: str,
+    timeout_s: float,
+    l1_paged_at: float | None = None,
+) -> dict[str, Any]:
+    """Page L1 → L2 → L3, each waiting ``timeout_s`` for an acknowledgement (a pause of this
+    run, answered in the UI or by ``resume_flow_run``). Runs beside incident-response, so the
+    response never waits for it. ``l1_paged_at`` (epoch seconds): L1 was already paged then by
+    the response, at detection; its wait counts from that moment. Returns the level and
+    responder that acknowledged (both None when nobody did)."""
     for level in ESCALATION_LEVELS:
-        sent = notify_level(incident_id, level, title, summary)
-        record_phase(incident_id, "detection", f"escalated to {level}", {"deliveries": sent})
-        ack = wait_for_ack(incident_id, level, timeout_s, summary)
+        wait_s = timeout_s
+        if level == ESCALATION_LEVELS[0] and l1_paged_at is not None:
+            wait_s = max(0.0, timeout_s - (time.time() - l1_paged_at))
+        else:
+            sent = notify_level(incident_id, level, title, summary)
+            record_phase(incident_id, "detection", f"escalated to {level}", {"deliveries": sent})
+        ack = wait_for_ack(incident_id, level, wait_s, summary)
         if ack is not None:
             record_phase(
                 incident_id,
@@ -125,11 +167,57 @@ def _escalate(incident_id: int, title: str, summary: str, timeout_s: float) -> d
     return {"level": None, "responder": None}
 
 
-def _analysis(
-    incident_id: int, service: str, hosts: list[str], signal: AlertSignal
-) -> dict[str, Any]:
+class _Escalation:
+    """Paging beside the response: L1 is paged at once (from the response), then the
+    ``incident-escalation`` flow runs in a thread of its own and waits for acknowledgements
+    while analysis and containment go on.
+
+    It is a flow run of its own, not a subflow: a subflow's pause and its parent's pause (a
+    containment approval) block each other in Prefect 3, an independent run does not."""
+
+    def __init__(self, incident_id: int, title: str, summary: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._result: Future[dict[str, Any]] = Future()
+        first = ESCALATION_LEVELS[0]
+        sent = notify_level(incident_id, first, title, summary)
+        paged_at = time.time()
+        record_phase(incident_id, "detection", f"escalated to {first}", {"deliveries": sent})
+        self._thread = threading.Thread(
+            target=contextvars.Context().run,  # a fresh context: not a subflow of this run
+            args=(self._run, incident_id, title, summary, timeout_s, paged_at),
+            name=f"incident-{incident_id}-escalation",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(
+        self, incident_id: int, title: str, summary: str, timeout_s: float, paged_at: float
+    ) -> None:
+        try:
+            self._result.set_result(
+                incident_escalation(incident_id, title, summary, timeout_s, paged_at)
+            )
+        except BaseException as exc:  # handed to the flow by result()
+            self._result.set_exception(exc)
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the escalation to end (bounded: three levels and their grace periods)."""
+        bound = len(ESCALATION_LEVELS) * (self.timeout_s + PAUSE_GRACE_S) + 120
+        try:
+            return self._result.result(timeout=bound)
+        except Exception as exc:  # a broken page is recorded, it does not undo the response
+            get_run_logger().error("escalation failed: %s: %s", type(exc).__name__, exc)
+            return {"level": None, "responder": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _start_analysis(incident_id: int, service: str, hosts: list[str]) -> dict[str, Any]:
     record_phase(incident_id, "analysis", f"gathering diagnostics from {len(hosts)} host(s)")
-    futures = {h: gather_diagnostics.submit(service, h) for h in hosts}
+    return {h: gather_diagnostics.submit(service, h) for h in hosts}
+
+
+def _finish_analysis(
+    incident_id: int, service: str, hosts: list[str], signal: AlertSignal, futures: dict[str, Any]
+) -> dict[str, Any]:
     diagnostics: dict[str, dict[str, str]] = {}
     for host, fut in futures.items():
         try:
@@ -137,19 +225,7 @@ def _analysis(
         except Exception as exc:  # an unreachable host is a finding, not the end of the response
             diagnostics[host] = {"error": f"{type(exc).__name__}: {exc}"}
     releases, changes = recent_history(service, hosts)
-    correlation = "no release recorded on the affected hosts"
-    if releases:
-        latest = releases[0]
-        deployed = datetime.fromisoformat(latest["deployed_at"])
-        if signal.active_since is not None:
-            lead = (signal.active_since - deployed).total_seconds()
-            verdict = "likely cause" if 0 <= lead <= 3600 else "probably unrelated"
-            correlation = (
-                f"release {latest['version']} deployed on {latest['host']} at "
-                f"{deployed:%H:%M:%S} UTC, {lead:.0f} s before the alert became active ({verdict})"
-            )
-        else:
-            correlation = f"latest release: {latest['version']} on {latest['host']}"
+    correlation = correlate_release(releases, signal.active_since)
     markdown = render_diagnostics(
         diagnostics, releases=releases, changes=changes, correlation=correlation
     )
@@ -170,63 +246,68 @@ def _analysis(
     return {"diagnostics": diagnostics, "correlation": correlation, "markdown": markdown}
 
 
-def _policy(cfg: OpsConfig, hosts: list[str]) -> Policy:
-    for host in hosts:
-        env, _ = host_environment(cfg, host)
-        return cfg.environment(env).policy
-    env = cfg.environments.get("production")
-    return env.policy if env is not None else Policy()
-
-
-def _containment(
-    incident_id: int,
-    incident_type: str,
-    signal: AlertSignal,
-    hosts: list[str],
-    options: IncidentOptions,
-) -> dict[str, Any]:
-    cfg = ops_config()
-    policy = _policy(cfg, hosts)
-    by_kind: dict[str, list[str]] = {}
-    fingerprint = signal.labels.get("fingerprint")
-    address = signal.labels.get("address") or signal.labels.get("source_ip")
-    if fingerprint:
-        by_kind["disable_key"] = [fingerprint]
-    if address:
-        by_kind["block_address"] = [address]
-    plan = plan_containment(
-        incident_type,
+def _plan(
+    cfg: OpsConfig, signal: AlertSignal, scope: IncidentScope
+) -> tuple[ContainmentPlan, Policy]:
+    policy = cfg.environment(scope.environment).policy if scope.environment else Policy()
+    facts = containment_facts(cfg)
+    plan = containment_plan_for(
+        signal.rule,
+        signal.labels,
         severity=signal.severity,
-        targets=hosts,
+        scope=scope,
         auto_containment=policy.auto_containment,
-        targets_by_kind=by_kind,
+        widest_v4=cfg.incidents.widest_block_v4,
+        widest_v6=cfg.incidents.widest_block_v6,
+        protected=facts.protected,
+        known_keys=facts.known_keys,
+        own_keys=facts.own_keys,
     )
+    return plan, policy
+
+
+def _record_plan(incident_id: int, plan: ContainmentPlan) -> None:
     record_phase(
         incident_id,
         "containment",
         f"plan: {len(plan.actions)} action(s); approval {plan.reason}",
         {"actions": [f"{a.kind}:{a.target}" for a in plan.actions]},
     )
+    for refusal in plan.refused:
+        record_phase(
+            incident_id,
+            "containment",
+            refusal.line(),
+            {"kind": refusal.kind, "target": refusal.target, "reason": refusal.reason},
+        )
+
+
+def _approve(
+    incident_id: int,
+    signal: AlertSignal,
+    plan: ContainmentPlan,
+    policy: Policy,
+    options: IncidentOptions,
+    correlation: str,
+) -> bool:
+    outcome = request_approval(
+        subject=f"incident/{incident_id}/containment",
+        summary_markdown=f"Incident #{incident_id}: {signal.title or signal.rule}\n\n"
+        + (f"Analysis: {correlation}\n\n" if correlation else "")
+        + plan.markdown(),
+        policy=policy,
+        requested_by=actor(),
+        timeout_s=options.approval_timeout_s,
+    )
+    record_phase(incident_id, "containment", f"approval {outcome.summary()}")
+    return outcome.approved
+
+
+def _contain(incident_id: int, plan: ContainmentPlan, options: IncidentOptions) -> dict[str, Any]:
+    """Carry out an approved (or automatic) plan; what was done, for the later phases."""
     actions: list[str] = []
     rolled_back: dict[str, dict[str, str | None]] = {}
     drained: list[str] = []
-    if plan.needs_approval:
-        outcome = request_approval(
-            subject=f"incident/{incident_id}/containment",
-            summary_markdown=f"Incident #{incident_id}: {signal.title or signal.rule}\n\n"
-            + plan.markdown(),
-            policy=policy,
-            requested_by=actor(),
-            timeout_s=options.approval_timeout_s,
-        )
-        record_phase(incident_id, "containment", f"approval {outcome.summary()}")
-        if not outcome.approved:
-            return {
-                "contained": False,
-                "actions": actions,
-                "rolled_back": rolled_back,
-                "drained": drained,
-            }
     ok = True
     for action in plan.actions:
         if action.kind == "rollback_release":
@@ -246,7 +327,7 @@ def _containment(
                 incident_id, "containment", f"rolled back {line}", rolled_back[action.target]
             )
         else:
-            done = _contain_other(incident_id, action, fingerprint, address, hosts, options)
+            done = _contain_other(incident_id, action, options)
             if done is None:
                 actions.append(f"manual: {action.description} ({action.target})")
                 ok = False
@@ -268,37 +349,25 @@ def _containment(
 
 
 def _contain_other(
-    incident_id: int,
-    action: ContainmentAction,
-    fingerprint: str | None,
-    address: str | None,
-    hosts: list[str],
-    options: IncidentOptions,
+    incident_id: int, action: ContainmentAction, options: IncidentOptions
 ) -> str | None:
     """Carry out a drain / disable-key / block-address action; the line for the postmortem,
-    or None when it stays a manual item (not configured, no target in the alert, or failed:
-    the reason is on the timeline)."""
+    or None when it stays a manual item (not configured, or failed: the reason is on the
+    timeline)."""
     try:
         if action.kind == "drain_host":
             run_service_command(options.service, action.target, "drain")
             line = f"drained {action.target} (out of rotation)"
-        elif action.kind == "disable_key" and fingerprint:
-            from kmpops.access import fingerprint_of_key_file
-
-            key_files = {h.key_file for e in ops_config().environments.values() for h in e.hosts}
-            own = sorted(fingerprint_of_key_file(k) for k in key_files)  # never disabled
-            removed = disable_key_everywhere(fingerprint, own)
-            line = f"disabled key {fingerprint} on {', '.join(removed) or 'no host (not found)'}"
-        elif action.kind == "block_address" and address:
-            for host in hosts:
-                run_service_command(options.service, host, "block_address", address)
-            line = f"blocked {address} on {', '.join(hosts)}"
+        elif action.kind == "disable_key":
+            own = sorted(containment_facts(ops_config()).own_keys)  # never disabled
+            removed = disable_key_everywhere(action.target, own, list(action.hosts))
+            line = f"disabled key {action.target} on {', '.join(removed) or 'no host (not found)'}"
+        elif action.kind == "block_address":
+            for host in action.hosts:
+                run_service_command(options.service, host, "block_address", action.target)
+            line = f"blocked {action.target} on {', '.join(action.hosts)}"
         else:
-            record_phase(
-                incident_id,
-                "containment",
-                f"manual action required: {action.kind} (no target in the alert's labels)",
-            )
+            record_phase(incident_id, "containment", f"manual action required: {action.kind}")
             return None
     except Exception as exc:
         record_phase(
@@ -481,64 +550,91 @@ def incident_response(
 ) -> dict[str, Any]:
     """Run the six phases for ``alert`` (a firing alert's payload or a manual report).
 
-    Returns a summary: incident id, ``duplicate`` (the alert was attached to an open incident
-    and nothing else ran), who acknowledged at which level, whether containment and recovery
-    succeeded, the postmortem numbers. A refused containment approval is recorded and the
-    response continues to the postmortem (state ``needs_attention``).
+    Returns a summary: incident id, ``duplicate`` (the alert was attached to an open incident,
+    or its incident is already being handled, and nothing else ran), who acknowledged at which
+    level, whether containment and recovery succeeded, the postmortem numbers. A refused
+    containment approval or a refused target is recorded and the response continues to the
+    postmortem (state ``needs_attention``).
     """
     logger = get_run_logger()
     signal = alert or AlertSignal()
     opts = options or IncidentOptions()
     cfg = ops_config()
     key = signal.key or (alert_key(signal.rule, signal.labels) if signal.rule else None)
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(signal.labels.items()))
-    title = signal.title or (
-        f"{signal.rule} firing" + (f" ({labels})" if labels else "")
-        if signal.rule
-        else "manual incident"
-    )
-    incident_type = incident_type_for(signal.rule, signal.labels)
-    hosts = _affected_hosts(cfg, signal, opts.service)
+    title = incident_title(signal.rule, signal.labels, signal.title)
+    incident_type, _ = classify_incident(signal.rule, signal.labels)
+    scope = _scope(cfg, signal, opts.service)
+    hosts = list(scope.hosts)
 
     # 1. detection
-    incident_id, created = open_incident(
-        title,
-        signal.severity,
-        key,
-        {
-            "rule": signal.rule,
-            "labels": signal.labels,
-            "value": signal.value,
-            "source": signal.source,
-            "active_since": signal.active_since,
-            "type": incident_type,
-            "hosts": hosts,
-        },
-    )
-    if not created:
-        logger.info("alert %s attached to open incident #%s", key, incident_id)
-        return {"incident_id": incident_id, "duplicate": True}
+    if signal.incident_id is not None:
+        incident_id = signal.incident_id
+        if not claim_incident(incident_id, key):
+            logger.info("incident #%s is already being handled", incident_id)
+            return {"incident_id": incident_id, "duplicate": True}
+        records().update_incident(
+            incident_id,
+            details={
+                **(records().incident(incident_id)[0].details or {}),
+                "type": incident_type,
+                "hosts": hosts,
+                "environment": scope.environment,
+            },
+        )
+    else:
+        incident_id, _ = open_incident(
+            title,
+            signal.severity,
+            key,
+            {
+                "rule": signal.rule,
+                "labels": signal.labels,
+                "value": signal.value,
+                "source": signal.source,
+                "active_since": signal.active_since,
+                "type": incident_type,
+                "hosts": hosts,
+                "environment": scope.environment,
+            },
+        )
+        # an open incident nobody handles yet (opened by an evaluation) is taken over here
+        if not claim_incident(incident_id, key):
+            logger.info("alert %s attached to open incident #%s", key, incident_id)
+            return {"incident_id": incident_id, "duplicate": True}
     value = "n/a" if signal.value is None else f"{signal.value:.4g}"
     summary = (
         f"{title}\n\nseverity: {signal.severity}; type: {incident_type}; value: {value}; "
-        f"hosts: {', '.join(hosts) or 'unknown'}; source: {signal.source}"
+        f"environment: {scope.environment or 'unknown'}; hosts: {', '.join(hosts) or 'none'}; "
+        f"source: {signal.source}"
     )
     record_phase(
         incident_id, "detection", f"detected from {signal.source}: {title} (value {value})"
     )
-    escalation: dict[str, Any] = {"level": None, "responder": None}
+    escalation: _Escalation | None = None
     if opts.escalate:
         timeout = opts.ack_timeout_s or cfg.notifications.ack_timeout.total_seconds()
-        escalation = _escalate(incident_id, title, summary, timeout)
+        escalation = _Escalation(incident_id, title, summary, timeout)
 
-    # 2. analysis
-    analysis = _analysis(incident_id, opts.service, hosts, signal)
-    # 3. containment
-    containment = _containment(incident_id, incident_type, signal, hosts, opts)
+    # 2. analysis starts (in parallel); 3. containment does not wait for it when automatic
+    diagnostics = _start_analysis(incident_id, opts.service, hosts)
+    plan, policy = _plan(cfg, signal, scope)
+    _record_plan(incident_id, plan)
+    if plan.needs_approval:
+        analysis = _finish_analysis(incident_id, opts.service, hosts, signal, diagnostics)
+        approved = _approve(incident_id, signal, plan, policy, opts, analysis["correlation"])
+        containment = (
+            _contain(incident_id, plan, opts)
+            if approved
+            else {"contained": False, "actions": [], "rolled_back": {}, "drained": []}
+        )
+    else:
+        containment = _contain(incident_id, plan, opts)
+        analysis = _finish_analysis(incident_id, opts.service, hosts, signal, diagnostics)
     # 4. eradication
     eradication = _eradication(incident_id, incident_type, opts.service, containment["rolled_back"])
     # 5. recovery
     recovery = _recovery(incident_id, signal, key, hosts, opts, containment["drained"])
+    acknowledged = escalation.result() if escalation else {"level": None, "responder": None}
     # 6. lessons learned
     post = _lessons_learned(
         incident_id, incident_type, signal, containment["actions"] + eradication, recovery
@@ -547,9 +643,11 @@ def incident_response(
         "incident_id": incident_id,
         "duplicate": False,
         "type": incident_type,
+        "environment": scope.environment,
         "hosts": hosts,
-        "acknowledged_level": escalation["level"],
-        "acknowledged_by": escalation["responder"],
+        "refused": [r.line() for r in plan.refused],
+        "acknowledged_level": acknowledged["level"],
+        "acknowledged_by": acknowledged["responder"],
         "correlation": analysis["correlation"],
         "contained": containment["contained"],
         "rolled_back": containment["rolled_back"],

@@ -5,8 +5,8 @@ function (a missing module is reported as ``skipped``, it does not break this mo
 and run with ``return_state=True``, so one failing part is reported and the others still run.
 
 * daily: health of every host (``troubleshoot``), log volume per service and host, backup
-  status from the records (+ ``verify-backups``), alert review (``evaluate-alerts``, no
-  incidents started from here).
+  status from the records (+ ``verify-backups``), alert review (``evaluate-alerts``: a
+  critical alert firing opens its incident, like every evaluation).
 * weekly: disk usage per host recorded on the audit chain and its trend over earlier weeks
   (growth per day, days until full); pruning of old releases beyond ``keep_releases`` (never
   the current or previous one) — a dry-run report unless ``apply_pruning``.
@@ -88,7 +88,7 @@ class DailyOptions(BaseModel):
     environment: str | None = Field(default=None, description="default: every environment")
     service: str | None = Field(default="web", description="service whose health is checked")
     verify_backups: bool = Field(default=True, description="run verify-backups")
-    review_alerts: bool = Field(default=True, description="run evaluate-alerts (no incidents)")
+    review_alerts: bool = Field(default=True, description="run evaluate-alerts")
     log_volume_warning_mb: float = Field(default=500.0, gt=0)
 
 
@@ -211,8 +211,10 @@ def maintenance_daily(options: DailyOptions | None = None) -> dict[str, Any]:
         parts.append(run_subflow("backup verification", "flows.verify_backups", "verify_backups"))
     if opts.review_alerts:
         parts.append(
+            # like any evaluation: a critical alert firing now opens its incident (once) and
+            # starts the response through the incident-response deployment's trigger
             run_subflow(
-                "alert review", "flows.evaluate_alerts", "evaluate_alerts", start_incidents="none"
+                "alert review", "flows.evaluate_alerts", "evaluate_alerts", start_incidents="event"
             )
         )
     _publish("daily", parts, "## Backups\n\n" + markdown_table(status_rows))

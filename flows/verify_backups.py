@@ -19,7 +19,12 @@ from prefect.artifacts import create_table_artifact
 from flows.backup_retention import backup_retention, compute_retention_plan
 from kmpops.backup import schedule_period
 from kmpops.errors import IntegrityError
-from tasks.backup import hosts_with_config, verify_configuration_backup, verify_database_backup
+from tasks.backup import (
+    bounded,
+    hosts_with_config,
+    verify_configuration_backup,
+    verify_database_backup,
+)
 from tasks.common import audit_event, notify, ops_config, records
 
 
@@ -98,10 +103,10 @@ def verify_backups(
         scope = db_names if row.kind == "database" else host_names
         if row.name in scope and (reverify or row.verification is None):
             pending.append(row)
+    verify_database = bounded(verify_database_backup)
+    verify_configuration = bounded(verify_configuration_backup)
     futures = [
-        (verify_database_backup if row.kind == "database" else verify_configuration_backup).submit(
-            row.id
-        )
+        (verify_database if row.kind == "database" else verify_configuration).submit(row.id)
         for row in pending
     ]
     results = [f.result() for f in futures]

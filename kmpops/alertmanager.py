@@ -14,14 +14,21 @@ and runs ``python deployments/alertmanager_receiver.py`` (which emits the same
 :class:`AlertmanagerReceiver` takes a ``callback(list[AlertNotice])``.
 
 Answers: 200 after the callback returned, 400 for a payload that is not an Alertmanager webhook
-message (the callback is not called), 401 for a missing/wrong bearer token (when one is set),
-404 for another path, 413 above ``max_body`` bytes, 500 if the callback raised (Alertmanager
+message or is JSON nested deeper than ``max_depth`` (the callback is not called), 401 for a
+missing/wrong bearer token, 404 for another path, 408 when the body does not arrive within
+``request_timeout``, 413 above ``max_body`` bytes, 500 if the callback raised (Alertmanager
 retries). Only the error class reaches the answer, never payload contents or the token.
+
+Bounded: every connection has a socket timeout (``request_timeout``: a client that stops
+sending is cut off), the body has a size limit and a nesting limit (checked before parsing, so
+``[[[[…`` cannot exhaust the parser). Without a token the receiver only binds to a loopback
+address (``allow_unauthenticated``), for development.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -36,13 +43,51 @@ __all__ = [
     "AlertNotice",
     "AlertmanagerReceiver",
     "PayloadError",
+    "is_loopback",
+    "json_depth_exceeds",
     "parse_payload",
 ]
 
 log = logging.getLogger("kmpops.alertmanager")
 
 MAX_BODY = 1 << 20
+MAX_DEPTH = 32
+REQUEST_TIMEOUT_S = 10.0
 PATHS = ("/", "/alertmanager", "/webhook")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text ``raw`` nests arrays/objects deeper than ``limit`` (strings and
+    their escapes are skipped). Linear, no recursion: safe on any input."""
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
 
 
 class PayloadError(ValueError):
@@ -155,6 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # the socket timeout of this connection
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
@@ -180,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         if token is not None:
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self.close_connection = True
                 self._answer(401, {"error": "unauthorized"})
                 return
         try:
@@ -190,10 +240,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._answer(413, {"error": "payload too large or without length"})
             return
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            self._answer(408, {"error": "request body not received in time"})
+            return
+        if len(raw) < length:
+            self.close_connection = True
+            self._answer(400, {"error": "request body shorter than its Content-Length"})
+            return
+        if json_depth_exceeds(raw, self.server.max_depth):
+            self._answer(400, {"error": f"JSON nested deeper than {self.server.max_depth} levels"})
+            return
         try:
             notices = parse_payload(json.loads(raw.decode("utf-8")))
-        except (PayloadError, ValueError) as exc:
+        except (PayloadError, ValueError, RecursionError) as exc:
             self._answer(400, {"error": str(exc) if isinstance(exc, PayloadError) else "bad json"})
             return
         try:
@@ -211,12 +273,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], callback: Callback, token: str | None, max_body: int
+        self,
+        address: tuple[str, int],
+        callback: Callback,
+        token: str | None,
+        max_body: int,
+        max_depth: int,
+        request_timeout: float,
     ) -> None:
         super().__init__(address, _Handler)
         self.callback = callback
         self.token = token
         self.max_body = max_body
+        self.max_depth = max_depth
+        self.request_timeout = request_timeout
         self.received = 0
         self.lock = threading.Lock()
 
@@ -225,8 +295,11 @@ class AlertmanagerReceiver:
     """An HTTP server on ``host:port`` (0: any free port) passing parsed alerts to ``callback``.
 
     ``start()`` serves in a background thread, ``serve_forever()`` in the caller's; ``stop()``
-    shuts down and closes the socket. A context manager (start/stop). ``token``: when set, a
-    request must carry ``Authorization: Bearer <token>``.
+    shuts down and closes the socket. A context manager (start/stop). ``token``: a request must
+    carry ``Authorization: Bearer <token>``. Without a token (None) the receiver accepts
+    anyone, so it refuses (ValueError, nothing bound) unless ``host`` is a loopback address;
+    it logs a warning. An empty token is refused too. ``request_timeout`` bounds every read
+    of a connection, ``max_body`` and ``max_depth`` the body.
     """
 
     def __init__(
@@ -237,8 +310,23 @@ class AlertmanagerReceiver:
         port: int = 0,
         token: str | None = None,
         max_body: int = MAX_BODY,
+        max_depth: int = MAX_DEPTH,
+        request_timeout: float = REQUEST_TIMEOUT_S,
     ) -> None:
-        self._server = _Server((host, port), callback, token, max_body)
+        if token is not None and not token.strip():
+            raise ValueError("the receiver's token is empty")
+        if token is None:
+            if not is_loopback(host):
+                raise ValueError(
+                    f"refusing to accept unauthenticated alerts on {host}: "
+                    "give a token, or bind to a loopback address"
+                )
+            log.warning("alertmanager receiver on %s accepts alerts WITHOUT AUTHENTICATION", host)
+        if request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+        self._server = _Server(
+            (host, port), callback, token, max_body, max_depth, float(request_timeout)
+        )
         self._thread: threading.Thread | None = None
 
     @property

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.errors import CommandFailed, ConnectorError, IntegrityError, NotFound, Unsupported
+from kmpops.plans.recovery import previous_copy_name, staging_copy_name
 
 __all__ = [
     "BLOB_PREFIX",
@@ -542,8 +543,9 @@ def restore_configuration_files(
 
 # -- database backups -------------------------------------------------------------------------
 #
-# All PostgreSQL work goes through ``PostgresDatabase`` (pg_dump / pg_restore with the password in
-# PGPASSWORD only, psycopg for SQL); SQLite through ``SQLiteDatabase`` (the online backup API).
+# All PostgreSQL work goes through ``PostgresDatabase`` (pg_dump / pg_restore with the password
+# in a private passfile only, psycopg for SQL); SQLite through ``SQLiteDatabase`` (the online
+# backup API).
 
 _PG_MAX_IDENT = 63
 
@@ -764,66 +766,60 @@ def restore_into(
     manifest: DatabaseManifest,
     target_dbname: str,
     replace: bool,
+    sanity_queries: Sequence[str] = (),
+    label: str = "the backup",
 ) -> dict[str, Any]:
-    """Restore ``local`` into ``target_dbname``, replacing it only once the restore succeeded.
+    """Restore ``local`` into ``target_dbname``; it goes live only once it is proven.
 
-    The dump goes into a fresh staging database; its row counts are compared with the manifest.
-    Then (``replace``) the target's connections are ended, the target is renamed to
-    ``<target>__pre_<time>`` (kept: renaming it back undoes the restore) and the staging
-    database takes the target's name. Raises ValueError if the target exists and ``replace`` is
-    False, CommandFailed if pg_restore fails. On any failure the staging database is dropped and
-    the target keeps (or gets back) its name.
+    The dump goes into a fresh staging database (``<target>__restoring_<time>``). There, before
+    anything else changes, every table's row count is compared with the manifest and every
+    sanity query must return a truthy first value (each bounded by the connector's statement
+    timeout). Only then (``replace``) is the target swapped out in one transaction
+    (``PostgresDatabase.swap_in``): the target becomes ``<target>__pre_<time>`` (kept for
+    ``keep_previous_copies``; renaming it back undoes the restore) and the staging database
+    takes its name. Without an existing target the staging database is simply renamed.
+
+    Raises IntegrityError naming each count difference or failed sanity query (the target is
+    untouched, the unproven copy dropped), ValueError if the target exists and ``replace`` is
+    False, CommandFailed / CommandTimeout if pg_restore fails or runs past its bound,
+    ConnectorError if the swap cannot be done (nothing renamed). On every failure the staging
+    database is dropped and the target keeps its name and its data.
     """
-    from psycopg import sql
-
     if not isinstance(db, PostgresDatabase):
         raise Unsupported("restore of SQLite backups: copy the verified file in place")
     target = _checked_dbname(target_dbname)
     exists = db.database_exists(target)
     if exists and not replace:
         raise ValueError(f"database {target} exists; replacing it was not allowed")
-    stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}"
-    staging = _checked_dbname(f"{target[:37]}__restoring_{stamp}")
-    previous = _checked_dbname(f"{target[:43]}__pre_{stamp}") if exists else None
+    now = datetime.now(UTC)
+    staging = _checked_dbname(staging_copy_name(target, now))
+    previous = _checked_dbname(previous_copy_name(target, now)) if exists else None
     db.create_database(staging)
-    moved_aside = False
     try:
         db.restore_from_file(local, staging, jobs=2, create=False)
         counts = db.table_row_counts(staging)
-        with db.connect("postgres") as conn:
-            if previous:
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
-                    " AND pid <> pg_backend_pid()",
-                    (target,),
-                )
-                conn.execute(
-                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                        sql.Identifier(target), sql.Identifier(previous)
-                    )
-                )
-                moved_aside = True
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(staging), sql.Identifier(target)
-                )
+        with db.connect(staging) as conn:
+            sanity = _run_sanity(conn, sanity_queries)
+        problems = _compare_counts(manifest.table_row_counts, counts) + [
+            f"sanity query failed: {q}" for q, ok in sanity.items() if not ok
+        ]
+        if problems:
+            raise IntegrityError(
+                f"restore of {label} into {target} not proven, so it did not go live: "
+                + "; ".join(problems[:10])
+                + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+                + f". {target} is unchanged; the restored copy was dropped"
             )
+        db.swap_in(staging, target, previous)
     except BaseException:
         with contextlib.suppress(Exception):
             db.drop_database(staging)
-        if moved_aside and previous:
-            with contextlib.suppress(Exception), db.connect("postgres") as conn:
-                conn.execute(
-                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                        sql.Identifier(previous), sql.Identifier(target)
-                    )
-                )
         raise
-    problems = _compare_counts(manifest.table_row_counts, counts)
     return {
         "target": target,
         "previous_dbname": previous,
         "row_counts": counts,
-        "row_counts_match": not problems,
-        "problems": problems,
+        "row_counts_match": True,
+        "sanity_queries": len(sanity),
+        "problems": [],
     }

@@ -43,6 +43,13 @@ def validate(path: Annotated[Path, typer.Argument()] = Path(DEFAULT_CONFIG)) -> 
         for problem in err.problems:
             typer.echo(f"{path}: {problem}", err=True)
         raise typer.Exit(1) from None
+    if cfg.records.audit_key is None:
+        typer.echo(
+            f"{path}: records.audit_key: not set — kmp-ops fails closed without it (no audit "
+            "event is written, so every flow stops at its first step)",
+            err=True,
+        )
+        raise typer.Exit(1)
     typer.echo(f"{path}: valid — {summary(cfg)}")
 
 
@@ -54,6 +61,9 @@ def stack_up(
     staging_hosts: Annotated[int, typer.Option(help="staging hosts")] = 2,
     prefect_db: Annotated[str, typer.Option(help="sqlite or postgres")] = "sqlite",
     without: Annotated[list[str] | None, typer.Option(help="component to leave out")] = None,
+    bastion: Annotated[
+        bool, typer.Option(help="reach the hosts through a bastion sshd (port_base + 250)")
+    ] = False,
 ) -> None:
     """Start the local stack (idempotent) and write <root>/ops.yaml."""
     from kmpops import stack
@@ -75,6 +85,7 @@ def stack_up(
                 staging_hosts=staging_hosts,
                 prefect_db=prefect_db,  # type: ignore[arg-type]
                 components=components,
+                bastion=bastion,
             )
         )
     except KmpOpsError as err:
@@ -115,18 +126,36 @@ def _records(config: Path):  # noqa: ANN202 - typer callback helper
     except ConfigError as err:
         _fail(f"{config}: {'; '.join(err.problems)}")
         raise
-    return Records(cfg.records.url)
+    return Records.from_config(cfg)
 
 
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
-    """Verify the audit chain; exit 1 naming the first broken entry."""
-    with _records(config) as rec:
-        report = rec.verify_audit()
+    """Verify the audit chain against the audit key and the checkpoints.
+
+    Prints one line per problem (truncation, rewrite, deletion, checkpoint, key), each naming
+    the first event concerned, and exits 1 on any; exits 0 with a summary when the chain holds.
+    """
+    try:
+        with _records(config) as rec:
+            report = rec.verify_audit()
+    except KmpOpsError as err:
+        _fail(f"audit chain NOT verified: {err}")
+        return
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     if report.ok:
-        typer.echo(f"audit chain intact: {report.events} events")
-    else:
-        _fail(f"audit chain BROKEN at {report.problem} ({report.events} events read)")
+        typer.echo(
+            f"audit chain intact: {report.events} events, "
+            f"{report.checkpoints} checkpoint(s) matched"
+        )
+        return
+    for problem in report.problems:
+        typer.echo(f"audit chain BROKEN at {problem}", err=True)
+    _fail(
+        f"{len(report.problems)} problem(s); first: {report.problem} "
+        f"({report.events} events read, {report.checkpoints} checkpoint(s))"
+    )
 
 
 @audit_app.command("export")
@@ -134,15 +163,38 @@ def audit_export(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file (default stdout)")] = None,
 ) -> None:
-    """Write the audit chain as JSON Lines."""
-    with _records(config) as rec:
-        lines = list(rec.export_audit())
+    """Write the audit chain as JSON Lines: every event, then every checkpoint."""
+    try:
+        with _records(config) as rec:
+            lines = list(rec.export_audit())
+    except KmpOpsError as err:
+        _fail(f"audit export failed: {err}")
+        return
     text = "".join(line + "\n" for line in lines)
     if out is None:
         sys.stdout.write(text)
     else:
         out.write_text(text)
-        typer.echo(f"wrote {len(lines)} events to {out}", err=True)
+        checkpoints = sum(1 for line in lines if line.startswith('{"type":"checkpoint"'))
+        typer.echo(
+            f"wrote {len(lines) - checkpoints} events and {checkpoints} checkpoints to {out}",
+            err=True,
+        )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    reason: Annotated[str, typer.Option(help="why (kept in the checkpoint)")] = "cli",
+) -> None:
+    """Verify the chain and anchor its head in the write-once checkpoint store."""
+    try:
+        with _records(config) as rec:
+            checkpoint, where = rec.checkpoint_audit(reason)
+    except KmpOpsError as err:
+        _fail(f"audit chain not anchored: {err}")
+        return
+    typer.echo(f"checkpoint of seq {checkpoint.seq} written to {where}")
 
 
 @app.command()
@@ -210,6 +262,91 @@ def info(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
         return
     hosts = {env: [h.name for h in e.hosts] for env, e in cfg.environments.items()}
     typer.echo(json.dumps({"environments": hosts, "services": sorted(cfg.services)}, indent=2))
+
+
+inventory_app = typer.Typer(no_args_is_help=True, help="Ansible inventories as hosts.")
+app.add_typer(inventory_app, name="inventory")
+
+
+@inventory_app.command("import")
+def inventory_import(
+    inventory: Annotated[Path, typer.Argument(help="an Ansible inventory file (INI or YAML)")],
+    format: Annotated[
+        str | None, typer.Option("--format", help="ini or yaml (default: from the file)")
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(help="GROUP or GROUP=ENVIRONMENT to import (default: every top group)"),
+    ] = None,
+    known_hosts: Annotated[Path, typer.Option(help="known_hosts for the imported hosts")] = Path(
+        "~/.ssh/known_hosts"
+    ),
+    key_file: Annotated[
+        Path | None, typer.Option(help="key for hosts without ansible_ssh_private_key_file")
+    ] = None,
+    agent: Annotated[bool, typer.Option(help="offer the ssh-agent's keys too")] = False,
+) -> None:
+    """Print ops.yaml environments built from an Ansible inventory (stdout, YAML) and what was
+    mapped and what was not (stderr). An unknown or unsafe value is an error naming its line;
+    nothing is printed on stdout then."""
+    import yaml
+
+    from kmpops.config import parse_config
+    from kmpops.inventory import InventoryError, load_inventory, map_environments
+
+    if format not in (None, "ini", "yaml"):
+        _fail(f"--format must be ini or yaml, not {format!r}", 2)
+    chosen: dict[str, str] | None = None
+    if group:
+        chosen = {}
+        for item in group:
+            name, _, env = item.partition("=")
+            chosen[name] = env or name
+    defaults: dict[str, object] = {"known_hosts": str(known_hosts.expanduser().absolute())}
+    if key_file is not None:
+        defaults["key_file"] = str(key_file.expanduser().absolute())
+    if agent:
+        defaults["agent"] = True
+    try:
+        parsed = load_inventory(inventory, format)  # type: ignore[arg-type]
+        mapped = map_environments(parsed, chosen, defaults=defaults, base=inventory.parent)
+    except InventoryError as err:
+        _fail(str(err))
+        return
+    document = {"environments": {env.name: {"hosts": env.hosts} for env in mapped}}
+    try:
+        parse_config(document, source=str(inventory))
+    except ConfigError as err:
+        import re
+
+        by_env = {env.name: env for env in mapped}
+        for problem in err.problems:
+            match = re.match(r"environments\.([^.]+)\.hosts\[(\d+)\]", problem)
+            where = ""
+            if match and match.group(1) in by_env:
+                name = by_env[match.group(1)].hosts[int(match.group(2))]["name"]
+                where = f" (host {name}, {inventory}:{parsed.hosts[name].line})"
+            typer.echo(f"{inventory}: {problem}{where}", err=True)
+        if any("give key_file" in p for p in err.problems):
+            typer.echo("hint: --key-file PATH or --agent for hosts without a key", err=True)
+        raise typer.Exit(1) from None
+    for env in mapped:
+        typer.echo(f"{env.name}: {len(env.hosts)} hosts from group {env.group}", err=True)
+        for host in env.hosts:
+            fields = ", ".join(
+                f"{k}={v}" for k, v in host.items() if k not in ("name", "vars", "jump")
+            )
+            hops = f", jump via {len(host['jump'])} hop(s)" if host.get("jump") else ""
+            typer.echo(f"  mapped {host['name']}: {fields}{hops}", err=True)
+        for item in env.not_mapped:
+            typer.echo(
+                f"  not mapped {item.where}: {item.key} ({item.host}): {item.reason}", err=True
+            )
+    from kmpops.inventory import unimported_hosts
+
+    for item in unimported_hosts(parsed, mapped):
+        typer.echo(f"not imported: {item}: in none of the imported groups", err=True)
+    typer.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
 
 
 def main() -> None:

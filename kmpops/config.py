@@ -97,16 +97,30 @@ class SecretRef(BaseModel):
 Secret = Annotated[SecretRef, BeforeValidator(SecretRef.parse)]
 
 
-class Host(Strict):
-    """One machine reached over SSH."""
+def _check_credentials(model: Host | JumpHost) -> None:
+    if model.key_file is None and not model.agent:
+        raise ValueError("give key_file, or agent: true")
+    if model.certificate is not None and model.key_file is None:
+        raise ValueError("a certificate needs the key_file it certifies")
+    if model.key_passphrase is not None and model.key_file is None:
+        raise ValueError("key_passphrase needs a key_file")
+    if model.agent_socket is not None and not model.agent:
+        raise ValueError("agent_socket needs agent: true")
 
-    name: Name
+
+class JumpHost(Strict):
+    """One bastion hop on the way to a host (like OpenSSH's ProxyJump). Its host key is checked
+    in ``known_hosts`` (default: the host's); credentials default to the host's own."""
+
     address: str = Field(min_length=1, max_length=253)
     port: int = Field(default=22, ge=1, le=65535)
-    user: Name = "root"
-    key_file: Path
-    known_hosts: Path
-    vars: dict[str, str | int] = Field(default_factory=dict)
+    user: Name | None = None
+    key_file: Path | None = None
+    key_passphrase: Secret | None = None
+    certificate: Path | None = None
+    agent: bool = False
+    agent_socket: Path | None = None
+    known_hosts: Path | None = None
 
     @field_validator("address")
     @classmethod
@@ -114,6 +128,47 @@ class Host(Strict):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$", value):
             raise ValueError(f"{value!r} is not a host name or IP address")
         return value
+
+    @model_validator(mode="after")
+    def _hop_credentials(self) -> JumpHost:
+        if self.key_file is not None or self.agent:
+            _check_credentials(self)
+        elif self.certificate is not None or self.key_passphrase is not None:
+            raise ValueError("certificate and key_passphrase need the hop's own key_file")
+        return self
+
+
+class Host(Strict):
+    """One machine reached over SSH."""
+
+    name: Name
+    address: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=22, ge=1, le=65535)
+    user: Name = "root"
+    key_file: Path | None = None
+    known_hosts: Path
+    vars: dict[str, str | int] = Field(default_factory=dict)
+    key_passphrase: Secret | None = Field(
+        default=None, description="passphrase of an encrypted key_file (env:NAME, file:/path)"
+    )
+    certificate: Path | None = Field(
+        default=None, description="OpenSSH user certificate of the key (ssh-keygen -s)"
+    )
+    agent: bool = Field(default=False, description="offer the ssh-agent's keys ($SSH_AUTH_SOCK)")
+    agent_socket: Path | None = Field(default=None, description="the agent's socket (agent: true)")
+    jump: list[JumpHost] = Field(default_factory=list, description="bastion hops, in order")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$", value):
+            raise ValueError(f"{value!r} is not a host name or IP address")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Host:
+        _check_credentials(self)
+        return self
 
     @field_validator("vars")
     @classmethod
@@ -197,11 +252,36 @@ class Policy(Strict):
         return self
 
 
+class HostDefaults(Strict):
+    """Connection fields for the hosts read from an inventory (the inventory's values win)."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: Name | None = None
+    key_file: Path | None = None
+    key_passphrase: Secret | None = None
+    certificate: Path | None = None
+    agent: bool | None = None
+    agent_socket: Path | None = None
+    known_hosts: Path | None = None
+    jump: list[JumpHost] | None = None
+
+
+class InventorySource(Strict):
+    """An Ansible inventory read live when ops.yaml is loaded (``kmpops.inventory``): the hosts
+    of ``group`` (default: the environment's name) and its descendants join ``hosts``."""
+
+    path: Path
+    format: Literal["ini", "yaml"] | None = None
+    group: Name | None = None
+    defaults: HostDefaults = HostDefaults()
+
+
 class Environment(Strict):
     """A set of hosts with one policy (development, staging, production)."""
 
     hosts: list[Host] = Field(default_factory=list)
     policy: Policy = Policy()
+    inventory: InventorySource | None = None
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> Environment:
@@ -334,6 +414,26 @@ class DatabaseConfig(Strict):
     sanity_queries: list[str] = Field(default_factory=list)
     rpo: Duration = timedelta(hours=25)
     rto: Duration = timedelta(minutes=30)
+    restore_scratch_pattern: str = Field(
+        default="{dbname}_restore*",
+        description="names a restore may create besides the database itself (a glob; "
+        "``{dbname}`` is this database's dbname); never another configured database",
+    )
+    keep_previous_copies: Duration = Field(
+        default=timedelta(days=7),
+        description="how long the copy a restore replaced (``<dbname>__pre_<time>``) is kept "
+        "before backup-retention drops it",
+    )
+
+    @field_validator("restore_scratch_pattern")
+    @classmethod
+    def _scratch_pattern(cls, value: str) -> str:
+        if not re.fullmatch(r"(\{dbname\}|[A-Za-z0-9._*?-])+", value) or "*" not in value:
+            raise ValueError(
+                f"{value!r} is not a scratch name pattern: letters, digits, '.', '_', '-', "
+                "'{dbname}' and at least one '*'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _kind(self) -> DatabaseConfig:
@@ -392,16 +492,96 @@ class NotificationConfig(Strict):
     ack_timeout: Duration = timedelta(minutes=15)
 
 
+class AuditCheckpoints(Strict):
+    """Where the audit chain's head is anchored: write-once storage outside the records database.
+
+    ``s3``: objects in ``bucket`` (created with Object Lock enabled) under ``prefix``, each put in
+    COMPLIANCE mode until its time + ``retention``; endpoint and credentials are ``storage``'s.
+    ``local``: one append-only JSON Lines file at ``path`` (the embedded default: next to a
+    SQLite records database, ``<db>.checkpoints.jsonl``).
+    """
+
+    backend: Literal["s3", "local"] = "local"
+    bucket: Name | None = None
+    prefix: str = Field(default="audit-checkpoints/", pattern=r"^[A-Za-z0-9._/-]*$")
+    retention: Duration = timedelta(days=400)
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> AuditCheckpoints:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("backend s3 needs a bucket (created with Object Lock enabled)")
+        if self.backend == "local" and self.path is None:
+            raise ValueError("backend local needs a path")
+        if self.retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        return self
+
+
 class RecordsConfig(Strict):
-    """Where the records (audit chain, releases, approvals, backups, incidents) live."""
+    """Where the records (audit chain, releases, approvals, backups, incidents) live.
+
+    ``audit_key`` is the secret (a reference: ``file:``/``env:``/``prefect:``) that authenticates
+    every audit event (HMAC-SHA256) and signs the checkpoints; it never lives in the records
+    database. Without it kmp-ops fails closed: no audit event is written and ``kmpops audit
+    verify`` fails.
+    """
 
     url: str = "sqlite:///var/records.db"
+    audit_key: Secret | None = None
+    checkpoints: AuditCheckpoints | None = None
+
+    def checkpoint_target(self) -> AuditCheckpoints | None:
+        """The configured checkpoint store, else the embedded default for a SQLite database."""
+        if self.checkpoints is not None:
+            return self.checkpoints
+        if self.url.startswith("sqlite:///"):
+            db = self.url.removeprefix("sqlite:///")
+            if db not in ("", ":memory:"):
+                return AuditCheckpoints(backend="local", path=Path(db + ".checkpoints.jsonl"))
+        return None
 
 
 class PrometheusConfig(Strict):
     """The Prometheus server kmp-ops queries."""
 
     url: str
+
+
+class KnownKey(Strict):
+    """A person's or a service's SSH key that kmp-ops knows (incident containment may disable
+    it, always with an approval)."""
+
+    owner: Name
+    fingerprint: str = Field(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+class IncidentPolicy(Strict):
+    """What incident containment may touch when an alert's labels name the target.
+
+    ``widest_block_v4`` / ``widest_block_v6``: the widest network an address block may cover
+    (prefix length at least this). ``protected_addresses``: kmp-ops' own addresses or networks
+    (control node, Prefect server, records database, Prometheus...), never blocked — the
+    hosts' IP addresses are protected without being listed. ``known_keys``: the keys a
+    compromised-credentials containment may disable (kmp-ops' own keys never are).
+    """
+
+    widest_block_v4: int = Field(default=24, ge=0, le=32)
+    widest_block_v6: int = Field(default=64, ge=0, le=128)
+    protected_addresses: list[str] = Field(default_factory=list)
+    known_keys: list[KnownKey] = Field(default_factory=list)
+
+    @field_validator("protected_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for text in value:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an IP address or network") from None
+        return value
 
 
 class OpsConfig(Strict):
@@ -417,6 +597,24 @@ class OpsConfig(Strict):
     databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
     alerts: dict[Name, AlertRuleConfig] = Field(default_factory=dict)
     backups: dict[Name, BackupSchedule] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+    incidents: IncidentPolicy = IncidentPolicy()
+
+    @model_validator(mode="after")
+    def _checkpoints_on_s3_storage(self) -> OpsConfig:
+        cp = self.records.checkpoints
+        if cp is not None and cp.backend == "s3":
+            if self.storage is None or self.storage.backend != "s3":
+                raise ValueError(
+                    "records.checkpoints: backend s3 uses storage's endpoint and credentials; "
+                    "storage.backend must be s3"
+                )
+            if cp.bucket == self.storage.bucket:
+                raise ValueError(
+                    "records.checkpoints.bucket must not be storage.bucket "
+                    "(checkpoints need a bucket of their own, created with Object Lock)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _hosts_unique_across_environments(self) -> OpsConfig:
@@ -460,11 +658,16 @@ class OpsConfig(Strict):
         if self.storage:
             refs += [r for r in (self.storage.access_key_id, self.storage.secret_access_key) if r]
         refs += [db.password for db in self.databases.values() if db.password]
+        refs += [self.records.audit_key] if self.records.audit_key else []
         refs += [
             env.policy.approver_tokens
             for env in self.environments.values()
             if env.policy.approver_tokens
         ]
+        for env in self.environments.values():
+            for host in env.hosts:
+                refs += [host.key_passphrase] if host.key_passphrase else []
+                refs += [hop.key_passphrase for hop in host.jump if hop.key_passphrase]
         return refs
 
 
@@ -502,6 +705,7 @@ def parse_config(data: Any, *, source: str | None = None) -> OpsConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of sections"], source)
+    data = _expand_inventories(data, Path(source).parent if source else Path.cwd(), source)
     try:
         return OpsConfig.model_validate(data)
     except ValidationError as err:
@@ -693,5 +897,109 @@ class EvidencePolicy(Strict):
     max_outdated: int = Field(default=0, ge=0)
 
 
-ServiceConfig.model_rebuild()
-OpsConfig.model_rebuild()
+ServiceConfig.model_rebuild()  # refers to the verification models above
+
+
+class Timeouts(Strict):
+    """How long kmp-ops waits for the outside world before it fails the step (``timeouts:``).
+
+    Every wait has a bound: a step that runs past one fails with a message naming the host or
+    database and what it was doing, and its compensation runs.
+    """
+
+    connect: Duration = Field(
+        default=timedelta(seconds=10),
+        description="TCP connect + SSH handshake + authentication; a database connection",
+    )
+    sftp: Duration = Field(
+        default=timedelta(seconds=60),
+        description="one SFTP request (put/get/stat) without progress from the host",
+    )
+    database_lock: Duration = Field(
+        default=timedelta(seconds=60),
+        description="waiting for a table lock (pg_dump --lock-wait-timeout, lock_timeout)",
+    )
+    database_statement: Duration = Field(
+        default=timedelta(minutes=10),
+        description="one SQL statement of kmp-ops (row counts, sanity queries, renames)",
+    )
+    database_tool: Duration = Field(
+        default=timedelta(hours=6),
+        description="the whole run of one pg_dump / pg_restore",
+    )
+    task: Duration = Field(
+        default=timedelta(hours=8),
+        description="one Prefect task run (the connector bounds above fire first)",
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> Timeouts:
+        for name in type(self).model_fields:
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be longer than 0s")
+        return self
+
+    def ssh_options(self) -> dict[str, float]:
+        """Keyword options of ``SSHConnection.from_host`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "sftp_timeout": self.sftp.total_seconds(),
+        }
+
+    def database_options(self) -> dict[str, float]:
+        """Keyword options of ``PostgresDatabase`` for these bounds."""
+        return {
+            "connect_timeout": self.connect.total_seconds(),
+            "lock_timeout": self.database_lock.total_seconds(),
+            "statement_timeout": self.database_statement.total_seconds(),
+            "tool_timeout": self.database_tool.total_seconds(),
+        }
+
+
+OpsConfig.model_rebuild()  # ``timeouts`` refers to Timeouts, defined after OpsConfig
+
+
+def _expand_inventories(data: dict[str, Any], base: Path, source: str | None) -> dict[str, Any]:
+    """``data`` with each ``environments.<env>.inventory`` read and its hosts appended to the
+    environment's ``hosts`` (raw entries, validated with the rest). A relative inventory path is
+    relative to the ops.yaml's directory. Raises ConfigError naming the environment and the
+    inventory's line; returns ``data`` itself when no environment has an inventory."""
+    envs = data.get("environments")
+    if not isinstance(envs, dict) or not any(
+        isinstance(e, dict) and e.get("inventory") is not None for e in envs.values()
+    ):
+        return data
+    from kmpops.inventory import InventoryError, load_inventory, map_environments
+
+    expanded = dict(envs)
+    for env_name, env in envs.items():
+        if not isinstance(env, dict) or env.get("inventory") is None:
+            continue
+        where = f"environments.{env_name}.inventory"
+        try:
+            ref = InventorySource.model_validate(env["inventory"])
+        except ValidationError as err:
+            raise ConfigError(
+                [
+                    f"{where}.{p}" if not p.startswith("(") else f"{where}: {p}"
+                    for p in _format_errors(err)
+                ],
+                source,
+            ) from None
+        path = ref.path if ref.path.is_absolute() else base / ref.path
+        defaults = {
+            k: v for k, v in (env["inventory"].get("defaults") or {}).items() if v is not None
+        }
+        try:
+            inventory = load_inventory(path, ref.format)
+            mapped = map_environments(
+                inventory,
+                {ref.group or str(env_name): str(env_name)},
+                defaults=defaults,
+                base=path.parent,
+            )
+        except InventoryError as err:
+            raise ConfigError([f"{where}: {err}"], source) from None
+        hosts = list(env.get("hosts") or []) + mapped[0].hosts
+        expanded[env_name] = {**env, "hosts": hosts}
+    return {**data, "environments": expanded}

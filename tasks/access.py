@@ -14,7 +14,6 @@ from prefect.cache_policies import NO_CACHE
 
 from kmpops.access import (
     authorized_keys_path,
-    fingerprint_of_key_file,
     parse_authorized_keys,
     read_authorized_keys,
     write_authorized_keys,
@@ -117,12 +116,12 @@ def check_login(host_name: str, key_file: Path) -> bool:
 
 
 def service_fingerprints(cfg: OpsConfig) -> frozenset[str]:
-    """Fingerprints of kmp-ops' own SSH keys (every host's key_file that can be read)."""
-    fps = set()
+    """Fingerprints of kmp-ops' own SSH keys on every host: key files (encrypted ones from their
+    ``.pub``), jump hops' keys and agent keys; one that cannot be read shows as drift."""
+    from kmpops.connectors.ssh import own_key_fingerprints
+
+    fps: set[str] = set()
     for env in cfg.environments.values():
         for host in env.hosts:
-            try:
-                fps.add(fingerprint_of_key_file(host.key_file))
-            except Exception:  # noqa: S112 (a missing key file shows as drift, not a crash)
-                continue
+            fps |= own_key_fingerprints(host)
     return frozenset(fps)

@@ -4,6 +4,10 @@ Every task builds its connectors from ``ops.yaml`` references (database name, ho
 runs, records its outcome in the records store and appends to the audit chain. Retries happen
 only on TransientError; an integrity failure or a refused approval is never retried. Caching is
 off everywhere: these tasks change the world.
+
+Every wait is bounded by ``timeouts:`` in ops.yaml: connectors get the configured connect, SFTP,
+lock, statement and tool bounds; each task has a ``timeout_seconds`` (the default below, the
+configured ``timeouts.task`` when a flow calls it through :func:`bounded`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -25,7 +29,8 @@ from pydantic import SecretStr
 from kmpops import backup as core
 from kmpops.config import DatabaseConfig
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
-from kmpops.errors import IntegrityError, NotFound
+from kmpops.errors import ConnectorError, IntegrityError, NotFound
+from kmpops.plans.recovery import expired_previous_copies
 from kmpops.records.models import Backup
 from tasks.common import (
     audit,
@@ -41,7 +46,9 @@ __all__ = [
     "apply_retention_deletions",
     "backup_database_to_store",
     "backup_host_configuration",
+    "bounded",
     "database_config",
+    "drop_expired_previous_copies",
     "gather_backup_results",
     "host_config_roots",
     "hosts_with_config",
@@ -53,12 +60,24 @@ __all__ = [
     "verify_database_backup",
 ]
 
+DEFAULT_TASK_TIMEOUT_S = 8 * 3600.0  # kmpops.config.Timeouts.task's default
+
 _RETRY = {
     "retries": 2,
     "retry_delay_seconds": [1, 3],
     "retry_condition_fn": retry_on_transient,
     "cache_policy": NO_CACHE,
+    "timeout_seconds": DEFAULT_TASK_TIMEOUT_S,
 }
+
+
+def bounded(step: Task[Any, Any]) -> Task[Any, Any]:
+    """``step`` with the configured ``timeouts.task`` as its timeout (call it from a flow).
+
+    Prefect marks a task run past it TimedOut; the connectors' own bounds (commands, SFTP,
+    locks, statements, tools) are what stop blocking I/O, and fire first.
+    """
+    return step.with_options(timeout_seconds=ops_config().timeouts.task.total_seconds())
 
 
 # -- composition: the one place connectors are built from ops.yaml ----------------------------
@@ -102,6 +121,7 @@ def open_database(name: str) -> PostgresDatabase | SQLiteDatabase:
         user=dbcfg.user,
         dbname=dbcfg.dbname,
         password=password,
+        **ops_config().timeouts.database_options(),
     )
 
 
@@ -253,7 +273,8 @@ def backup_host_configuration(host: str) -> dict[str, Any]:
 
     rec = records()
     store = open_object_store()
-    _, host_cfg = ops_config().host(host)
+    cfg = ops_config()
+    _, host_cfg = cfg.host(host)
     roots = host_config_roots(host)
     backup_id = core.new_backup_id()
     manifest_key = core.config_manifest_key(host, backup_id)
@@ -261,7 +282,7 @@ def backup_host_configuration(host: str) -> dict[str, Any]:
     known = previous[1].blob_keys if previous else frozenset()
     row = rec.start_backup(kind="configuration", name=host, key=manifest_key, run_id=run_id())
     try:
-        with SSHConnection.from_host(host_cfg) as conn:
+        with SSHConnection.from_host(host_cfg, **cfg.timeouts.ssh_options()) as conn:
             manifest = core.collect_configuration(
                 conn, store, host=host, roots=roots, backup_id=backup_id, known_blobs=known
             )
@@ -439,9 +460,11 @@ def restore_database_backup(
 
     The dump is downloaded and checked first (``verify_sha256=False`` only for an approved forced
     restore of a backup that failed verification). It is restored into a fresh staging database
-    which replaces the target only when the restore succeeded (``replace`` must be True if the
+    which is proven there — row counts equal the manifest's, the configured sanity queries
+    pass — before it replaces the target in one transaction (``replace`` must be True if the
     target exists); the old target is kept renamed and returned as ``previous_dbname``. On
-    failure the staging database is dropped and the target is untouched.
+    failure (IntegrityError naming the differences, a pg_restore failure or timeout) the staging
+    database is dropped and the target is untouched; the failure is audited.
     """
     rec = records()
     row = rec.backup(record_id)
@@ -457,9 +480,25 @@ def restore_database_backup(
                 for chunk in store.iter_chunks(row.key):
                     fh.write(chunk)
         db = open_database(row.name)
-        outcome = core.restore_into(
-            db, local, manifest=manifest, target_dbname=target_dbname, replace=replace
-        )
+        try:
+            outcome = core.restore_into(
+                db,
+                local,
+                manifest=manifest,
+                target_dbname=target_dbname,
+                replace=replace,
+                sanity_queries=database_config(row.name).sanity_queries,
+                label=f"backup #{record_id}",
+            )
+        except Exception as exc:
+            audit(
+                "backup.restore_failed",
+                f"database/{row.name}",
+                record_id=record_id,
+                target=target_dbname,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            raise
     outcome["seconds"] = round(time.monotonic() - started, 3)
     audit("backup.restored", f"database/{row.name}", record_id=record_id, **outcome)
     return outcome
@@ -472,9 +511,10 @@ def restore_host_configuration(record_id: int, *, prune: bool = True) -> dict[st
 
     row = records().backup(record_id)
     manifest = core.ConfigurationManifest.model_validate(row.manifest)
-    _, host_cfg = ops_config().host(row.name)
+    cfg = ops_config()
+    _, host_cfg = cfg.host(row.name)
     store = open_object_store()
-    with SSHConnection.from_host(host_cfg) as conn:
+    with SSHConnection.from_host(host_cfg, **cfg.timeouts.ssh_options()) as conn:
         outcome = core.restore_configuration_files(conn, store, manifest, prune=prune)
     summary = {k: len(v) for k, v in outcome.items()}
     audit(
@@ -515,3 +555,44 @@ def apply_retention_deletions(record_ids: list[int], blob_keys: list[str]) -> di
     if blob_keys:
         audit("backup.blobs_deleted", "configuration/blobs", count=len(blob_keys))
     return {"backups": deleted_backups, "blobs": len(blob_keys)}
+
+
+# -- copies a restore replaced -----------------------------------------------------------
+
+
+@task(name="drop-expired-previous-copies", **_RETRY)
+def drop_expired_previous_copies(*, dry_run: bool = False) -> list[str]:
+    """Drop every configured PostgreSQL database's ``__pre_`` copies (and abandoned
+    ``__restoring_`` copies) older than its ``keep_previous_copies``; return their names.
+
+    Their age is read from their names and measured against the real clock (never a
+    parameter). ``dry_run`` only lists them. Idempotent (a copy already gone is skipped); each
+    drop is audited. Nothing else on the server is touched. A server that cannot be reached is
+    logged and skipped (the next run tries again): it never blocks backup retention.
+    """
+    cfg = ops_config()
+    now = datetime.now(UTC)
+    dropped: list[str] = []
+    for name, dbcfg in sorted(cfg.databases.items()):
+        if dbcfg.kind != "postgresql" or dbcfg.dbname is None:
+            continue
+        db = open_database(name)
+        assert isinstance(db, PostgresDatabase)
+        try:
+            existing = db.list_databases()
+        except ConnectorError as exc:
+            get_run_logger().warning("old restore copies of %s not checked: %s", name, exc)
+            continue
+        for copy in expired_previous_copies(
+            dbcfg.dbname, existing, now=now, keep=dbcfg.keep_previous_copies
+        ):
+            if not dry_run:
+                db.drop_database(copy)
+                audit(
+                    "restore.previous_copy_dropped",
+                    f"database/{name}",
+                    copy=copy,
+                    kept_for=str(dbcfg.keep_previous_copies),
+                )
+            dropped.append(copy)
+    return dropped

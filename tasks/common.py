@@ -54,7 +54,7 @@ def records() -> Records:
     with _lock:
         rec = _cache.get("records")
         if rec is None:
-            rec = Records(cfg.records.url)
+            rec = Records.from_config(cfg, block_loader=_load_prefect_secret)
             rec.migrate()
             _cache["records"] = rec
         return rec

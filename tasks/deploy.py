@@ -45,6 +45,7 @@ from kmpops.plans.checklist import (
     evaluate_checklist,
     marked_bad_marks,
 )
+from kmpops.plans.failures import group_failures
 from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
 
 __all__ = [
@@ -191,7 +192,7 @@ def _raise_first(outcomes: Mapping[str, object]) -> None:
     failed = {h: o for h, o in outcomes.items() if isinstance(o, Exception)}
     if not failed:
         return
-    text = "; ".join(f"{h}: {o}" for h, o in failed.items())
+    text = group_failures({h: str(o) for h, o in failed.items()})
     first = next(iter(failed.values()))
     error: Exception = KmpOpsError(text)
     if isinstance(first, KmpOpsError) and not isinstance(first, ConfigError):
@@ -611,9 +612,9 @@ def check_hosts(service: str, environment: str, host_names: list[str], kind: str
         return evidence
 
     outcomes = _on_hosts(one, [(environment, h) for h in host_names])
-    failed = [f"{h}: {o}" for h, o in outcomes.items() if isinstance(o, Exception)]
+    failed = {h: str(o) for h, o in outcomes.items() if isinstance(o, Exception)}
     if failed:
-        raise PolicyViolation("; ".join(failed))
+        raise PolicyViolation(group_failures(failed))
     return [line for o in outcomes.values() if isinstance(o, list) for line in o]
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import threading
 import time
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -37,16 +40,22 @@ from tasks.common import audit, ops_config, records, retry_on_transient, run_id
 
 __all__ = [
     "AckForm",
+    "ContainmentFacts",
     "check_service_health",
+    "claim_incident",
+    "containment_facts",
+    "disable_key_everywhere",
     "gather_diagnostics",
     "host_environment",
     "instances_of",
+    "inventory",
     "notify_level",
     "open_incident",
     "recent_history",
     "record_phase",
     "resume_after_timeout",
     "rollback_target",
+    "run_service_command",
     "wait_for_ack",
 ]
 
@@ -72,6 +81,87 @@ def instances_of(cfg: OpsConfig, service: str) -> dict[str, str]:
         for host in env.hosts:
             out[instance_of(svc.render(svc.metrics.url, host))] = host.name
     return out
+
+
+def inventory(cfg: OpsConfig) -> dict[str, list[str]]:
+    """Environment -> its host names, from ops.yaml (what containment may ever touch)."""
+    return {name: [h.name for h in env.hosts] for name, env in cfg.environments.items()}
+
+
+@dataclass(frozen=True)
+class ContainmentFacts:
+    """What the containment plan checks an alert's targets against (from ops.yaml and the key
+    files kmp-ops uses; nothing from the alert)."""
+
+    protected: tuple[tuple[str, str], ...]
+    own_keys: frozenset[str]
+    known_keys: dict[str, str]
+
+
+def _ip_of_url(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host if host and _is_ip(host) else None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def containment_facts(cfg: OpsConfig) -> ContainmentFacts:
+    """The protected addresses (``incidents.protected_addresses``, every host's address, the
+    addresses of kmp-ops' own services: Prefect API, Prometheus, object store, records and
+    databases — IP literals; host names must be listed in ``protected_addresses``), kmp-ops'
+    own key fingerprints (every host's key file, jump hops' and agent keys) and the known keys."""
+    from kmpops.connectors.ssh import own_key_fingerprints
+
+    protected: list[tuple[str, str]] = []
+    own: set[str] = set()
+    for env in cfg.environments.values():
+        for host in env.hosts:
+            if _is_ip(host.address):
+                protected.append((host.address, f"host {host.name}"))
+            own |= own_key_fingerprints(host)  # key file, jump hops' keys, agent keys
+    services = {
+        "kmp-ops' Prefect API": os.environ.get("PREFECT_API_URL"),
+        "kmp-ops' Prometheus": cfg.prometheus.url if cfg.prometheus else None,
+        "kmp-ops' object store": getattr(cfg.storage, "endpoint_url", None),
+        "kmp-ops' records database": cfg.records.url.replace("+", "-"),
+    }
+    for name, url in services.items():
+        ip = _ip_of_url(url)
+        if ip:
+            protected.append((ip, name))
+    for db_name, db in cfg.databases.items():
+        if db.host and _is_ip(db.host):
+            protected.append((db.host, f"database {db_name}"))
+    protected += [
+        (a, "kmp-ops (incidents.protected_addresses)") for a in cfg.incidents.protected_addresses
+    ]
+    known = {k.fingerprint: k.owner for k in cfg.incidents.known_keys}
+    return ContainmentFacts(tuple(protected), frozenset(own), known)
+
+
+@task(name="claim-incident", cache_policy=NO_CACHE)
+def claim_incident(incident_id: int, alert_key: str | None) -> bool:
+    """Take over an open incident that an alert evaluation opened (once: the first response
+    that claims it runs it; a second start is a duplicate). The incident must carry
+    ``alert_key``; NotFound otherwise. Audited."""
+    rec = records()
+    row, _ = rec.incident(incident_id)
+    if alert_key is not None and row.alert_key != alert_key:
+        raise NotFound(f"incident #{incident_id} is not the incident of alert {alert_key}")
+    claimed = rec.claim_incident(incident_id)
+    audit("incident.claimed" if claimed else "incident.duplicate", f"incident/{incident_id}")
+    return claimed
 
 
 def host_environment(cfg: OpsConfig, host_name: str) -> tuple[str, Host]:
@@ -354,12 +444,14 @@ def run_service_command(service: str, host_name: str, kind: str, address: str = 
 
 
 @task(name="disable-key", cache_policy=NO_CACHE, task_run_name="disable-key-{fingerprint}")
-def disable_key_everywhere(fingerprint: str, keep: list[str]) -> list[str]:
-    """Remove the public key ``fingerprint`` from authorized_keys on every host of every
-    environment; returns the hosts it was removed from. ``keep`` are kmp-ops' own key
-    fingerprints, which are never removed (refused with PolicyViolation). Raises
-    UnsafeValueError for a malformed fingerprint; hosts that cannot be reached raise after
-    the others are done (HostUnreachable naming them)."""
+def disable_key_everywhere(
+    fingerprint: str, keep: list[str], hosts: list[str] | None = None
+) -> list[str]:
+    """Remove the public key ``fingerprint`` from authorized_keys on ``hosts`` (names of
+    ops.yaml; None: every host of every environment); returns the hosts it was removed from.
+    ``keep`` are kmp-ops' own key fingerprints, which are never removed (refused with
+    PolicyViolation). Raises UnsafeValueError for a malformed fingerprint; hosts that cannot be
+    reached raise after the others are done (HostUnreachable naming them)."""
     from kmpops import access
     from kmpops.errors import HostUnreachable, PolicyViolation
 
@@ -369,8 +461,11 @@ def disable_key_everywhere(fingerprint: str, keep: list[str]) -> list[str]:
         raise PolicyViolation("refusing to disable kmp-ops' own key (it would lock kmp-ops out)")
     cfg = ops_config()
     removed, unreachable = [], []
+    chosen = None if hosts is None else set(hosts)
     for env in cfg.environments.values():
         for host in env.hosts:
+            if chosen is not None and host.name not in chosen:
+                continue
             path = access.authorized_keys_path(host)
             try:
                 with SSHConnection.from_host(host, connect_timeout=5) as conn:

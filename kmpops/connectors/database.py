@@ -1,9 +1,17 @@
 """Databases kmp-ops backs up and restores: PostgreSQL (pg_dump/pg_restore, psycopg) and SQLite.
 
 PostgreSQL dumps stream: ``pg_dump -Fc`` writes to a pipe that is read straight into an object
-store, no temporary file. A password reaches the tools through ``PGPASSWORD`` in their
-environment, never their argv, and never appears in an exception. Database, user and host names
-are validated before they reach a command line (they are passed as argv words, no shell).
+store, no temporary file. A password reaches the tools through a passfile (``PGPASSFILE``,
+mode 0600 in a private directory, removed when the tool has exited), never their argv or their
+environment (``/proc/<pid>/environ`` is readable by the same user), and never appears in an
+exception. Database, user and host names are validated before they reach a command line (they
+are passed as argv words, no shell).
+
+Every wait is bounded: connections by ``connect_timeout``; each SQL statement of kmp-ops by
+``statement_timeout`` and each lock wait by ``lock_timeout`` (both set on the session);
+``pg_dump`` by ``--lock-wait-timeout`` for its table locks; and the whole run of ``pg_dump`` /
+``pg_restore`` by ``tool_timeout`` (the process is killed). A timeout fails with a message
+naming the server, the database and what was waited for.
 
 Errors: UnsafeValueError for a bad name; HostUnreachable when the server cannot be reached;
 AuthenticationFailed when it refuses the credentials; CommandFailed (a ConnectorError) when
@@ -32,6 +40,7 @@ from pydantic import SecretStr
 from kmpops.errors import (
     AuthenticationFailed,
     CommandFailed,
+    CommandTimeout,
     ConnectorError,
     HostUnreachable,
     UnsafeValueError,
@@ -105,49 +114,145 @@ class _StderrTail:
         return b"".join(self._chunks).decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
 
 
-class _DumpProcess:
-    """A running ``pg_dump``: read ``stdout``; ``finish()`` waits and raises on failure."""
+class _Passfile:
+    """A libpq passfile for one child process: mode 0600 in a private (0700) directory.
 
-    def __init__(self, argv: list[str], env: dict[str, str], what: str) -> None:
+    ``env`` is the child's environment with ``PGPASSFILE`` pointing at it (no ``PGPASSWORD``);
+    ``remove()`` deletes file and directory (idempotent, never raises). Without a password
+    there is no file (libpq then reads the operator's own ``~/.pgpass``, if any, as before).
+    """
+
+    def __init__(self, base_env: dict[str, str], user: str, password: SecretStr | None) -> None:
+        self.env = dict(base_env)
+        self._dir: str | None = None
+        if password is None:
+            return
+        self._dir = tempfile.mkdtemp(prefix="kmpops-pgpass-")
+        path = os.path.join(self._dir, "pgpass")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"*:*:*:{_pgpass_field(user)}:{_pgpass_field(password.get_secret_value())}\n")
+        self.env["PGPASSFILE"] = path
+
+    def remove(self) -> None:
+        """Delete the passfile and its directory."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _pgpass_field(value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise UnsafeValueError("a database user or password may not contain a line break")
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+class _Watchdog:
+    """Kill a child process that runs past ``seconds`` (``expired`` tells it happened)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._proc = proc
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            self._proc.kill()
+
+    def cancel(self) -> None:
+        """Stop watching (the child is done)."""
+        self._timer.cancel()
+
+
+def _lock_wait_message(stderr: str) -> bool:
+    return "LOCK TABLE" in stderr or "lock timeout" in stderr
+
+
+class _DumpProcess:
+    """A running ``pg_dump``: read ``stdout``; ``finish()`` waits and raises on failure.
+
+    Its passfile lives as long as the process; ``tool_timeout`` bounds the whole run (the
+    process is killed and ``finish`` raises CommandTimeout).
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        passfile: _Passfile,
+        what: str,
+        *,
+        tool_timeout: float,
+        lock_timeout: float,
+    ) -> None:
         self.what = what
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            bufsize=_CHUNK,
-        )
+        self._passfile = passfile
+        self._lock_timeout = lock_timeout
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=passfile.env,
+                bufsize=_CHUNK,
+            )
+        except BaseException:
+            passfile.remove()
+            raise
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.stdout: BinaryIO = self.proc.stdout  # type: ignore[assignment]
         self._stderr = _StderrTail(self.proc.stderr)  # type: ignore[arg-type]
+        self._watchdog = _Watchdog(self.proc, tool_timeout)
         self._finished = False
 
     def finish(self, *_: Any) -> None:
-        """Wait for pg_dump to exit; raise CommandFailed with its stderr tail if it failed."""
+        """Wait for pg_dump to exit; raise CommandFailed with its stderr tail if it failed
+        (naming a table-lock wait that ran out), CommandTimeout if it ran past its bound."""
         if self._finished:
             return
         self._finished = True
-        code = self.proc.wait()
+        try:
+            code = self.proc.wait()
+        finally:
+            self._watchdog.cancel()
+            self._passfile.remove()
         self.stdout.close()
+        if self._watchdog.expired:
+            raise CommandTimeout(
+                f"{self.what}: pg_dump ran past {self._watchdog.seconds:g}s and was stopped"
+            )
         if code != 0:
-            raise CommandFailed(f"{self.what}: pg_dump exited {code}: {self._stderr.text()}")
+            tail = self._stderr.text()
+            if _lock_wait_message(tail):
+                raise CommandFailed(
+                    f"{self.what}: pg_dump waited more than {self._lock_timeout:g}s for a table "
+                    f"lock (another session holds one; lock wait timeout): {tail}"
+                )
+            raise CommandFailed(f"{self.what}: pg_dump exited {code}: {tail}")
 
     def kill(self) -> None:
         """Stop pg_dump (the consumer failed); never raises."""
         self._finished = True
+        self._watchdog.cancel()
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         with contextlib.suppress(OSError):
             self.stdout.close()
+        self._passfile.remove()
 
 
 class PostgresDatabase:
     """One PostgreSQL database reached over TCP (or a socket directory) as ``user``.
 
-    Connections are opened per call (no pooling); the object holds no open resources.
+    Connections are opened per call (no pooling); the object holds no open resources. Every
+    session it opens carries ``statement_timeout`` and ``lock_timeout`` (seconds); pg_dump gets
+    ``--lock-wait-timeout``; ``tool_timeout`` bounds a whole pg_dump / pg_restore run.
     """
 
     def __init__(
@@ -159,7 +264,10 @@ class PostgresDatabase:
         dbname: str,
         password: SecretStr | str | None = None,
         bin_dir: Path | None = None,
-        connect_timeout: int = 10,
+        connect_timeout: float = 10,
+        lock_timeout: float = 60,
+        statement_timeout: float = 600,
+        tool_timeout: float = 6 * 3600,
     ) -> None:
         self.host = _validate_host(host)
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -171,7 +279,18 @@ class PostgresDatabase:
             password if isinstance(password, SecretStr) or password is None else SecretStr(password)
         )
         self._bin_dir = Path(bin_dir) if bin_dir is not None else None
-        self.connect_timeout = connect_timeout
+        for what, value in (
+            ("connect_timeout", connect_timeout),
+            ("lock_timeout", lock_timeout),
+            ("statement_timeout", statement_timeout),
+            ("tool_timeout", tool_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{what} must be more than 0 seconds, not {value!r}")
+        self.connect_timeout = max(1, round(connect_timeout))  # libpq takes whole seconds
+        self.lock_timeout = float(lock_timeout)
+        self.statement_timeout = float(statement_timeout)
+        self.tool_timeout = float(tool_timeout)
 
     def __repr__(self) -> str:
         return f"PostgresDatabase({self.user}@{self.host}:{self.port}/{self.dbname})"
@@ -186,13 +305,19 @@ class PostgresDatabase:
     def _where(self, dbname: str | None = None) -> str:
         return f"PostgreSQL {self.host}:{self.port}/{dbname or self.dbname}"
 
-    def _env(self) -> dict[str, str]:
+    def _passfile(self) -> _Passfile:
+        """The environment of a child tool: no inherited PG* variables, the password in a
+        private passfile (the caller removes it when the child has exited)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["PGCONNECT_TIMEOUT"] = str(self.connect_timeout)
         env["PGAPPNAME"] = "kmp-ops"
-        if self._password is not None:
-            env["PGPASSWORD"] = self._password.get_secret_value()
-        return env
+        return _Passfile(env, self.user, self._password)
+
+    def _session_options(self) -> str:
+        return (
+            f"-c statement_timeout={_ms(self.statement_timeout)}"
+            f" -c lock_timeout={_ms(self.lock_timeout)}"
+        )
 
     def _conn_argv(self, dbname: str) -> list[str]:
         return [
@@ -221,11 +346,22 @@ class PostgresDatabase:
                 connect_timeout=self.connect_timeout,
                 autocommit=autocommit,
                 application_name="kmp-ops",
+                options=self._session_options(),
             )
         except psycopg.OperationalError as exc:
             raise self._connect_error(exc, name) from None
         try:
             yield conn
+        except psycopg.errors.LockNotAvailable as exc:
+            raise ConnectorError(
+                f"{self._where(name)}: waited more than {self.lock_timeout:g}s for a lock "
+                f"(lock timeout): {_first_line(exc)}"
+            ) from None
+        except psycopg.errors.QueryCanceled as exc:
+            raise CommandTimeout(
+                f"{self._where(name)}: a statement ran past {self.statement_timeout:g}s "
+                f"(statement timeout): {_first_line(exc)}"
+            ) from None
         except psycopg.Error as exc:
             raise ConnectorError(
                 f"{self._where(name)}: {type(exc).__name__}: {_first_line(exc)}"
@@ -255,6 +391,53 @@ class PostgresDatabase:
     def server_version(self) -> str:
         """The server's version string, e.g. ``15.8 (Debian 15.8-0+deb12u1)``."""
         return str(self.run_sql("SHOW server_version")[0][0])
+
+    def list_databases(self) -> list[str]:
+        """The names of every database on this server, sorted."""
+        return [
+            str(r[0])
+            for r in self.run_sql("SELECT datname FROM pg_database ORDER BY 1", "postgres")
+        ]
+
+    def swap_in(self, staging: str, target: str, previous: str | None) -> None:
+        """Make database ``staging`` the one called ``target``, in one transaction.
+
+        With ``previous``, the current ``target`` is renamed to ``previous`` first (its sessions
+        are ended; the rename's lock keeps new ones out until the commit). Both renames commit
+        together or not at all (PostgreSQL runs ALTER DATABASE … RENAME inside a transaction
+        block), so at every moment exactly one database is called ``target``, and a process
+        killed in the middle changes nothing. A session that reconnects to ``target`` between
+        ending it and the rename makes the rename fail ("being accessed by other users"): the
+        transaction rolls back and the swap is tried again, three times in all. Raises
+        ConnectorError if it still cannot be done (nothing renamed).
+        """
+        from psycopg import sql
+
+        for name in (staging, target, *((previous,) if previous else ())):
+            _validate_name(name, what="database name")
+        rename = "ALTER DATABASE {} RENAME TO {}"
+        for attempt in range(3):
+            try:
+                with self.connect("postgres") as conn, conn.transaction():
+                    if previous:
+                        conn.execute(
+                            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                            " WHERE datname = %s AND pid <> pg_backend_pid()",
+                            (target,),
+                        )
+                        conn.execute(
+                            sql.SQL(rename).format(sql.Identifier(target), sql.Identifier(previous))
+                        )
+                    conn.execute(
+                        sql.SQL(rename).format(sql.Identifier(staging), sql.Identifier(target))
+                    )
+                return
+            except ConnectorError as exc:
+                # retry only when a session came back to the target (never for the staging copy)
+                busy = f'database "{target}" is being accessed by other users' in str(exc)
+                if not busy or attempt == 2:
+                    exc.add_note(f"{self._where(target)}: nothing was renamed")
+                    raise
 
     def database_exists(self, name: str) -> bool:
         """True if database ``name`` exists on this server."""
@@ -304,7 +487,12 @@ class PostgresDatabase:
     def _dump_argv(
         self, dbname: str, snapshot: str | None, compress_level: int | None
     ) -> list[str]:
-        argv = [str(self.bin_dir / "pg_dump"), "--format=custom", *self._conn_argv(dbname)]
+        argv = [
+            str(self.bin_dir / "pg_dump"),
+            "--format=custom",
+            f"--lock-wait-timeout={_ms(self.lock_timeout)}",
+            *self._conn_argv(dbname),
+        ]
         if snapshot is not None:
             if not re.fullmatch(r"[0-9A-Fa-f-]+", snapshot):
                 raise UnsafeValueError(f"snapshot id {snapshot!r} is malformed")
@@ -322,7 +510,11 @@ class PostgresDatabase:
     ) -> _DumpProcess:
         name = _validate_name(dbname or self.dbname, what="database name")
         return _DumpProcess(
-            self._dump_argv(name, snapshot, compress_level), self._env(), self._where(name)
+            self._dump_argv(name, snapshot, compress_level),
+            self._passfile(),
+            self._where(name),
+            tool_timeout=self.tool_timeout,
+            lock_timeout=self.lock_timeout,
         )
 
     @contextlib.contextmanager
@@ -471,14 +663,16 @@ class PostgresDatabase:
         restore fails (rollback). Raises CommandFailed with pg_restore's stderr tail.
         """
         created = self._prepare_target(target_db, create)
+        passfile = self._passfile()
         try:
             proc = subprocess.Popen(
                 self._restore_argv(target_db, None),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                env=self._env(),
+                env=passfile.env,
             )
+            watchdog = _Watchdog(proc, self.tool_timeout)
             assert proc.stdin is not None and proc.stderr is not None
             stderr = _StderrTail(proc.stderr)  # type: ignore[arg-type]
             source: Any = stream
@@ -499,6 +693,12 @@ class PostgresDatabase:
                 with contextlib.suppress(BrokenPipeError, OSError):
                     proc.stdin.close()
             code = proc.wait()
+            watchdog.cancel()
+            if watchdog.expired:
+                raise CommandTimeout(
+                    f"{self._where(target_db)}: pg_restore ran past {self.tool_timeout:g}s "
+                    "and was stopped"
+                )
             if code != 0:
                 raise CommandFailed(
                     f"{self._where(target_db)}: pg_restore exited {code}: {stderr.text()}"
@@ -508,6 +708,8 @@ class PostgresDatabase:
                 with contextlib.suppress(Exception):
                     self.drop_database(target_db)
             raise
+        finally:
+            passfile.remove()
 
     def restore_from_file(
         self,
@@ -543,15 +745,23 @@ class PostgresDatabase:
                     os.unlink(plain_name)
             return
         created = self._prepare_target(target_db, create)
+        passfile = self._passfile()
         try:
-            result = subprocess.run(
-                [*self._restore_argv(target_db, jobs), str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=self._env(),
-                check=False,
-            )
+            try:
+                result = subprocess.run(
+                    [*self._restore_argv(target_db, jobs), str(path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env=passfile.env,
+                    check=False,
+                    timeout=self.tool_timeout,
+                )
+            except subprocess.TimeoutExpired:
+                raise CommandTimeout(
+                    f"{self._where(target_db)}: pg_restore ran past {self.tool_timeout:g}s "
+                    "and was stopped"
+                ) from None
             if result.returncode != 0:
                 tail = result.stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
                 raise CommandFailed(
@@ -562,6 +772,13 @@ class PostgresDatabase:
                 with contextlib.suppress(Exception):
                     self.drop_database(target_db)
             raise
+        finally:
+            passfile.remove()
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds (at least 1) for a PostgreSQL timeout setting."""
+    return max(1, round(seconds * 1000))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,14 +7,30 @@ against the given known_hosts file and unknown or changed keys are refused unles
 ``Fleet`` runs one step per host with bounded concurrency and returns a per-host outcome; one
 host's failure never raises.
 
+Production paths (``kmpops.config.Host`` fields, read by ``from_host``): ``jump`` hops, each a
+real SSH login whose host key is checked, the next hop reached through a ``direct-tcpip``
+channel (OpenSSH's ProxyJump); ssh-agent keys; encrypted keys with a passphrase reference
+resolved at connect time; OpenSSH user certificates (``certificate`` or ``<key>-cert.pub``);
+host certificates verified against ``@cert-authority`` lines (paramiko does not: see
+``check_host_certificate``), ``@revoked`` keys refused. A certificate is never trusted on first
+use.
+
 Errors (``kmpops.errors``): HostUnreachable (TCP connect / handshake / transport lost),
 HostKeyRejected, AuthenticationFailed, ConnectorError (bad key file, SFTP failure),
 CommandTimeout, CommandFailed (``check=True``), NotFound (missing remote file).
+
+Every wait is bounded: connecting by ``connect_timeout``, a command by its ``timeout``, and each
+SFTP request by ``sftp_timeout`` (the SFTP channel's timeout: a stalled sftp-server fails the
+operation with CommandTimeout naming the host, the operation and the path, even while the SSH
+connection itself still answers keepalives).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import io
 import os
 import re
@@ -34,6 +50,7 @@ from typing import IO, Any, Generic, Protocol, Self, TypeVar
 import paramiko
 
 from kmpops import shellsafe
+from kmpops.config import SecretRef
 from kmpops.connectors._closing import Closing
 from kmpops.errors import (
     AuthenticationFailed,
@@ -42,17 +59,23 @@ from kmpops.errors import (
     ConnectorError,
     HostKeyRejected,
     HostUnreachable,
+    KmpOpsError,
     NotFound,
     UnsafeValueError,
 )
 
 __all__ = [
     "CommandResult",
+    "Endpoint",
     "Fleet",
+    "HostCertificate",
     "HostLike",
     "HostOutcome",
     "RemoteStat",
     "SSHConnection",
+    "check_host_certificate",
+    "own_key_fingerprints",
+    "parse_certificate",
 ]
 
 T = TypeVar("T")
@@ -79,7 +102,7 @@ class HostLike(Protocol):
     @property
     def user(self) -> str: ...
     @property
-    def key_file(self) -> Path: ...
+    def key_file(self) -> Path | None: ...
     @property
     def known_hosts(self) -> Path: ...
 
@@ -145,10 +168,547 @@ def _load_private_key(key_file: Path) -> paramiko.PKey:
         raise ConnectorError(f"SSH key file {key_file} is not readable") from exc
     except paramiko.PasswordRequiredException as exc:
         raise ConnectorError(
-            f"SSH key file {key_file} is encrypted; use an unencrypted key or an agent"
+            f"SSH key file {key_file} is encrypted; give key_passphrase (env:NAME or "
+            "file:/path) or use an agent"
+        ) from exc
+    except TypeError as exc:  # cryptography's word for an OpenSSH-format encrypted key
+        if "password" not in str(exc):
+            raise
+        raise ConnectorError(
+            f"SSH key file {key_file} is encrypted; give key_passphrase (env:NAME or "
+            "file:/path) or use an agent"
         ) from exc
     except (paramiko.SSHException, ValueError, OSError) as exc:
         raise ConnectorError(f"SSH key file {key_file} is not a usable private key") from exc
+
+
+# -- connection paths: keys, agent, certificates, host certificates, jump hosts ----------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One SSH server on the way to a host (a jump hop, or the host itself) and how to log in.
+
+    ``key_passphrase`` is a secret reference (``env:NAME``, ``file:/path``) or the value
+    itself, resolved only when the key is loaded and never put in a message.
+    """
+
+    name: str
+    address: str
+    port: int
+    user: str
+    known_hosts: Path
+    key_file: Path | None = None
+    key_passphrase: SecretRef | str | None = None
+    certificate: Path | None = None
+    agent: bool = False
+    agent_socket: Path | None = None
+
+    @property
+    def where(self) -> str:
+        """How messages name this endpoint."""
+        return f"host {self.name} ({self.address}:{self.port})"
+
+
+def _host_connection_fields(host: Any) -> dict[str, Any]:
+    """The constructor arguments beyond name/address/port/user/known_hosts for ``host``: those
+    of ``kmpops.config.Host`` if it has them; jump hops filled in from the host."""
+    fields: dict[str, Any] = {
+        "key_file": getattr(host, "key_file", None),
+        "key_passphrase": getattr(host, "key_passphrase", None),
+        "certificate": getattr(host, "certificate", None),
+        "agent": bool(getattr(host, "agent", False)),
+        "agent_socket": getattr(host, "agent_socket", None),
+    }
+    hops = []
+    for index, hop in enumerate(getattr(host, "jump", None) or ()):
+        own_key = hop.key_file is not None or hop.agent
+        hops.append(
+            Endpoint(
+                name=f"{host.name}/jump[{index}] {hop.address}",
+                address=hop.address,
+                port=hop.port,
+                user=hop.user or host.user,
+                known_hosts=Path(hop.known_hosts or host.known_hosts),
+                key_file=hop.key_file if own_key else fields["key_file"],
+                key_passphrase=hop.key_passphrase if own_key else fields["key_passphrase"],
+                certificate=hop.certificate if own_key else fields["certificate"],
+                agent=hop.agent if own_key else fields["agent"],
+                agent_socket=hop.agent_socket if own_key else fields["agent_socket"],
+            )
+        )
+    fields["jump"] = tuple(hops)
+    return fields
+
+
+def _load_key(endpoint: Endpoint) -> paramiko.PKey | None:
+    """The endpoint's key file (decrypted with its passphrase, its certificate attached), or
+    None without a key file. Raises ConnectorError naming the file and the passphrase's
+    reference (never its value)."""
+    key_file = endpoint.key_file
+    if key_file is None:
+        return None
+    passphrase: str | None = None
+    if endpoint.key_passphrase is not None:
+        from kmpops.secrets import resolve_secret  # the secret is read only now
+
+        try:
+            passphrase = resolve_secret(endpoint.key_passphrase)
+        except KmpOpsError as exc:
+            raise ConnectorError(f"SSH key file {key_file}: passphrase: {exc}") from None
+    if passphrase is None:
+        pkey = _load_private_key(key_file)
+    else:
+        ref = SecretRef.parse(endpoint.key_passphrase)  # str() shows a literal as stars
+        try:
+            pkey = paramiko.PKey.from_path(key_file, password=passphrase.encode())
+        except FileNotFoundError as exc:
+            raise ConnectorError(f"SSH key file {key_file} does not exist") from exc
+        except PermissionError as exc:
+            raise ConnectorError(f"SSH key file {key_file} is not readable") from exc
+        except (paramiko.SSHException, ValueError, OSError, TypeError):
+            # paramiko says "bad passphrase?" for both a wrong passphrase and a broken file
+            raise ConnectorError(
+                f"SSH key file {key_file} could not be decrypted with the passphrase from "
+                f"{ref} (wrong passphrase, or not a private key)"
+            ) from None
+    certificate = endpoint.certificate
+    beside = Path(f"{key_file}-cert.pub")
+    if certificate is None and beside.is_file():
+        certificate = beside  # OpenSSH's rule: a certificate next to the key is offered with it
+    if certificate is not None:
+        try:
+            pkey.load_certificate(str(certificate))
+        except FileNotFoundError as exc:
+            raise ConnectorError(f"SSH certificate {certificate} does not exist") from exc
+        except (ValueError, paramiko.SSHException, OSError) as exc:
+            raise ConnectorError(
+                f"SSH certificate {certificate} is not a certificate of the key {key_file}: {exc}"
+            ) from exc
+    return pkey
+
+
+def own_key_fingerprints(host: Any, *, timeout: float = 5.0) -> set[str]:
+    """The SHA256 fingerprints of the keys kmp-ops logs in with on ``host`` (a
+    ``kmpops.config.Host``): its key file — from the private key, or, if that is encrypted
+    and no passphrase resolves, from ``<key>.pub`` —, each jump hop's own key, and the
+    agent's keys when ``agent`` is set. Never raises: a key that cannot be read is left out
+    (the caller reports what it could not account for)."""
+    endpoints = [SSHConnection.from_host(host).endpoint, *_host_connection_fields(host)["jump"]]
+    found: set[str] = set()
+    for endpoint in endpoints:
+        if endpoint.key_file is not None:
+            try:
+                pkey = _load_key(Endpoint(**{**endpoint.__dict__, "certificate": None}))
+                if pkey is not None:
+                    found.add(pkey.fingerprint)
+            except (ConnectorError, OSError, ValueError):
+                public = Path(f"{endpoint.key_file}.pub")
+                with contextlib.suppress(OSError, ValueError, IndexError, paramiko.SSHException):
+                    key_type, b64 = public.read_text().split()[:2]
+                    found.add(
+                        paramiko.PKey.from_type_string(key_type, base64.b64decode(b64)).fingerprint
+                    )
+        if endpoint.agent:
+            with contextlib.suppress(ConnectorError, OSError, paramiko.SSHException):
+                agent, keys = _agent_keys(endpoint, timeout)
+                try:
+                    found.update(k.fingerprint for k in keys)
+                finally:
+                    agent.close()
+    return found
+
+
+class _SocketAgent(paramiko.agent.AgentSSH):
+    """The keys of the ssh-agent listening on ``path`` (paramiko.Agent reads $SSH_AUTH_SOCK)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            self._connect(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection to the agent."""
+        self._close()
+
+
+def _agent_keys(endpoint: Endpoint, timeout: float) -> tuple[Any, list[paramiko.PKey]]:
+    """(agent, its keys) for ``endpoint.agent``; ConnectorError if no agent is reachable."""
+    path = str(endpoint.agent_socket or os.environ.get("SSH_AUTH_SOCK") or "")
+    if not path:
+        raise ConnectorError(
+            f"{endpoint.where}: agent: true but SSH_AUTH_SOCK is not set (no agent_socket)"
+        )
+    try:
+        agent = _SocketAgent(path, timeout)
+    except (OSError, paramiko.SSHException) as exc:
+        raise ConnectorError(
+            f"{endpoint.where}: cannot reach the ssh-agent at {path}: {exc}"
+        ) from exc
+    return agent, list(agent.get_keys())
+
+
+@dataclass
+class _KnownHosts:
+    """A known_hosts file: pinned keys, ``@cert-authority`` lines and ``@revoked`` keys."""
+
+    path: Path
+    keys: paramiko.HostKeys
+    authorities: list[tuple[str, paramiko.PKey]]
+    revoked: list[paramiko.PKey]
+
+    def authorities_for(self, hostname: str) -> list[paramiko.PKey]:
+        """The CA keys whose patterns match ``hostname`` (as known_hosts names it)."""
+        return [key for patterns, key in self.authorities if _matches(patterns, hostname)]
+
+
+def _matches(patterns: str, hostname: str) -> bool:
+    """OpenSSH host pattern matching: comma list, ``*``/``?`` wildcards, ``!`` negation,
+    hashed (``|1|salt|hash``) entries."""
+
+    matched = False
+    for pattern in patterns.split(","):
+        negate = pattern.startswith("!")
+        pattern = pattern[1:] if negate else pattern
+        if pattern.startswith("|1|"):
+            salt_b64, _, digest_b64 = pattern[3:].partition("|")
+            try:
+                salt = base64.b64decode(salt_b64)
+                hit = hmac.compare_digest(
+                    base64.b64encode(hmac.new(salt, hostname.encode(), hashlib.sha1).digest()),
+                    digest_b64.encode(),
+                )
+            except ValueError:
+                hit = False
+        else:
+            # OpenSSH patterns know only * and ?; "[127.0.0.1]:2222" is literal, not a class.
+            regex = "".join(
+                ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower()
+            )
+            hit = re.fullmatch(regex, hostname.lower()) is not None
+        if hit and negate:
+            return False
+        matched = matched or hit
+    return matched
+
+
+def _read_known_hosts(path: Path) -> _KnownHosts:
+    """Parse ``path`` (a missing file is empty); ConnectorError if it cannot be read."""
+    keys = paramiko.HostKeys()
+    authorities: list[tuple[str, paramiko.PKey]] = []
+    revoked: list[paramiko.PKey] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise ConnectorError(f"known_hosts file {path} is not readable") from exc
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            fields = line.split()
+            if len(fields) < 4 or fields[0] not in ("@cert-authority", "@revoked"):
+                continue  # OpenSSH ignores what it does not understand, so do we
+            try:
+                key = paramiko.PKey.from_type_string(fields[2], base64.b64decode(fields[3]))
+            except (ValueError, paramiko.SSHException) as exc:
+                raise ConnectorError(f"known_hosts file {path}:{number}: bad key: {exc}") from exc
+            if fields[0] == "@cert-authority":
+                authorities.append((fields[1], key))
+            else:
+                revoked.append(key)
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except (paramiko.SSHException, ValueError):
+            continue
+        if entry is not None:
+            for host in entry.hostnames:
+                keys.add(host, entry.key.get_name(), entry.key)
+    return _KnownHosts(path, keys, authorities, revoked)
+
+
+@dataclass(frozen=True)
+class HostCertificate:
+    """The fields of an OpenSSH host certificate that decide whether to trust it."""
+
+    key_id: str
+    serial: int
+    cert_type: int
+    principals: tuple[str, ...]
+    valid_after: int
+    valid_before: int
+    critical_options: bytes
+    signature_key: bytes
+    signed: bytes
+    signature: bytes
+
+
+# Public-key fields between the nonce and the serial (PROTOCOL.certkeys), all length-prefixed.
+_CERT_KEY_FIELDS = {
+    "ssh-ed25519-cert-v01@openssh.com": 1,
+    "ssh-rsa-cert-v01@openssh.com": 2,
+    "rsa-sha2-256-cert-v01@openssh.com": 2,
+    "rsa-sha2-512-cert-v01@openssh.com": 2,
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com": 2,
+    "ecdsa-sha2-nistp384-cert-v01@openssh.com": 2,
+    "ecdsa-sha2-nistp521-cert-v01@openssh.com": 2,
+}
+
+
+def parse_certificate(blob: bytes) -> HostCertificate:
+    """The fields of an OpenSSH certificate blob; ValueError if it is not one we can read."""
+    msg = paramiko.Message(blob)
+    cert_type_name = msg.get_text()
+    if cert_type_name not in _CERT_KEY_FIELDS:
+        raise ValueError(f"unsupported certificate type {cert_type_name}")
+    msg.get_string()  # nonce
+    for _ in range(_CERT_KEY_FIELDS[cert_type_name]):
+        msg.get_string()
+    serial = msg.get_int64()
+    cert_type = msg.get_int()
+    key_id = msg.get_text()
+    principals_msg = paramiko.Message(msg.get_string())
+    principals = []
+    while principals_msg.get_remainder():
+        principals.append(principals_msg.get_text())
+    valid_after = msg.get_int64()
+    valid_before = msg.get_int64()
+    critical = msg.get_string()
+    msg.get_string()  # extensions (none are defined for host certificates)
+    msg.get_string()  # reserved
+    signature_key = msg.get_string()
+    signed = blob[: msg.packet.tell()]
+    signature = msg.get_string()
+    if not signature:
+        raise ValueError("the certificate has no signature")
+    return HostCertificate(
+        key_id=key_id,
+        serial=serial,
+        cert_type=cert_type,
+        principals=tuple(principals),
+        valid_after=valid_after,
+        valid_before=valid_before,
+        critical_options=critical,
+        signature_key=signature_key,
+        signed=signed,
+        signature=signature,
+    )
+
+
+def _fingerprint_of_blob(key_type: str, blob: bytes) -> str:
+    try:
+        return paramiko.PKey.from_type_string(key_type, blob).fingerprint
+    except (ValueError, paramiko.SSHException):
+        return f"{key_type} (unreadable)"
+
+
+def check_host_certificate(
+    server_key: paramiko.PKey,
+    authorities: Sequence[paramiko.PKey],
+    *,
+    principal: str,
+    where: str,
+    now: float | None = None,
+) -> HostCertificate:
+    """Verify the host certificate the server presented: a host certificate (not a user one),
+    signed by one of ``authorities`` (the signature checked over the certificate), naming
+    ``principal``, valid now, without critical options. Returns the certificate; raises
+    HostKeyRejected naming ``where`` and what was wrong."""
+    blob = server_key.public_blob
+    if blob is None:
+        raise HostKeyRejected(f"{where}: the host presented no certificate")
+    try:
+        cert = parse_certificate(blob.key_blob)
+    except (ValueError, paramiko.SSHException) as exc:
+        raise HostKeyRejected(f"{where}: unreadable host certificate: {exc}") from None
+    if cert.cert_type != 2:
+        raise HostKeyRejected(f"{where}: the certificate {cert.key_id!r} is not a host certificate")
+    ca_type = paramiko.Message(cert.signature_key).get_text()
+    ca = next((key for key in authorities if key.asbytes() == cert.signature_key), None)
+    if ca is None:
+        raise HostKeyRejected(
+            f"{where}: host certificate {cert.key_id!r} is signed by CA {ca_type} "
+            f"{_fingerprint_of_blob(ca_type, cert.signature_key)}, which is not a "
+            "@cert-authority for this host in known_hosts"
+        )
+    if not ca.verify_ssh_sig(cert.signed, paramiko.Message(cert.signature)):
+        raise HostKeyRejected(
+            f"{where}: host certificate {cert.key_id!r}: the CA signature does not verify"
+        )
+    if principal not in cert.principals:
+        raise HostKeyRejected(
+            f"{where}: host certificate {cert.key_id!r} is for "
+            f"{', '.join(cert.principals) or 'no principal'}, not {principal}"
+        )
+    moment = time.time() if now is None else now
+    if not cert.valid_after <= moment < cert.valid_before:
+        raise HostKeyRejected(
+            f"{where}: host certificate {cert.key_id!r} is not valid now (valid "
+            f"{cert.valid_after} to {cert.valid_before}, epoch seconds)"
+        )
+    if cert.critical_options:
+        raise HostKeyRejected(
+            f"{where}: host certificate {cert.key_id!r} has critical options (none are defined "
+            "for host certificates)"
+        )
+    return cert
+
+
+def _verify_server_key(
+    endpoint: Endpoint,
+    server_key: paramiko.PKey,
+    known: _KnownHosts,
+    hostname: str,
+    allow_unknown_hosts: bool,
+) -> None:
+    """Accept the server's key if pinned in known_hosts or certified by a known CA; raise
+    HostKeyRejected otherwise (trust on first use only for a plain key with
+    ``allow_unknown_hosts``, never for a certificate or a changed key)."""
+    where = endpoint.where
+    plain = server_key.asbytes()
+    if any(r.asbytes() == plain for r in known.revoked):
+        raise HostKeyRejected(f"{where}: host key {server_key.fingerprint} is @revoked")
+    ours = known.keys.lookup(hostname)
+    if ours:
+        expected = ours.get(server_key.get_name())
+        if expected is None or expected.asbytes() != plain:
+            shown = expected or next(iter(ours.values()))
+            raise HostKeyRejected(
+                f"{where}: host key changed: {known.path} has "
+                f"{shown.get_name()} {shown.fingerprint}, the host offered "
+                f"{server_key.get_name()} {server_key.fingerprint}"
+            ) from paramiko.BadHostKeyException(hostname, server_key, shown)
+        return
+    if server_key.public_blob is not None:
+        try:
+            cert = parse_certificate(server_key.public_blob.key_blob)
+        except (ValueError, paramiko.SSHException) as exc:
+            raise HostKeyRejected(f"{where}: unreadable host certificate: {exc}") from None
+        if any(r.asbytes() == cert.signature_key for r in known.revoked):
+            raise HostKeyRejected(f"{where}: the CA of its host certificate is @revoked")
+        check_host_certificate(
+            server_key,
+            known.authorities_for(hostname),
+            principal=endpoint.address,
+            where=where,
+        )
+        return
+    if not allow_unknown_hosts:
+        missing = "" if known.path.exists() else " (file does not exist)"
+        raise HostKeyRejected(
+            f"{where}: host key not in {known.path}{missing}; offered "
+            f"{server_key.get_name()} {server_key.fingerprint}"
+        )
+    # Trust on first use (AutoAddPolicy): remember the key so later connections verify it.
+    with _known_hosts_lock:
+        known.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(known.path, "a") as fh:
+            fh.write(f"{hostname} {server_key.get_name()} {server_key.get_base64()}\n")
+
+
+def _open_socket(
+    endpoint: Endpoint, via: paramiko.Transport | None, timeout: float
+) -> socket.socket | paramiko.Channel:
+    """A TCP connection to the endpoint, direct or through the previous hop's transport (a
+    ``direct-tcpip`` channel, as ProxyJump does)."""
+    where = endpoint.where
+    if via is not None:
+        try:
+            return via.open_channel(
+                "direct-tcpip", (endpoint.address, endpoint.port), ("127.0.0.1", 0), timeout=timeout
+            )
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise HostUnreachable(f"{where}: the jump host refused to forward: {exc}") from exc
+    try:
+        sock = socket.create_connection((endpoint.address, endpoint.port), timeout)
+    except TimeoutError as exc:
+        raise HostUnreachable(f"{where}: TCP connect timed out after {timeout:g}s") from exc
+    except OSError as exc:
+        raise HostUnreachable(f"{where}: {exc.strerror or exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _open_endpoint(
+    endpoint: Endpoint,
+    via: paramiko.Transport | None,
+    timeout: float,
+    allow_unknown_hosts: bool,
+) -> paramiko.Transport:
+    """An authenticated transport to ``endpoint`` (through ``via`` if given): host key or host
+    certificate checked, then the key file (with its certificate), then the agent's keys
+    offered. Raises HostUnreachable, HostKeyRejected, AuthenticationFailed, ConnectorError."""
+    pkey = _load_key(endpoint)
+    known = _read_known_hosts(endpoint.known_hosts)
+    hostname = _known_hosts_name(endpoint.address, endpoint.port)
+    ours = known.keys.lookup(hostname)
+    authorities = known.authorities_for(hostname)
+    sock = _open_socket(endpoint, via, timeout)
+    transport = paramiko.Transport(sock)
+    agent = None
+    try:
+        options = transport.get_security_options()
+        if ours is not None and len(ours):
+            first = ours.keys()[0]
+            options.key_types = [first, *(k for k in options.key_types if k != first)]
+        elif authorities:
+            # A CA vouches for this host: ask for its certificate first.
+            plain = [k for k in options.key_types if "-cert-" not in k]
+            certs = [f"{k}-cert-v01@openssh.com" for k in plain]
+            certs = [k for k in certs if k in paramiko.Transport._key_info]
+            options.key_types = [*certs, *plain]
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise HostUnreachable(f"{endpoint.where}: SSH handshake failed: {exc}") from exc
+        _verify_server_key(
+            endpoint, transport.get_remote_server_key(), known, hostname, allow_unknown_hosts
+        )
+        transport.auth_timeout = timeout
+        offered: list[tuple[str, paramiko.PKey]] = []
+        if pkey is not None:
+            label = f"key {endpoint.key_file}"
+            if pkey.public_blob is not None:
+                label += " and its certificate"
+            offered.append((label, pkey))
+        if endpoint.agent:
+            agent, agent_keys = _agent_keys(endpoint, timeout)
+            offered += [(f"agent key {k.fingerprint}", k) for k in agent_keys]
+        if not offered:
+            raise AuthenticationFailed(f"{endpoint.where}: no key to offer (the agent has none)")
+        for _label, key in offered:
+            try:
+                transport.auth_publickey(endpoint.user, key)
+            except paramiko.AuthenticationException:
+                continue
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise HostUnreachable(
+                    f"{endpoint.where}: connection lost during auth: {exc}"
+                ) from exc
+            if transport.is_authenticated():
+                break
+        if not transport.is_authenticated():
+            tried = "; ".join(label for label, _ in offered)
+            raise AuthenticationFailed(
+                f"{endpoint.where}: user {endpoint.user} was refused ({tried})"
+            )
+    except BaseException:
+        transport.close()
+        raise
+    finally:
+        if agent is not None:
+            agent.close()  # the keys have signed; the agent is not needed any more
+    transport.set_keepalive(30)
+    return transport
 
 
 class SSHConnection(Closing):
@@ -165,19 +725,42 @@ class SSHConnection(Closing):
         address: str,
         port: int = 22,
         user: str,
-        key_file: Path,
+        key_file: Path | None,
         known_hosts: Path,
         connect_timeout: float = 10,
         allow_unknown_hosts: bool = False,
+        key_passphrase: SecretRef | str | None = None,
+        certificate: Path | None = None,
+        agent: bool = False,
+        agent_socket: Path | None = None,
+        jump: Sequence[Endpoint] = (),
+        sftp_timeout: float = 60,
     ) -> None:
         self.name = name
         self.address = address
         self.port = int(port)
         self.user = user
-        self.key_file = Path(key_file)
+        self.key_file = Path(key_file) if key_file is not None else None
         self.known_hosts = Path(known_hosts)
         self.connect_timeout = connect_timeout
         self.allow_unknown_hosts = allow_unknown_hosts
+        self.endpoint = Endpoint(
+            name=name,
+            address=address,
+            port=int(port),
+            user=user,
+            key_file=self.key_file,
+            known_hosts=self.known_hosts,
+            key_passphrase=key_passphrase,
+            certificate=Path(certificate) if certificate is not None else None,
+            agent=agent,
+            agent_socket=Path(agent_socket) if agent_socket is not None else None,
+        )
+        self.jump = tuple(jump)
+        self._hops: list[paramiko.Transport] = []
+        if not sftp_timeout > 0:
+            raise ValueError(f"sftp_timeout must be more than 0 seconds, not {sftp_timeout!r}")
+        self.sftp_timeout = float(sftp_timeout)
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
@@ -186,16 +769,21 @@ class SSHConnection(Closing):
     def from_host(cls, host: HostLike, **options: Any) -> SSHConnection:
         """A connection to ``host`` (anything with name/address/port/user/key_file/known_hosts).
 
-        ``options`` go to the constructor (``connect_timeout``, ``allow_unknown_hosts``).
+        ``options`` go to the constructor (``connect_timeout``, ``allow_unknown_hosts``,
+        ``sftp_timeout``; ``kmpops.config.Timeouts.ssh_options()`` gives the configured bounds).
+        The connection fields of ``kmpops.config.Host`` beyond those (``key_passphrase``,
+        ``certificate``, ``agent``, ``agent_socket``, ``jump``) are read when the host has them;
+        a jump hop's missing user, credentials and known_hosts are the host's own.
         """
+        fields = _host_connection_fields(host)
+        fields.update(options)
         return cls(
             name=host.name,
             address=host.address,
             port=host.port,
             user=host.user,
-            key_file=host.key_file,
             known_hosts=host.known_hosts,
-            **options,
+            **fields,
         )
 
     def __repr__(self) -> str:
@@ -229,93 +817,40 @@ class SSHConnection(Closing):
             return self._transport
 
     def _open_transport(self) -> paramiko.Transport:
-        pkey = _load_private_key(self.key_file)
-        host_keys = self._load_known_hosts()
-        hostname = _known_hosts_name(self.address, self.port)
-        ours = host_keys.lookup(hostname)
+        """Open the transport through every jump hop in turn (each hop's host key checked, each
+        authenticated), then to the host; on any failure close what was opened."""
+        hops: list[paramiko.Transport] = []
         try:
-            sock = socket.create_connection((self.address, self.port), self.connect_timeout)
-        except TimeoutError as exc:
-            raise HostUnreachable(
-                f"{self._where}: TCP connect timed out after {self.connect_timeout:g}s"
-            ) from exc
-        except OSError as exc:
-            raise HostUnreachable(f"{self._where}: {exc.strerror or exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
-        try:
-            options = transport.get_security_options()
-            if ours is not None and len(ours):
-                first = ours.keys()[0]
-                options.key_types = [first, *(k for k in options.key_types if k != first)]
-            try:
-                transport.start_client(timeout=self.connect_timeout)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise HostUnreachable(f"{self._where}: SSH handshake failed: {exc}") from exc
-            self._check_host_key(transport.get_remote_server_key(), ours, hostname)
-            transport.auth_timeout = self.connect_timeout
-            try:
-                transport.auth_publickey(self.user, pkey)
-            except paramiko.AuthenticationException as exc:
-                raise AuthenticationFailed(
-                    f"{self._where}: user {self.user} with key {self.key_file} was refused"
-                ) from exc
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise HostUnreachable(f"{self._where}: connection lost during auth: {exc}") from exc
-            if not transport.is_authenticated():
-                raise AuthenticationFailed(
-                    f"{self._where}: user {self.user} with key {self.key_file} was refused"
+            previous: paramiko.Transport | None = None
+            for hop in self.jump:
+                previous = _open_endpoint(
+                    hop, previous, self.connect_timeout, self.allow_unknown_hosts
                 )
-        except BaseException:
-            transport.close()
-            raise
-        transport.set_keepalive(30)
-        return transport
-
-    def _load_known_hosts(self) -> paramiko.HostKeys:
-        host_keys = paramiko.HostKeys()
-        try:
-            host_keys.load(str(self.known_hosts))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConnectorError(f"known_hosts file {self.known_hosts} is not readable") from exc
-        return host_keys
-
-    def _check_host_key(
-        self, server_key: paramiko.PKey, ours: Mapping[str, paramiko.PKey] | None, hostname: str
-    ) -> None:
-        if ours:
-            expected = ours.get(server_key.get_name())
-            if expected is None or expected != server_key:
-                known = expected or next(iter(ours.values()))
-                raise HostKeyRejected(
-                    f"{self._where}: host key changed: {self.known_hosts} has "
-                    f"{known.get_name()} {known.fingerprint}, the host offered "
-                    f"{server_key.get_name()} {server_key.fingerprint}"
-                ) from paramiko.BadHostKeyException(hostname, server_key, known)
-            return
-        if not self.allow_unknown_hosts:
-            missing = "" if self.known_hosts.exists() else " (file does not exist)"
-            raise HostKeyRejected(
-                f"{self._where}: host key not in {self.known_hosts}{missing}; offered "
-                f"{server_key.get_name()} {server_key.fingerprint}"
+                hops.append(previous)
+            transport = _open_endpoint(
+                self.endpoint, previous, self.connect_timeout, self.allow_unknown_hosts
             )
-        # Trust on first use (AutoAddPolicy): remember the key so later connections verify it.
-        with _known_hosts_lock:
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.known_hosts, "a") as fh:
-                fh.write(f"{hostname} {server_key.get_name()} {server_key.get_base64()}\n")
+        except BaseException:
+            for hop_transport in reversed(hops):
+                with contextlib.suppress(Exception):
+                    hop_transport.close()
+            raise
+        self._hops = hops
+        return transport
 
     def _drop(self) -> None:
         sftp, transport = self._sftp, self._transport
         self._sftp = self._transport = None
+        hops, self._hops = self._hops, []
         if sftp is not None:
             with contextlib.suppress(Exception):
                 sftp.close()
         if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
+        for hop in reversed(hops):  # the bastions after the host they carried
+            with contextlib.suppress(Exception):
+                hop.close()
 
     def close(self) -> None:
         """Close the SFTP session and the transport; the connection may be used again later."""
@@ -436,6 +971,8 @@ class SSHConnection(Closing):
                 raise HostUnreachable(f"{self._where}: cannot open SFTP: {exc}") from exc
             if self._sftp is None:
                 raise ConnectorError(f"{self._where}: SFTP subsystem refused")
+            # every request (and every send into a full window) gives up after this long
+            self._sftp.get_channel().settimeout(self.sftp_timeout)
             return self._sftp
 
     @contextlib.contextmanager
@@ -446,7 +983,11 @@ class SSHConnection(Closing):
         except FileNotFoundError as exc:
             raise NotFound(f"{self._where}: {remote} does not exist ({what})") from exc
         except TimeoutError as exc:
-            raise CommandTimeout(f"{self._where}: {what} {remote} timed out") from exc
+            self._drop_sftp(sftp)  # its replies may still come: never reuse this session
+            raise CommandTimeout(
+                f"{self._where}: {what} {remote} timed out after {self.sftp_timeout:g}s "
+                "(the SFTP server stopped answering)"
+            ) from exc
         except PermissionError as exc:
             raise ConnectorError(f"{self._where}: {what} {remote}: permission denied") from exc
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -455,13 +996,22 @@ class SSHConnection(Closing):
                 raise HostUnreachable(f"{self._where}: connection lost ({what} {remote})") from exc
             raise ConnectorError(f"{self._where}: {what} {remote} failed: {exc}") from exc
 
+    def _drop_sftp(self, sftp: paramiko.SFTPClient) -> None:
+        with self._lock:
+            if self._sftp is sftp:
+                self._sftp = None
+        with contextlib.suppress(Exception):
+            sftp.close()
+
     def put(self, local: Path | IO[bytes], remote: str, *, mode: int | None = None) -> int:
         """Upload ``local`` (a path or a binary file object) to ``remote``; return bytes sent.
 
         Atomic: the data goes to a temporary name beside ``remote`` which is renamed over it
         only when complete (and chmod-ed to ``mode`` first), so readers never see half a file.
-        On failure the temporary file is removed. Raises NotFound if the remote directory does
-        not exist, ConnectorError / HostUnreachable otherwise.
+        On failure the temporary file is removed (not after a timeout: the stalled server would
+        not answer; the ``.kmpops-*.part`` name is never taken for the file). Raises NotFound if
+        the remote directory does not exist, CommandTimeout if the SFTP server stops answering
+        for ``sftp_timeout``, ConnectorError / HostUnreachable otherwise.
         """
         tmp = f"{remote}.kmpops-{uuid.uuid4().hex[:12]}.part"
         sent = [0]
@@ -479,9 +1029,10 @@ class SSHConnection(Closing):
                 if mode is not None:
                     sftp.chmod(tmp, mode)
                 sftp.posix_rename(tmp, remote)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(tmp)
+            except BaseException as exc:
+                if not isinstance(exc, TimeoutError):  # a stalled server would stall this too
+                    with contextlib.suppress(Exception):
+                        sftp.remove(tmp)
                 raise
         return sent[0]
 

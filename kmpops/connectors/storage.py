@@ -45,6 +45,7 @@ from kmpops.errors import (
 
 __all__ = [
     "LocalStore",
+    "LockedObject",
     "ObjectInfo",
     "ObjectStore",
     "PutResult",
@@ -70,6 +71,17 @@ class PutResult:
 
     key: str
     size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LockedObject:
+    """A write-once object: its key, version, lock mode and the time until which it is locked."""
+
+    key: str
+    version_id: str
+    mode: str
+    retain_until: datetime
     sha256: str
 
 
@@ -666,6 +678,106 @@ class S3Store(_StoreBase):
         """Delete ``key``; deleting a missing object is not an error (idempotent)."""
         validate_key(key)
         self._call("delete", key, self.client.delete_object, Key=key)
+
+    # -- write-once objects (S3 Object Lock) ------------------------------------------------------
+
+    def object_lock_enabled(self) -> bool:
+        """True if the bucket was created with Object Lock enabled (it cannot be added later)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"):
+                return False
+            raise self._error(exc, "object lock", None) from None
+        except Exception as exc:
+            mapped = self._error(exc, "object lock", None)
+            if mapped is exc:
+                raise
+            raise mapped from None
+        status = answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        return status == "Enabled"
+
+    def put_locked(
+        self, key: str, data: bytes, *, retain_until: datetime, mode: str = "COMPLIANCE"
+    ) -> LockedObject:
+        """Write ``data`` once at ``key``, locked in ``mode`` until ``retain_until``.
+
+        The put is conditional (``If-None-Match: *``): an existing ``key`` is never replaced, the
+        store answers PreconditionFailed (ConnectorError). In COMPLIANCE mode nobody, the
+        account's root included, can delete that version or shorten its lock before
+        ``retain_until``. Raises ConnectorError if the bucket has no Object Lock (the store
+        refuses the lock headers), StorageUnavailable (transient) if the endpoint is down.
+        """
+        validate_key(key)
+        digest = hashlib.sha256(data).hexdigest()
+        answer = self._call(
+            "put (object lock)",
+            key,
+            self.client.put_object,
+            Key=key,
+            Body=data,
+            ContentType="application/json",
+            Metadata={_SHA_META: digest},
+            ObjectLockMode=mode,
+            ObjectLockRetainUntilDate=retain_until,
+            IfNoneMatch="*",
+        )
+        return LockedObject(
+            key=key,
+            version_id=str(answer.get("VersionId") or ""),
+            mode=mode,
+            retain_until=retain_until,
+            sha256=digest,
+        )
+
+    def retention(self, key: str, version_id: str | None = None) -> tuple[str, datetime] | None:
+        """``(mode, retain_until)`` of an object version's lock, None if it has none."""
+        validate_key(key)
+        extra = {"VersionId": version_id} if version_id else {}
+        try:
+            answer = self._call(
+                "retention", key, self.client.get_object_retention, Key=key, **extra
+            )
+        except ConnectorError as err:
+            if "NoSuchObjectLockConfiguration" in str(err):
+                return None
+            raise
+        ret = answer.get("Retention") or {}
+        if "Mode" not in ret:
+            return None
+        return str(ret["Mode"]), ret["RetainUntilDate"].astimezone(UTC)
+
+    def list_versions(self, prefix: str = "") -> list[tuple[str, str]]:
+        """``(key, version_id)`` of every stored version under ``prefix`` (delete markers
+        excluded: a delete marker hides a key from ``list`` but not its locked versions)."""
+        _validate_prefix(prefix)
+        found: list[tuple[str, str]] = []
+        with self._mapped("list versions", prefix or None):
+            pages = self.client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Versions", []):
+                    found.append((item["Key"], str(item.get("VersionId") or "")))
+        return sorted(found)
+
+    def get_version(self, key: str, version_id: str, *, max_bytes: int = 1 * MiB) -> bytes:
+        """The bytes of one version of ``key`` (at most ``max_bytes``; larger is refused)."""
+        validate_key(key)
+        extra = {"VersionId": version_id} if version_id else {}
+        answer = self._call("get", key, self.client.get_object, Key=key, **extra)
+        body = answer["Body"]
+        try:
+            with self._mapped("get", key):
+                data = body.read(max_bytes + 1)
+        finally:
+            body.close()
+        if len(data) > max_bytes:
+            raise ConnectorError(f"get: s3://{self.bucket}/{key} is larger than {max_bytes} bytes")
+        return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ the same records renders the same document.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -33,13 +35,22 @@ __all__ = [
     "PLAYBOOKS",
     "ContainmentAction",
     "ContainmentPlan",
+    "IncidentScope",
     "PostmortemMetrics",
+    "Refusal",
     "TimelineEntry",
     "alert_key",
     "build_rules",
+    "check_block_address",
+    "check_key_fingerprint",
+    "classify_incident",
+    "containment_plan_for",
+    "correlate_release",
     "default_query",
     "eradication_steps",
     "hosts_for_alert",
+    "incident_scope",
+    "incident_title",
     "incident_type_for",
     "instance_of",
     "notification_for",
@@ -206,6 +217,19 @@ def instance_of(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A containment target (host, address, key, environment) refused, and why."""
+
+    kind: str
+    target: str
+    reason: str
+
+    def line(self) -> str:
+        """The timeline line: ``refused <kind> <target>: <reason>``."""
+        return f"refused {self.kind} {self.target}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class ContainmentAction:
     """One containment step on one target (a host, a key, an address)."""
 
@@ -213,6 +237,8 @@ class ContainmentAction:
     target: str
     description: str
     destructive: bool
+    hosts: tuple[str, ...] = ()
+    """Where an address is blocked / a key removed (empty: on ``target`` itself, a host)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +250,7 @@ class ContainmentPlan:
     actions: tuple[ContainmentAction, ...]
     needs_approval: bool
     reason: str
+    refused: tuple[Refusal, ...] = ()
 
     def markdown(self) -> str:
         """The plan as markdown (shown in the approval form and the timeline)."""
@@ -235,7 +262,10 @@ class ContainmentPlan:
             lines.append("_No automatic containment action for this incident type._")
         for act in self.actions:
             mark = " (destructive)" if act.destructive else ""
-            lines.append(f"- `{act.kind}` on `{act.target}`: {act.description}{mark}")
+            where = f" on hosts {', '.join(act.hosts)}" if act.hosts else ""
+            lines.append(f"- `{act.kind}` on `{act.target}`{where}: {act.description}{mark}")
+        for ref in self.refused:
+            lines.append(f"- **{ref.line()}**")
         lines += ["", f"Approval: {self.reason}."]
         return "\n".join(lines)
 
@@ -248,15 +278,22 @@ def plan_containment(
     auto_containment: Iterable[str] = (),
     playbooks: Mapping[str, Sequence[str]] | None = None,
     targets_by_kind: Mapping[str, Sequence[str]] | None = None,
+    hosts_by_kind: Mapping[str, Sequence[str]] | None = None,
+    from_labels: Sequence[str] = (),
+    refused: Sequence[Refusal] = (),
 ) -> ContainmentPlan:
     """The containment actions for ``incident_type`` on each target, in playbook order.
 
     ``targets`` are the affected hosts; ``targets_by_kind`` gives other targets for an action
-    kind (``disable_key``: key fingerprints, ``block_address``: addresses).
+    kind (``disable_key``: key fingerprints, ``block_address``: addresses), ``hosts_by_kind``
+    the hosts such an action runs on. ``refused`` are targets already refused (shown in the
+    plan, never acted on).
 
-    Needs an approval when any action is destructive and ``severity`` is not listed in the
-    environment policy's ``auto_containment``. Raises ValueError for an unknown action kind in
-    a custom playbook.
+    The policy choice: an approval is needed when any action is destructive and either
+    ``severity`` is not listed in the environment policy's ``auto_containment`` or
+    ``from_labels`` names something the alert's labels chose (an address, a key, the incident
+    type) — a label never gets a destructive step past a person, whatever the policy says.
+    Raises ValueError for an unknown action kind in a custom playbook.
     """
     book = PLAYBOOKS if playbooks is None else playbooks
     kinds = tuple(book.get(incident_type, ()))
@@ -266,16 +303,23 @@ def plan_containment(
             raise ValueError(f"unknown containment action {kind!r} for {incident_type!r}")
         text, destructive = ACTIONS[kind]
         on = (targets_by_kind or {}).get(kind, targets)
-        actions.extend(ContainmentAction(kind, t, text, destructive) for t in on)
+        where = tuple((hosts_by_kind or {}).get(kind, ()))
+        actions.extend(ContainmentAction(kind, t, text, destructive, where) for t in on)
     destructive = any(a.destructive for a in actions)
     auto = severity in set(auto_containment)
     if not destructive:
         needs, reason = False, "not needed (no destructive action)"
+    elif from_labels:
+        needs, reason = (
+            True,
+            f"required (targets chosen from the alert's labels: {', '.join(from_labels)}; "
+            "a label never skips the approval)",
+        )
     elif auto:
         needs, reason = False, f"not needed (policy allows automatic containment for {severity})"
     else:
         needs, reason = True, f"required (destructive actions; {severity} is not auto-contained)"
-    return ContainmentPlan(incident_type, severity, tuple(actions), needs, reason)
+    return ContainmentPlan(incident_type, severity, tuple(actions), needs, reason, tuple(refused))
 
 
 def eradication_steps(incident_type: str) -> tuple[str, ...]:
@@ -427,3 +471,275 @@ def render_diagnostics(
         for c in changes
     ] or ["- none recorded"]
     return "\n".join(lines) + "\n"
+
+
+# -- from an alert to what may be touched (the trust boundary) ------------------------------
+#
+# An alert's labels are data from outside (Prometheus series labels, an Alertmanager webhook, a
+# UI form). They may narrow what containment touches to part of the inventory in ops.yaml; they
+# never add a host, and a target they choose (an address, a key) is checked against config and
+# always needs a person's approval.
+
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def classify_incident(
+    rule: str | None, labels: Mapping[str, str] | None = None
+) -> tuple[str, bool]:
+    """(incident type, chosen by a label): the type :func:`incident_type_for` gives, and whether
+    an ``incident_type`` label picked it over the rule's own type (then its destructive steps
+    are label-chosen and need an approval)."""
+    chosen = incident_type_for(rule, labels)
+    by_rule = incident_type_for(rule, None)
+    return chosen, chosen != by_rule
+
+
+@dataclass(frozen=True)
+class IncidentScope:
+    """The part of the inventory an incident may touch.
+
+    ``environment`` is an environment of ops.yaml (None: none could be chosen), ``hosts`` the
+    affected hosts (a subset of ``environment_hosts``, the environment's hosts in ops.yaml),
+    ``refused`` the names the alert gave that are not in that inventory."""
+
+    environment: str | None
+    hosts: tuple[str, ...]
+    environment_hosts: tuple[str, ...]
+    refused: tuple[Refusal, ...] = ()
+
+
+def incident_scope(
+    labels: Mapping[str, str],
+    *,
+    inventory: Mapping[str, Sequence[str]],
+    requested_hosts: Sequence[str] = (),
+    instances: Mapping[str, str] | None = None,
+    deployed: Collection[str] = (),
+    default_environment: str = "production",
+) -> IncidentScope:
+    """Which environment and hosts an alert is about, from the inventory only.
+
+    ``inventory`` is environment -> host names (ops.yaml). The alert may narrow: an
+    ``environment`` label, a ``host`` label, an ``instance`` label (looked up in ``instances``,
+    ``address:port`` -> host) and ``requested_hosts`` (a manual report's hosts). A name that is
+    not in the inventory is refused and does not widen anything: if every name given is
+    refused, no host is affected. Without a name, the affected hosts are the environment's
+    hosts where the service is ``deployed`` (records narrow too, never widen).
+
+    The environment: the ``environment`` label, else the environment of the first known host
+    named, else ``default_environment``, else the only environment; otherwise none.
+    """
+    refused: list[Refusal] = []
+    where = {h: env for env, hosts in inventory.items() for h in hosts}
+    named: list[str] = []
+    for host in requested_hosts:
+        named.append(str(host))
+    if labels.get("host"):
+        named.append(labels["host"])
+    instance = labels.get("instance")
+    if instance:
+        if instances and instance in instances:
+            named.append(instances[instance])
+        else:
+            refused.append(Refusal("instance", instance, "not an instance of a configured host"))
+    environment: str | None = None
+    label_env = labels.get("environment")
+    if label_env:
+        if label_env in inventory:
+            environment = label_env
+        else:
+            refused.append(Refusal("environment", label_env, "not an environment of ops.yaml"))
+            return IncidentScope(None, (), (), tuple(refused))
+    if environment is None:
+        known = [where[h] for h in named if h in where]
+        if known:
+            environment = known[0]
+        elif not named and not refused:
+            if default_environment in inventory:
+                environment = default_environment
+            elif len(inventory) == 1:
+                environment = next(iter(inventory))
+    if environment is None:
+        for host in named:
+            if host not in where:
+                refused.append(Refusal("host", host, "not a host of ops.yaml"))
+        if not named and not refused:
+            refused.append(Refusal("environment", "-", "no environment given or configured"))
+        return IncidentScope(None, (), (), tuple(refused))
+    env_hosts = tuple(inventory[environment])
+    hosts: list[str] = []
+    for host in named:
+        if host in env_hosts:
+            if host not in hosts:
+                hosts.append(host)
+        else:
+            refused.append(Refusal("host", host, f"not a host of {environment} in ops.yaml"))
+    if not named and not refused:
+        hosts = [h for h in env_hosts if h in set(deployed)]
+    return IncidentScope(environment, tuple(hosts), env_hosts, tuple(refused))
+
+
+def check_block_address(
+    address: str,
+    *,
+    widest_v4: int = 24,
+    widest_v6: int = 64,
+    protected: Sequence[tuple[str, str]] = (),
+) -> tuple[str, str | None]:
+    """(network, None) for an address containment may block, else (target, the reason) where
+    target is the normalised network when the text parses, the text itself otherwise.
+
+    The address must be one IP address or a network no wider than ``widest_v4`` /
+    ``widest_v6`` (prefix length at least that), must not cover any ``protected`` address
+    (``(network, whose)`` pairs: kmp-ops' own addresses and the hosts'), and must not be a
+    loopback, unspecified, multicast or link-local address. The network is normalised
+    (``203.0.113.7`` -> ``203.0.113.7/32``).
+    """
+    try:
+        net = ipaddress.ip_network(address.strip(), strict=False)
+    except ValueError:
+        return address, "not an IP address or network"
+    widest = widest_v4 if net.version == 4 else widest_v6
+    if net.prefixlen < widest:
+        return str(net), f"wider than /{widest} (incidents.widest_block_v{net.version})"
+    for text, whose in protected:
+        try:
+            own = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue
+        if own.version == net.version and net.overlaps(own):
+            if net.num_addresses == 1 and own.num_addresses == 1:
+                return str(net), f"the address of {whose}"
+            return str(net), f"covers the address of {whose} ({own})"
+    for attr, what in (
+        ("is_loopback", "a loopback address"),
+        ("is_unspecified", "the unspecified address"),
+        ("is_multicast", "a multicast address"),
+        ("is_link_local", "a link-local address"),
+    ):
+        if getattr(net.network_address, attr) or getattr(net.broadcast_address, attr):
+            return str(net), what
+    return str(net), None
+
+
+def check_key_fingerprint(
+    fingerprint: str, *, known: Mapping[str, str], own: Collection[str]
+) -> str | None:
+    """None when containment may disable the key ``fingerprint``, else the reason.
+
+    It must be an OpenSSH SHA256 fingerprint, never one of kmp-ops' ``own`` keys (that would
+    lock kmp-ops out of its hosts) and one of the ``known`` keys (fingerprint -> owner, from
+    ``incidents.known_keys``)."""
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        return "not an OpenSSH SHA256 fingerprint"
+    if fingerprint in set(own):
+        return "kmp-ops' own key (it would lock kmp-ops out)"
+    if fingerprint not in known:
+        return "not a key kmp-ops knows (incidents.known_keys)"
+    return None
+
+
+def containment_plan_for(
+    rule: str | None,
+    labels: Mapping[str, str],
+    *,
+    severity: str,
+    scope: IncidentScope,
+    auto_containment: Iterable[str] = (),
+    widest_v4: int = 24,
+    widest_v6: int = 64,
+    protected: Sequence[tuple[str, str]] = (),
+    known_keys: Mapping[str, str] | None = None,
+    own_keys: Collection[str] = (),
+    playbooks: Mapping[str, Sequence[str]] | None = None,
+) -> ContainmentPlan:
+    """The containment plan of an alert: incident type, targets, refusals and the policy choice.
+
+    Hosts come from ``scope`` (the inventory). A ``block_address`` takes the ``address`` (or
+    ``source_ip``) label checked by :func:`check_block_address` and runs on the affected
+    hosts; a ``disable_key`` takes the ``fingerprint`` label checked by
+    :func:`check_key_fingerprint` and runs on every host of the scope's environment. A
+    refused or missing target is listed in ``refused`` and not acted on. Whatever the labels
+    chose (the incident type, an address, a key) makes the plan need an approval.
+    """
+    incident_type, type_from_label = classify_incident(rule, labels)
+    book = PLAYBOOKS if playbooks is None else playbooks
+    kinds = tuple(book.get(incident_type, ()))
+    refused = list(scope.refused)
+    chosen: list[str] = ["incident type"] if type_from_label else []
+    by_kind: dict[str, list[str]] = {}
+    hosts_by_kind: dict[str, Sequence[str]] = {}
+    if "block_address" in kinds:
+        address = labels.get("address") or labels.get("source_ip")
+        by_kind["block_address"] = []
+        if not address:
+            refused.append(Refusal("block_address", "-", "no address in the alert's labels"))
+        else:
+            net, why = check_block_address(
+                address, widest_v4=widest_v4, widest_v6=widest_v6, protected=protected
+            )
+            if why is not None:
+                refused.append(Refusal("block_address", net, why))
+            elif not scope.hosts:
+                refused.append(Refusal("block_address", str(net), "no affected host to block on"))
+            else:
+                by_kind["block_address"] = [str(net)]
+                hosts_by_kind["block_address"] = scope.hosts
+                chosen.append("address")
+    if "disable_key" in kinds:
+        fingerprint = labels.get("fingerprint")
+        by_kind["disable_key"] = []
+        if not fingerprint:
+            refused.append(Refusal("disable_key", "-", "no key fingerprint in the alert's labels"))
+        else:
+            why = check_key_fingerprint(fingerprint, known=known_keys or {}, own=own_keys)
+            if why is not None:
+                refused.append(Refusal("disable_key", fingerprint, why))
+            elif not scope.environment_hosts:
+                refused.append(Refusal("disable_key", fingerprint, "no environment to act in"))
+            else:
+                by_kind["disable_key"] = [fingerprint]
+                hosts_by_kind["disable_key"] = scope.environment_hosts
+                chosen.append("key fingerprint")
+    return plan_containment(
+        incident_type,
+        severity=severity,
+        targets=scope.hosts,
+        auto_containment=auto_containment,
+        playbooks=book,
+        targets_by_kind=by_kind,
+        hosts_by_kind=hosts_by_kind,
+        from_labels=chosen,
+        refused=refused,
+    )
+
+
+def correlate_release(releases: Sequence[Mapping[str, Any]], active_since: datetime | None) -> str:
+    """The deployment correlation line of the analysis phase.
+
+    ``releases`` newest first (``version``, ``host``, ``deployed_at`` ISO text). The latest
+    release is the ``likely cause`` when the alert became active within an hour after it was
+    deployed, else ``probably unrelated``; without an activation time it is only named."""
+    if not releases:
+        return "no release recorded on the affected hosts"
+    latest = releases[0]
+    if active_since is None or not latest.get("deployed_at"):
+        return f"latest release: {latest['version']} on {latest['host']}"
+    deployed = datetime.fromisoformat(str(latest["deployed_at"]))
+    lead = (active_since - deployed).total_seconds()
+    verdict = "likely cause" if 0 <= lead <= 3600 else "probably unrelated"
+    return (
+        f"release {latest['version']} deployed on {latest['host']} at "
+        f"{deployed:%H:%M:%S} UTC, {lead:.0f} s before the alert became active ({verdict})"
+    )
+
+
+def incident_title(rule: str | None, labels: Mapping[str, str], title: str | None = None) -> str:
+    """An incident's title: the given one, else ``<rule> firing (<labels>)``, else ``manual
+    incident`` (one rule for the evaluator that opens it and the response that runs it)."""
+    if title:
+        return title
+    if not rule:
+        return "manual incident"
+    text = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return f"{rule} firing" + (f" ({text})" if text else "")

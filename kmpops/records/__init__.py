@@ -1,7 +1,23 @@
 """The records store: audit chain, releases, approvals, change requests, backups, incidents."""
 
-from kmpops.records.audit import ChainProblem, ChainReport, verify_chain
+from kmpops.records.audit import (
+    AuditKey,
+    AuditKeyMissing,
+    ChainProblem,
+    ChainReport,
+    Checkpoint,
+    verify_chain,
+)
 from kmpops.records.models import Base
 from kmpops.records.repository import Records
 
-__all__ = ["Base", "ChainProblem", "ChainReport", "Records", "verify_chain"]
+__all__ = [
+    "AuditKey",
+    "AuditKeyMissing",
+    "Base",
+    "ChainProblem",
+    "ChainReport",
+    "Checkpoint",
+    "Records",
+    "verify_chain",
+]

@@ -39,7 +39,11 @@ class Base(DeclarativeBase):
 
 
 class AuditEvent(Base):
-    """One entry of the append-only, hash-chained audit trail."""
+    """One entry of the append-only audit trail.
+
+    ``hash`` holds the event's HMAC-SHA256 tag (keyed with ``records.audit_key``, which is not
+    stored here) and ``prev_hash`` the tag of the event before (see kmpops.records.audit).
+    """
 
     __tablename__ = "audit_events"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +22,19 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kmpops.errors import NotFound
-from kmpops.records.audit import GENESIS, ChainReport, event_hash, export_lines, verify_chain
+from kmpops.config import OpsConfig
+from kmpops.errors import ConfigError, IntegrityError, KmpOpsError, NotFound
+from kmpops.records.anchor import CheckpointStore, open_checkpoint_store
+from kmpops.records.audit import (
+    GENESIS,
+    AuditKey,
+    AuditKeyMissing,
+    ChainReport,
+    Checkpoint,
+    event_mac,
+    export_lines,
+    verify_chain,
+)
 from kmpops.records.models import (
     AlertStateRecord,
     Approval,
@@ -37,10 +49,13 @@ from kmpops.records.models import (
     Verification,
     utcnow,
 )
+from kmpops.secrets import BlockLoader, resolve_secret
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _Row = TypeVar("_Row", bound=Base)
 _MIGRATE_LOCK = threading.Lock()
+_KEY_LOCK = threading.Lock()
+VERIFY_CHECKPOINTS = 200  # verify reads at most this many of the newest checkpoints
 
 
 def _redact_details(details: dict[str, Any]) -> dict[str, Any]:
@@ -77,9 +92,18 @@ def _jsonable(value: Any) -> Any:
 class Records:
     """The records store at ``url`` (``sqlite:///path`` or ``postgresql+psycopg://…``)."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        audit_key: AuditKey | Callable[[], AuditKey | None] | None = None,
+        checkpoints: CheckpointStore | Callable[[], CheckpointStore | None] | None = None,
+    ) -> None:
         self.url = url
         self._echo = echo
+        self._audit_key = audit_key
+        self._checkpoints = checkpoints
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
 
@@ -170,6 +194,50 @@ class Records:
 
     # -- audit chain ----------------------------------------------------------------------------
 
+    @classmethod
+    def from_config(cls, cfg: OpsConfig, *, block_loader: BlockLoader | None = None) -> Records:
+        """The records store ``cfg.records`` describes, with its audit key and checkpoint store.
+
+        Both are resolved on first use (never at construction), so a store that only reads
+        releases does not need them; secrets resolved here are registered with the redactor.
+        """
+
+        def load_key() -> AuditKey | None:
+            ref = cfg.records.audit_key
+            if ref is None:
+                return None
+            try:
+                return AuditKey(resolve_secret(ref, block_loader=block_loader))
+            except ValueError as err:
+                raise ConfigError([str(err)]) from None
+
+        def load_store() -> CheckpointStore | None:
+            return open_checkpoint_store(
+                cfg, lambda ref: resolve_secret(ref, block_loader=block_loader)
+            )
+
+        return cls(cfg.records.url, audit_key=load_key, checkpoints=load_store)
+
+    def _key(self) -> AuditKey:
+        with _KEY_LOCK:
+            if callable(self._audit_key):
+                self._audit_key = self._audit_key()
+        if self._audit_key is None:
+            raise AuditKeyMissing(
+                [
+                    "records.audit_key is not configured: kmp-ops refuses to write or verify "
+                    "unauthenticated audit events (set it to file:/path or env:NAME)"
+                ]
+            )
+        return self._audit_key
+
+    def checkpoint_store(self) -> CheckpointStore | None:
+        """The write-once store the chain head is anchored in (None if none is configured)."""
+        with _KEY_LOCK:
+            if callable(self._checkpoints):
+                self._checkpoints = self._checkpoints()
+        return self._checkpoints
+
     def audit(
         self,
         *,
@@ -179,7 +247,12 @@ class Records:
         details: dict[str, Any] | None = None,
         run_id: str | None = None,
     ) -> AuditEvent:
-        """Append one event to the chain (secrets redacted) and return it."""
+        """Append one event to the chain (secrets redacted, HMAC-tagged) and return it.
+
+        Raises AuditKeyMissing (a ConfigError) and writes nothing when no audit key is
+        configured: the trail fails closed.
+        """
+        key = self._key()
         clean = _redact_details(_jsonable(details or {}))
         for attempt in range(50):
             try:
@@ -200,7 +273,8 @@ class Records:
                         details=clean,
                         run_id=run_id,
                         prev_hash=prev,
-                        hash=event_hash(
+                        hash=event_mac(
+                            key,
                             seq=seq,
                             ts=ts,
                             actor=actor,
@@ -232,16 +306,74 @@ class Records:
         with self.session() as s:
             return list(s.scalars(q))
 
-    def verify_audit(self) -> ChainReport:
-        """Verify the whole chain; the report names the first broken entry."""
-        with self.session() as s:
-            return verify_chain(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+    def audit_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
+        """Every stored checkpoint, and a message per unreadable one (none without a store).
 
-    def export_audit(self) -> Iterator[str]:
-        """The chain as JSON Lines."""
+        Raises ConnectorError/StorageUnavailable if the store cannot be read.
+        """
+        store = self.checkpoint_store()
+        return store.read() if store is not None else ([], [])
+
+    def verify_audit(self) -> ChainReport:
+        """Verify the chain against the audit key and the checkpoints (see ``verify_chain``).
+
+        Fails closed: no key, or a checkpoint store that cannot be read, is a problem.
+        """
         with self.session() as s:
             events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
-        return export_lines(events)
+        try:
+            key: AuditKey | None = self._key()
+        except AuditKeyMissing:
+            key = None
+        notes: list[str] = []
+        try:
+            store = self.checkpoint_store()
+            found, bad = store.read(limit=VERIFY_CHECKPOINTS) if store is not None else ([], [])
+        except KmpOpsError as err:
+            found, bad = [], [f"the checkpoints cannot be read: {err}"]
+            store = None
+        if store is None and not bad:
+            notes.append("no checkpoint store configured (records.checkpoints)")
+        report = verify_chain(events, key=key, checkpoints=found, unreadable=bad)
+        if store is not None:
+            newest = " (the newest)" if len(found) + len(bad) >= VERIFY_CHECKPOINTS else ""
+            notes.append(f"{len(found) + len(bad)} checkpoints{newest} read from {store.where}")
+        return replace(report, notes=report.notes + tuple(notes))
+
+    def checkpoint_audit(self, reason: str) -> tuple[Checkpoint, str]:
+        """Anchor the chain head: verify the chain, then write a signed checkpoint of its head.
+
+        Returns the checkpoint and where it was stored. Raises AuditKeyMissing without a key,
+        ConfigError without a checkpoint store, IntegrityError (and writes nothing) if the chain
+        does not verify — anchoring a broken chain would bless it — and ConnectorError /
+        StorageUnavailable if the store refuses. Idempotent in effect: a second checkpoint of the
+        same head is harmless.
+        """
+        key = self._key()
+        store = self.checkpoint_store()
+        if store is None:
+            raise ConfigError(["records.checkpoints: no checkpoint store is configured"])
+        report = self.verify_audit()
+        if not report.ok:
+            raise IntegrityError(f"audit chain not anchored: {report.problem}")
+        with self.session() as s:
+            head = s.execute(
+                select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+            ).first()
+        seq, mac = (head[0], head[1]) if head else (0, GENESIS)
+        checkpoint = Checkpoint.make(key, seq=seq, mac=mac, ts=utcnow(), reason=reason)
+        where = store.write(checkpoint)
+        return replace(checkpoint, where=where), where
+
+    def export_audit(self) -> Iterator[str]:
+        """The chain as JSON Lines: every event, then every checkpoint.
+
+        Raises ConnectorError/StorageUnavailable if the checkpoints cannot be read.
+        """
+        with self.session() as s:
+            events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+        found, _ = self.audit_checkpoints()
+        return export_lines(events, found)
 
     # -- releases -------------------------------------------------------------------------------
 
@@ -517,6 +649,19 @@ class Records:
     def update_incident(self, incident_id: int, **fields: Any) -> Incident:
         """Change an incident's state or timestamps."""
         return self._update(Incident, incident_id, "incident", **fields)
+
+    def claim_incident(self, incident_id: int) -> bool:
+        """Move an ``open`` incident to ``responding``, once: True for the one caller that did
+        (the response that runs it), False if it was already claimed, closed or is unknown."""
+        from sqlalchemy import update
+
+        with self.session() as s:
+            result = s.execute(
+                update(Incident)
+                .where(Incident.id == incident_id, Incident.state == "open")
+                .values(state="responding")
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     def incident(self, incident_id: int) -> tuple[Incident, list[IncidentEvent]]:
         """An incident and its timeline."""

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kmpops.stack._proc import StackError, read_pid
+from kmpops.stack._proc import StackError, busy_ports, read_pid
 
 __all__ = [
     "COMPONENTS",
@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 COMPONENTS = ("sshd", "s3", "postgres", "prefect", "prometheus")
+BASTION_OFFSET = 250
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class StackSpec:
     staging_hosts: int = 2
     prefect_db: Literal["sqlite", "postgres"] = "sqlite"
     components: tuple[str, ...] = COMPONENTS
+    bastion: bool = False  # hosts reached through a bastion sshd at port_base + 250
+    bastion_port: int | None = None  # instead of port_base + 250
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENTS)
@@ -87,6 +90,7 @@ class StackInfo:
     notifications: str = ""
     records_url: str = ""
     started_s: float = 0.0
+    bastion: dict[str, Any] | None = None
 
     def host(self, name: str) -> StackHost:
         """The stack host called ``name``."""
@@ -102,15 +106,100 @@ def _host_names(spec: StackSpec) -> list[tuple[str, str]]:
     return names
 
 
+def _ports(spec: StackSpec) -> dict[int, str]:
+    """Every port ``up(spec)`` listens on, with what listens there."""
+    base = spec.port_base
+    ports: dict[int, str] = {}
+    if "sshd" in spec.components:
+        for i, (name, _env) in enumerate(_host_names(spec)):
+            ports[base + 1 + i] = f"sshd {name}"
+    if "sshd" in spec.components and spec.bastion:
+        ports[spec.bastion_port or base + BASTION_OFFSET] = "sshd bastion"
+    if "s3" in spec.components:
+        for offset in range(8):
+            ports[base + 100 + offset] = "SeaweedFS"
+    if "postgres" in spec.components:
+        ports[base + 200] = "PostgreSQL"
+    if "prometheus" in spec.components:
+        ports[base + 300] = "Prometheus"
+    if "prefect" in spec.components:
+        ports[base + 400] = "Prefect server"
+    return ports
+
+
+def _live_pid_files(root: Path) -> dict[Path, int]:
+    """The pid files under ``root`` that name a live process."""
+    live: dict[Path, int] = {}
+    if root.is_dir():
+        for pid_file in root.rglob("*.pid"):
+            pid = read_pid(pid_file)
+            if pid is not None:
+                live[pid_file] = pid
+    return live
+
+
 def up(spec: StackSpec) -> StackInfo:
     """Start every component of ``spec`` (those already running are left as they are).
 
-    Raises StackError naming the component that failed; components already started stay up so
-    ``down`` can stop them.
+    Before starting anything, every port the stack needs is checked: a port held by a process
+    that is not part of this stack raises StackError naming the port, the holder (pid, command
+    line, working directory) and what to do, and nothing is started. If a component then fails,
+    everything this call started is stopped again (components that were already running stay
+    up) and StackError names the component that failed.
     """
-    t0 = time.monotonic()
     root = spec.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    before = _live_pid_files(root)
+    _refuse_busy_ports(spec, root)
+    try:
+        return _start(spec, root)
+    except BaseException:
+        _stop_started(root, before)
+        raise
+
+
+def _refuse_busy_ports(spec: StackSpec, root: Path, only: str | None = None) -> None:
+    """Raise StackError if a port of the stack (or of component ``only``) is held by a stranger.
+
+    "Stranger": any process that is not one of this stack's (by the pid files under ``root``,
+    children included). The message names each port, its holder and what to do.
+    """
+    labels = {
+        port: label
+        for port, label in _ports(spec).items()
+        if only is None or label.lower().startswith(only)
+    }
+    own = set(_live_pid_files(root).values())
+    busy = busy_ports(sorted(labels), own_pids=own)
+    if busy:
+        lines = [f"port {port} ({labels[port]}) is held by {who}" for port, who in busy.items()]
+        raise StackError(
+            "the stack's ports on 127.0.0.1 are taken: "
+            + "; ".join(lines)
+            + ". If that is a kmp-ops stack of another checkout, run `make stack-down` there "
+            "(the holder's cwd says where); or start this one on other ports with "
+            f"`kmpops stack up --port-base N` (now {spec.port_base}; it uses N+1 … N+600)."
+        )
+
+
+def _stop_started(root: Path, before: dict[Path, int]) -> None:
+    """Stop every process under ``root`` that was not running before this ``up`` began."""
+    from kmpops.stack import postgres
+    from kmpops.stack._proc import stop_process
+
+    started = {p: pid for p, pid in _live_pid_files(root).items() if before.get(p) != pid}
+    for pid_file in started:
+        try:
+            if pid_file == root / "postgres" / "postgres.pid":
+                postgres.stop(root)
+            else:
+                stop_process(pid_file, timeout=5.0)
+        except Exception as err:  # keep stopping the others; the error is reported after
+            print(f"could not stop {pid_file}: {err}")
+
+
+def _start(spec: StackSpec, root: Path) -> StackInfo:
+    t0 = time.monotonic()
     base = spec.port_base
     names = _host_names(spec)
     hosts = [
@@ -140,6 +229,13 @@ def up(spec: StackSpec) -> StackInfo:
         info.known_hosts = str(started[0].known_hosts)
         for host in hosts:
             _seed_host_config(Path(host.root), host)
+        if spec.bastion:
+            bastion = sshd.start_bastion(root, spec.bastion_port or base + BASTION_OFFSET)
+            info.bastion = {
+                "address": bastion.address,
+                "port": bastion.port,
+                "log": str(bastion.log_file),
+            }
 
     def start_s3() -> None:
         from kmpops.stack import seaweed
@@ -170,10 +266,14 @@ def up(spec: StackSpec) -> StackInfo:
     if "prometheus" in spec.components:
         from kmpops.stack import prometheus
 
+        _refuse_busy_ports(spec, root, only="prometheus")  # taken since the first check?
+
         targets = {"web": [f"127.0.0.1:{h.web_port}" for h in hosts]}
         info.prometheus = _plain(prometheus.start(root, base + 300, scrape_targets=targets))
     if "prefect" in spec.components:
         from kmpops.stack import prefect_server
+
+        _refuse_busy_ports(spec, root, only="prefect")
 
         db_url = None
         if spec.prefect_db == "postgres":
@@ -183,6 +283,7 @@ def up(spec: StackSpec) -> StackInfo:
         info.prefect = _plain(prefect_server.start(root, base + 400, database_url=db_url))
 
     _write_approver_tokens(root)
+    _write_audit_key(root)
     _write_ops_yaml(info)
     info.started_s = round(time.monotonic() - t0, 2)
     _write(info)
@@ -216,6 +317,33 @@ def _write_approver_tokens(root: Path) -> None:
         lines.append(f"{name}:{hashlib.sha256(token.encode()).hexdigest()}")
     book.write_text("\n".join(lines) + "\n")
     os.chmod(book, 0o600)
+
+
+def _write_audit_key(root: Path) -> Path:
+    """Generate the audit chain's HMAC key once: ``secrets/audit_key``, created mode 0600.
+
+    The key lives outside the records database (that is the point of it); an existing key is
+    kept, since events tagged with it must stay verifiable. A records database found without a
+    key is renamed ``records.db.before-audit-key-<time>`` (its chain predates the key).
+    """
+    import os
+    import secrets as pysecrets
+
+    folder = root / "secrets"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "audit_key"
+    if not path.exists():
+        # Records written before this stack had a key (a checkout from before the audit key, or
+        # a deleted key) can never verify under the new one: set them aside, named, not mixed in.
+        records_db = root / "records.db"
+        if records_db.exists():
+            kept = records_db.with_name(f"records.db.before-audit-key-{int(time.time())}")
+            records_db.rename(kept)
+            print(f"audit: a new audit key; the records written without it are kept in {kept}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pysecrets.token_hex(32) + "\n")
+    return path
 
 
 def approver_token(root: Path, name: str) -> str:
@@ -302,6 +430,11 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 "web_port": h.web_port,
                 "authorized_keys": f"{h.root}/etc/authorized_keys",
             },
+            **(
+                {"jump": [{"address": info.bastion["address"], "port": info.bastion["port"]}]}
+                if info.bastion
+                else {}
+            ),
         }
 
     def env_hosts(env: str) -> list[dict[str, Any]]:
@@ -309,7 +442,10 @@ def _write_ops_yaml(info: StackInfo) -> None:
 
     cfg: dict[str, Any] = {
         "project": "kmp",
-        "records": {"url": info.records_url},
+        "records": {
+            "url": info.records_url,
+            "audit_key": f"file:{root / 'secrets' / 'audit_key'}",
+        },
         "notifications": {
             "routes": {"critical": [sink], "warning": [sink], "info": [sink]},
             "escalation": {"L1": [sink], "L2": [sink], "L3": [sink]},
@@ -382,6 +518,14 @@ def _write_ops_yaml(info: StackInfo) -> None:
                 ),
             },
         },
+        # containment from an alert's labels: a block no wider than a /24 and never one of
+        # the stack's own addresses (every daemon and host of the local stack is on 127.0.0.1)
+        "incidents": {
+            "widest_block_v4": 24,
+            "widest_block_v6": 64,
+            "protected_addresses": ["127.0.0.1/32", "::1/128"],
+            "known_keys": [],
+        },
         "backups": {
             "database": {"schedule": "0 0 * * *", "retention": "30d", "type": "full"},
             "configuration": {"schedule": "0 */6 * * *", "retention": "7d", "type": "incremental"},
@@ -396,8 +540,18 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "access_key_id": f"file:{root / 'secrets' / 's3_access_key'}",
             "secret_access_key": f"file:{root / 'secrets' / 's3_secret_key'}",
         }
+        cfg["records"]["checkpoints"] = {
+            "backend": "s3",
+            "bucket": info.s3.get("checkpoint_bucket", "kmp-ops-audit"),
+            "prefix": "audit-checkpoints/",
+            "retention": "400d",
+        }
     else:
         cfg["storage"] = {"backend": "local", "path": str(root / "objects")}
+        cfg["records"]["checkpoints"] = {
+            "backend": "local",
+            "path": str(root / "audit-checkpoints.jsonl"),
+        }
     if info.postgres:
         cfg["databases"] = {
             "app": {
@@ -482,9 +636,18 @@ def ci_evidence(version: str, sha256: str, *, author: str = "dave") -> dict[str,
 
 
 def down(root: Path) -> list[str]:
-    """Stop every component under ``root`` by pid file; returns the names of what was stopped."""
+    """Stop every component under ``root`` by pid file; returns the names of what was stopped.
+
+    That includes the deployments' serve process ``make demo`` leaves (``root/serve/serve.pid``)
+    and the sample-service instances deploys started on the hosts.
+    """
     root = root.resolve()
     stopped: list[str] = []
+    from kmpops.stack._proc import stop_process
+
+    # first what talks to the Prefect server: the demo's `kmpops serve` process
+    if stop_process(root / "serve" / "serve.pid", timeout=15.0):
+        stopped.append("serve")
     modules = (
         ("prefect", "prefect_server"),
         ("prometheus", "prometheus"),

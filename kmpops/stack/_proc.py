@@ -147,3 +147,100 @@ def wait_for_port(
                 raise StackError(f"{what} exited before listening on 127.0.0.1:{port}")
         time.sleep(0.05)
     raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes in LISTEN state on ``port`` (any local address), from /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on ``port``: ``pid N (command line, cwd DIR)``, or None if nobody can be named.
+
+    Reads /proc (the socket's inode, then the process whose fd points at it). Processes of other
+    users may be unreadable when not root: then only the fact that the port is taken is known.
+    """
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in targets:
+                    pid = int(entry.name)
+                    cmdline = _proc_text(pid, "cmdline")[:200] or "?"
+                    try:
+                        cwd = os.readlink(f"/proc/{pid}/cwd")
+                    except OSError:
+                        cwd = "?"
+                    return f"pid {pid} ({cmdline}; cwd {cwd})"
+            except OSError:
+                continue
+    return None
+
+
+def ancestors(pid: int) -> list[int]:
+    """``pid`` and its parents up to init, from /proc/<pid>/stat."""
+    chain = []
+    while pid > 1 and len(chain) < 64:
+        chain.append(pid)
+        stat = _proc_text(pid, "stat")
+        if not stat:
+            break
+        try:
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (IndexError, ValueError):
+            break
+    return chain
+
+
+def busy_ports(ports: Sequence[int], *, own_pids: set[int]) -> dict[int, str]:
+    """The ports of ``ports`` that something other than ``own_pids`` (or their children) holds.
+
+    Bound with SO_REUSEADDR like the servers do, so sockets in TIME_WAIT do not count. The value
+    names the holder (see :func:`port_holder`) or says it could not be read.
+    """
+    busy: dict[int, str] = {}
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                continue
+            except OSError:
+                pass
+        holder = port_holder(port)
+        if holder is not None:
+            holder_pid = int(holder.split()[1])
+            if own_pids & set(ancestors(holder_pid)):
+                continue
+        busy[port] = holder or "a process this user cannot see (or an outgoing connection)"
+    return busy

@@ -1,23 +1,28 @@
 """A private PostgreSQL 15 cluster for the local stack, listening on 127.0.0.1 only.
 
 PostgreSQL refuses to run as root, so when we are root the cluster runs as the ``postgres``
-system user that the Debian package created (no user is created here): ``root/postgres`` is
-chowned to it. Authentication is ``trust`` for 127.0.0.1 and for the unix socket, whose directory
-lives inside ``root/postgres/run`` (not /var/run). For speed this is a *test* cluster:
-``fsync``, ``synchronous_commit`` and ``full_page_writes`` are off — a crash of the machine can
-lose it; never point it at data you care about.
+system user that the Debian package created (no user is created here). Its files (data, socket
+directory, log) live in ``root/postgres`` when that user can reach it; when it cannot — the
+checkout sits under a directory other users may not traverse, such as root's mode-700 home —
+they live in ``/var/lib/kmpops/pg-<digest of root>`` instead, and ``root/postgres/cluster-dir``
+names that place. The permissions of the user's own directories are never changed. The pid file
+always stays in ``root/postgres``. Authentication is ``trust`` for 127.0.0.1 and for the unix
+socket, whose directory is the cluster's ``run/`` (not /var/run). For speed this is a *test*
+cluster: ``fsync``, ``synchronous_commit`` and ``full_page_writes`` are off — a crash of the
+machine can lose it; never point it at data you care about.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import shutil
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kmpops.stack._proc import StackError, pid_alive, read_pid, stop_process, wait_for_port
@@ -64,15 +69,67 @@ def find_bin_dir() -> Path:
     raise StackError("PostgreSQL binaries (pg_ctl) not found; install postgresql-15")
 
 
+EXTERNAL_HOME = Path("/var/lib/kmpops")
+
+
 def _layout(root: Path) -> dict[str, Path]:
     base = Path(root).resolve() / "postgres"
+    home = base
+    pointer = base / "cluster-dir"
+    with contextlib.suppress(OSError):
+        home = Path(pointer.read_text().strip())
     return {
         "base": base,
-        "data": base / "data",
-        "run": base / "run",
-        "log": base / "postgres.log",
+        "home": home,
+        "pointer": pointer,
+        "data": home / "data",
+        "run": home / "run",
+        "log": home / "postgres.log",
         "pid": base / "postgres.pid",
     }
+
+
+def _traversable(path: Path, ids: tuple[int, int]) -> bool:
+    """True if the user ``ids`` can reach ``path``: every directory on the way lets it search."""
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        if st.st_uid == ids[0]:
+            if not st.st_mode & 0o100:
+                return False
+        elif st.st_gid == ids[1]:
+            if not st.st_mode & 0o010:
+                return False
+        elif not st.st_mode & 0o001:
+            return False
+    return True
+
+
+def _place_cluster(root: Path, ids: tuple[int, int] | None) -> dict[str, Path]:
+    """Decide where the cluster's files live (see the module docstring) and create that place.
+
+    A fresh stack root (no ``cluster-dir`` pointer yet) gets a fresh external place: whatever an
+    earlier stack of the same root left there is removed, as ``rm -rf root`` would have done.
+    """
+    paths = _layout(root)
+    paths["base"].mkdir(parents=True, exist_ok=True)
+    if ids is None or _traversable(paths["base"], ids):
+        return paths
+    if not paths["pointer"].exists():
+        digest = hashlib.sha256(str(paths["base"]).encode()).hexdigest()[:16]
+        home = EXTERNAL_HOME / f"pg-{digest}"
+        EXTERNAL_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not _traversable(EXTERNAL_HOME, ids):
+            raise StackError(
+                f"the postgres system user cannot reach {paths['base']} nor {EXTERNAL_HOME}; "
+                "make one of them traversable for it"
+            )
+        if home.exists():
+            shutil.rmtree(home)
+        home.mkdir(mode=0o700)
+        paths["pointer"].write_text(f"{home}\n")
+        paths = _layout(root)
+    paths["home"].mkdir(mode=0o700, exist_ok=True)
+    return paths
 
 
 def _run_as() -> tuple[int, int] | None:
@@ -119,21 +176,6 @@ def _chown_tree(path: Path, ids: tuple[int, int] | None) -> None:
                 os.chown(os.path.join(dirpath, name), *ids, follow_symlinks=False)
 
 
-def _check_traversable(path: Path, ids: tuple[int, int] | None) -> None:
-    """Raise StackError if the ``postgres`` user cannot reach ``path`` (e.g. a 0700 tmp dir)."""
-    if ids is None:
-        return
-    for directory in (path, *path.parents):
-        st = directory.stat()
-        if st.st_uid == ids[0]:
-            continue
-        if not st.st_mode & 0o001:
-            raise StackError(
-                f"the postgres system user cannot traverse {directory} (mode "
-                f"{st.st_mode & 0o777:o}); put the stack root under a world-traversable directory"
-            )
-
-
 def _configure(data: Path, run: Path, port: int) -> None:
     conf = data / "postgresql.conf"
     text = conf.read_text()
@@ -177,10 +219,10 @@ def start(root: Path, port: int, *, timeout: float = 60.0) -> PGInfo:
         pid_file=paths["pid"],
     )
     if read_pid(paths["pid"]) is None:
-        paths["base"].mkdir(parents=True, exist_ok=True)
-        _check_traversable(paths["base"].parent, ids)
+        paths = _place_cluster(root, ids)
+        info = replace(info, data_dir=paths["data"])
         paths["run"].mkdir(exist_ok=True)
-        _chown_tree(paths["base"], ids)
+        _chown_tree(paths["home"], ids)
         if not (paths["data"] / "PG_VERSION").exists():
             if paths["data"].exists():
                 shutil.rmtree(paths["data"])  # a half-done initdb from an interrupted start
@@ -196,7 +238,7 @@ def start(root: Path, port: int, *, timeout: float = 60.0) -> PGInfo:
                     "--no-sync",
                 ],
                 ids=ids,
-                cwd=paths["base"],
+                cwd=paths["home"],
             )
             if result.returncode != 0:
                 raise StackError(f"initdb failed: {result.stderr.strip()[-800:]}")
@@ -215,7 +257,7 @@ def start(root: Path, port: int, *, timeout: float = 60.0) -> PGInfo:
                 "start",
             ],
             ids=ids,
-            cwd=paths["base"],
+            cwd=paths["home"],
         )
         if result.returncode != 0:
             raise StackError(f"PostgreSQL did not start: {_log_tail(paths['log'])}")
@@ -275,6 +317,16 @@ def stop(root: Path) -> None:
         _run(
             [str(find_bin_dir() / "pg_ctl"), "-D", str(paths["data"]), "-m", "fast", "-w", "stop"],
             ids=_run_as(),
-            cwd=paths["base"],
+            cwd=paths["home"],
         )
     stop_process(paths["pid"], timeout=10.0)
+
+
+def remove(root: Path) -> None:
+    """Stop the cluster under ``root`` and delete its files, wherever they live (see the module
+    docstring): what ``rm -rf root`` alone would leave in /var/lib/kmpops goes too."""
+    stop(root)
+    paths = _layout(root)
+    if paths["home"] != paths["base"] and paths["home"].parent == EXTERNAL_HOME:
+        shutil.rmtree(paths["home"], ignore_errors=True)
+    shutil.rmtree(paths["base"], ignore_errors=True)

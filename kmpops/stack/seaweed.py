@@ -3,7 +3,9 @@
 Ports: S3 on ``port``; master ``port+1`` (grpc ``+2``), volume ``+3`` (grpc ``+4``), filer ``+5``
 (grpc ``+6``), S3 grpc ``+7``. Telemetry, the Iceberg/Lance side servers, WebDAV, SFTP and the
 admin UI are off. S3 requires the access key / secret generated on first start and kept in
-``root/secrets/s3_access_key`` and ``root/secrets/s3_secret_key`` (mode 0600).
+``root/secrets/s3_access_key`` and ``root/secrets/s3_secret_key`` (mode 0600). Besides the main
+bucket, a bucket for the audit checkpoints is created with Object Lock enabled (SeaweedFS refuses
+to delete a COMPLIANCE-locked version or to shorten its lock: AccessDenied).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kmpops.stack._proc import (
     StackError,
@@ -40,6 +43,7 @@ class S3Info:
     secret_access_key: str
     bucket: str
     pid_file: Path
+    checkpoint_bucket: str = "kmp-ops-audit"
 
 
 def find_weed() -> Path:
@@ -127,8 +131,18 @@ def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:
     ]
 
 
-def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60.0) -> S3Info:
+def start(
+    root: Path,
+    port: int,
+    *,
+    bucket: str = "kmp-ops",
+    checkpoint_bucket: str = "kmp-ops-audit",
+    timeout: float = 60.0,
+) -> S3Info:
     """Start SeaweedFS with S3 on ``127.0.0.1:port``, create ``bucket``; wait until PUT/GET work.
+
+    ``checkpoint_bucket`` is created with Object Lock enabled (S3 allows that only at creation;
+    versioning comes with it), for the audit chain's COMPLIANCE-locked checkpoints.
 
     Idempotent: a running server (per the pid file) is reused and the bucket ensured.
     Raises StackError if the server does not come up within ``timeout`` seconds.
@@ -146,6 +160,7 @@ def start(root: Path, port: int, *, bucket: str = "kmp-ops", timeout: float = 60
         secret_access_key=secret_key,
         bucket=bucket,
         pid_file=pid_file,
+        checkpoint_bucket=checkpoint_bucket,
     )
     if read_pid(pid_file) is None:
         _wait_ports_free(port, timeout=10.0)
@@ -220,7 +235,10 @@ def _ensure_bucket_works(info: S3Info, deadline: float, log_file: Path) -> None:
             body = client.get_object(Bucket=info.bucket, Key=".kmpops-probe")["Body"].read()
             if body == b"ok":
                 client.delete_object(Bucket=info.bucket, Key=".kmpops-probe")
+                _ensure_lock_bucket(client, info.checkpoint_bucket)
                 return
+        except StackError:
+            raise
         except Exception as exc:  # the server answers 5xx / resets until volumes exist
             last = exc
         time.sleep(0.2)
@@ -228,6 +246,29 @@ def _ensure_bucket_works(info: S3Info, deadline: float, log_file: Path) -> None:
         f"SeaweedFS S3 at {info.endpoint_url} did not accept PUT/GET in time "
         f"({type(last).__name__ if last else 'no answer'}); see {log_file}"
     )
+
+
+def _ensure_lock_bucket(client: Any, bucket: str) -> None:
+    """Create ``bucket`` with Object Lock enabled, or check that the existing one has it.
+
+    Raises StackError if the bucket exists without Object Lock (it cannot be turned on later).
+    """
+    try:
+        client.head_bucket(Bucket=bucket)
+    except client.exceptions.ClientError:
+        client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    try:
+        answer = client.get_object_lock_configuration(Bucket=bucket)
+    except client.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code.startswith("ObjectLockConfigurationNotFound"):
+            raise StackError(
+                f"S3 bucket {bucket!r} exists without Object Lock (it can only be enabled when "
+                "a bucket is created): remove it, or the stack's seaweed/ folder, and start again"
+            ) from None
+        raise
+    if answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+        raise StackError(f"S3 bucket {bucket!r} does not have Object Lock enabled")
 
 
 def stop(root: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +26,14 @@ from kmpops.stack._proc import StackError, read_pid, start_process, stop_process
 
 __all__ = [
     "SSHD_BINARY",
+    "SSHDOptions",
     "SSHHostInfo",
     "crash_host",
+    "host_certificate_file",
     "host_info",
+    "new_key_pair",
+    "sign_key",
+    "start_bastion",
     "start_fleet",
     "start_host",
     "stop_fleet",
@@ -160,14 +166,100 @@ def _sshd_config(info: SSHHostInfo, authorized_keys: Path) -> str:
     )
 
 
-def _prepare_host(info: SSHHostInfo, client_public: str) -> None:
+def _prepare_host(
+    info: SSHHostInfo, client_public: str, options: SSHDOptions | None = None
+) -> None:
     """Create the host's directories, host key, authorized_keys and config (idempotent)."""
     for sub in ("etc", "log", "run", "srv", "tmp"):
         (info.root / sub).mkdir(parents=True, exist_ok=True)
     _ensure_key(info.host_key_file, f"kmpops-host-{info.name}")
     authorized_keys = info.root / "etc" / "authorized_keys"
-    authorized_keys.write_text(client_public + "\n")
-    info.config_file.write_text(_sshd_config(info, authorized_keys))
+    authorize = options is None or options.authorize_client_key
+    authorized_keys.write_text(client_public + "\n" if authorize else "")
+    config = _sshd_config(info, authorized_keys)
+    if options is not None:
+        config = _apply_options(config, info, options)
+    info.config_file.write_text(config)
+
+
+@dataclass(frozen=True)
+class SSHDOptions:
+    """What a fleet's daemons allow beyond the defaults: TCP forwarding (a bastion), a log level
+    (``VERBOSE``/``DEBUG1`` to see forwarded connections), a CA trusted for user certificates
+    (``TrustedUserCAKeys``), a CA that signs each host key (``HostCertificate``, principals: the
+    host's address and name), and whether the client's plain key is in authorized_keys."""
+
+    allow_tcp_forwarding: bool = False
+    log_level: str = "INFO"
+    trusted_user_ca: Path | None = None
+    host_ca_key: Path | None = None
+    authorize_client_key: bool = True
+
+
+def host_certificate_file(info: SSHHostInfo) -> Path:
+    """Where the host's certificate (``ssh-keygen -s``) is written when a host CA is given."""
+    return info.host_key_file.with_name(info.host_key_file.name + "-cert.pub")
+
+
+def sign_key(
+    ca_key: Path,
+    public_key: Path,
+    *,
+    identity: str,
+    principals: Sequence[str],
+    host: bool = False,
+    validity: str = "-5m:+1d",
+) -> Path:
+    """Sign ``public_key`` with ``ca_key`` (OpenSSH ``ssh-keygen -s``); return the certificate
+    path (``<key>-cert.pub``). Raises StackError with ssh-keygen's message if it fails."""
+    import subprocess
+
+    command = ["ssh-keygen", "-q", "-s", str(ca_key), "-I", identity, "-V", validity]
+    command += ["-n", ",".join(principals)]
+    if host:
+        command.append("-h")
+    done = subprocess.run(
+        [*command, str(public_key)], capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise StackError(f"ssh-keygen -s {ca_key} {public_key}: {done.stderr.strip()}")
+    stem = str(public_key).removesuffix(".pub")
+    return Path(f"{stem}-cert.pub")
+
+
+def new_key_pair(private_path: Path, comment: str) -> str:
+    """Write a new ed25519 key pair at ``private_path`` (mode 0600) and its ``.pub``; return the
+    public line. For CAs and test keys."""
+    return _new_ed25519(private_path, comment)
+
+
+def _apply_options(config: str, info: SSHHostInfo, options: SSHDOptions) -> str:
+    if not re.fullmatch(r"QUIET|FATAL|ERROR|INFO|VERBOSE|DEBUG[123]?", options.log_level):
+        raise StackError(f"sshd log level {options.log_level!r} is not one of sshd's")
+    lines = config.splitlines()
+    lines = [
+        f"LogLevel {options.log_level}"
+        if line.startswith("LogLevel ")
+        else ("AllowTcpForwarding yes" if options.allow_tcp_forwarding else line)
+        if line.startswith("AllowTcpForwarding ")
+        else line
+        for line in lines
+    ]
+    extra: list[str] = []
+    if options.trusted_user_ca is not None:
+        extra.append(f"TrustedUserCAKeys {options.trusted_user_ca}")
+    if options.host_ca_key is not None:
+        public = info.host_key_file.with_name(info.host_key_file.name + ".pub")
+        cert = sign_key(
+            options.host_ca_key,
+            public,
+            identity=f"kmpops-host-{info.name}",
+            principals=[ADDRESS, info.name],
+            host=True,
+        )
+        extra.append(f"HostCertificate {cert}")
+    index = next(i for i, line in enumerate(lines) if line.startswith("Subsystem "))
+    return "\n".join(lines[:index] + extra + lines[index:]) + "\n"
 
 
 def _write_known_hosts(known_hosts: Path, infos: Sequence[SSHHostInfo]) -> None:
@@ -208,7 +300,12 @@ def _wait(info: SSHHostInfo, timeout: float) -> None:
 
 
 def start_fleet(
-    root: Path, names: Sequence[str], ports: Sequence[int], *, timeout: float = 30.0
+    root: Path,
+    names: Sequence[str],
+    ports: Sequence[int],
+    *,
+    timeout: float = 30.0,
+    options: SSHDOptions | None = None,
 ) -> list[SSHHostInfo]:
     """Start one sshd per ``(name, port)`` under ``root``; return their infos in order.
 
@@ -216,6 +313,7 @@ def start_fleet(
     process is left running. All daemons are started first, then waited for, so 50 start in
     about a second. Raises StackError naming the host (with its log tail) if one does not listen
     within ``timeout``; the daemons already started keep running (``stop_fleet`` stops them).
+    ``options`` (:class:`SSHDOptions`) apply to every daemon of this call.
     """
     if len(names) != len(ports):
         raise ValueError(f"{len(names)} names but {len(ports)} ports")
@@ -227,7 +325,7 @@ def start_fleet(
     client_public = _ensure_key(infos[0].key_file, "kmpops-client") if infos else ""
     _PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     for info in infos:
-        _prepare_host(info, client_public)
+        _prepare_host(info, client_public, options)
     _write_known_hosts(root / "known_hosts", infos)
     for info in infos:
         _launch(info)
@@ -295,3 +393,15 @@ def stop_fleet(root: Path) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(16, len(live))) as pool:
         list(pool.map(stop_process, live))
+
+
+def start_bastion(
+    root: Path, port: int, *, name: str = "bastion", log_level: str = "DEBUG1", timeout: float = 30
+) -> SSHHostInfo:
+    """Start a bastion sshd under ``root`` (its own fleet root): TCP forwarding allowed, so
+    clients reach the hosts behind it (``direct-tcpip``, like ``ssh -J``), logging at
+    ``log_level`` so its log shows each forwarded connection ("target 127.0.0.1 port N").
+    Its host key joins ``<root>/known_hosts``; the client key is ``<root>/keys/id_ed25519``.
+    Idempotent like :func:`start_fleet`. Raises StackError if it does not listen in time."""
+    options = SSHDOptions(allow_tcp_forwarding=True, log_level=log_level)
+    return start_fleet(root, [name], [port], timeout=timeout, options=options)[0]

@@ -27,7 +27,10 @@ def ops_yaml_writer(
 
     def configure(alerts: dict, *, drop_prometheus: bool = False, **notifications: Any) -> Path:
         data = dict(base)
-        data["records"] = {"url": f"sqlite:///{root / 'records.db'}"}
+        data["records"] = {
+            "url": f"sqlite:///{root / 'records.db'}",
+            "audit_key": data["records"]["audit_key"],
+        }
         routes = [f"jsonl://{sink}"]
         data["notifications"] = {
             "routes": {"critical": routes, "warning": routes, "info": routes},

@@ -61,10 +61,11 @@ class BackupEnv:
         return sorted(o["Key"] for o in out.get("Contents", []))
 
     def records(self):
+        from kmpops.config import parse_config
         from kmpops.records import Records
 
         cfg = yaml.safe_load(self.ops_yaml.read_text())
-        rec = Records(cfg["records"]["url"])
+        rec = Records.from_config(parse_config(cfg))
         rec.migrate()
         return rec
 
@@ -131,7 +132,10 @@ def make_env(
     notifications = tmp_path / "notifications.jsonl"
     sink = f"jsonl://{notifications}"
     pg_port = stack.port_base + 200
-    base["records"] = {"url": f"sqlite:///{tmp_path / 'records.db'}"}
+    base["records"] = {
+        "url": f"sqlite:///{tmp_path / 'records.db'}",
+        "audit_key": base["records"]["audit_key"],
+    }
     base["notifications"]["routes"] = {"critical": [sink], "warning": [sink], "info": [sink]}
     base["storage"]["bucket"] = bucket
     base["storage"]["endpoint_url"] = endpoint

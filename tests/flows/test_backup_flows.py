@@ -134,13 +134,13 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     assert rec.audit_events(action="backup.verification_failed")
 
     # default restore picks the newest *verified* backup, never the failed one
-    target = bk.dbname + "_copy"
-    result = restore_database("shop", target_dbname=target, environment="development")
+    target = bk.dbname + "_restore_copy"
+    result = restore_database("shop", target_dbname=target)
     assert result["backup"] == good["record_id"] and result["row_counts_match"]
 
     # asking for the failed one is refused, and refused again if the approver says no
     with pytest.raises(PolicyViolation, match="failed verification"):
-        restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_x")
+        restore_database("shop", backup_id=bad["record_id"], target_dbname=bk.dbname + "_restore_x")
 
     def answer(decision: str):
         return _run_answering_approval(
@@ -151,8 +151,7 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
             approver="alice",
             reason="test",
             backup_id=bad["record_id"],
-            target_dbname=bk.dbname + "_forced",
-            environment="staging",
+            target_dbname=bk.dbname + "_restore_forced",
             force=True,
             requested_by="dave",
         )
@@ -162,7 +161,7 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     box = answer("approve")
     assert "error" not in box, box.get("error")
     assert box["result"]["backup"] == bad["record_id"]
-    assert bk.counts(bk.dbname + "_forced") == TABLES
+    assert bk.counts(bk.dbname + "_restore_forced") == TABLES
 
 
 def _paused(flow_run_id: str) -> bool:
@@ -413,3 +412,33 @@ def test_restore_configuration_in_production_waits_for_approval(bk):
     assert "error" not in box, box.get("error")
     assert (conf / "app.conf").read_text() == "workers = 4\n"
     assert box["result"]["safety_backup"] is not None
+
+
+def test_restore_failing_a_sanity_query_never_goes_live(bk):
+    """The sanity queries run on the restored copy before the swap: one that fails there keeps
+    the target as it is, drops the copy, and the run names the query; the refusal is audited."""
+    import yaml
+
+    from flows.backup_database import backup_database
+    from flows.restore_database import restore_database
+    from kmpops.errors import IntegrityError
+
+    cfg = yaml.safe_load(bk.ops_yaml.read_text())
+    cfg["environments"]["development"] = {"hosts": [], "policy": {}}
+    cfg["databases"]["shop"]["environment"] = "development"
+    cfg["databases"]["shop"]["sanity_queries"].append("SELECT count(*) > 5000 FROM customers")
+    bk.ops_yaml.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    [manifest] = backup_database(["shop"])
+    with bk.pg() as conn:
+        conn.execute("INSERT INTO customers SELECT g, 'new' FROM generate_series(2001, 6000) g")
+
+    with pytest.raises(IntegrityError, match=r"sanity query failed: SELECT count\(\*\) > 5000"):
+        restore_database("shop", backup_id=manifest["record_id"])
+    assert bk.counts(bk.dbname)["customers"] == 6000  # the target kept its rows
+    with bk.pg("postgres") as conn:
+        copies = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (bk.dbname + "\\_\\_%",)
+        ).fetchall()
+    assert copies == []
+    [event] = bk.records().audit_events(action="backup.restore_failed")
+    assert "sanity query failed" in event.details["error"]

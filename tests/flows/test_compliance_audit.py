@@ -127,12 +127,16 @@ def test_unpinned_host_key_fails(stack, variant, tmp_path) -> None:
 
 def test_tampered_audit_chain_is_a_critical_failure(stack, variant, tmp_path) -> None:
     """On a records store of its own: the shared chain must stay intact for other tests."""
+    from pathlib import Path
+
     import sqlalchemy as sa
 
+    from kmpops.config import load_config, parse_config
     from kmpops.records import Records
 
     url = f"sqlite:///{tmp_path / 'records.db'}"
-    rec = Records(url)
+    key_ref = load_config(Path(stack.ops_yaml)).records.audit_key
+    rec = Records.from_config(parse_config({"records": {"url": url, "audit_key": key_ref}}))
     rec.migrate()
     for i in range(3):
         rec.audit(actor="pytest", action="test.event", subject=f"s{i}", details={"i": i})
@@ -140,9 +144,12 @@ def test_tampered_audit_chain_is_a_critical_failure(stack, variant, tmp_path) ->
         conn.execute(sa.text("UPDATE audit_events SET subject = 'edited' WHERE seq = 2"))
     rec.close()
 
-    variant(lambda data: data.update(records={"url": url}))
+    variant(lambda data: data.update(records={"url": url, "audit_key": str(key_ref)}))
     result = compliance_audit(CompliancePolicy(check_hosts=False))
     chain = by_check(result)[("audit chain intact", "")]
     assert not chain["ok"]
-    assert chain["evidence"] == "audit event #2: content was modified (hash mismatch)"
+    assert chain["evidence"] == (
+        "audit event #2: rewrite: does not match its HMAC tag (changed, or the chain was "
+        "recomputed without the audit key)"
+    )
     assert "audit chain intact" in result["critical_failures"]

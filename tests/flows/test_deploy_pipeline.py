@@ -318,6 +318,14 @@ def test_happy_path_staging_then_production_with_approval(stack, baseline, use_c
         ("production batch 2/2", "passed", "prometheus"),
     ]
     assert rec.verify_audit().ok
+    # the production change is anchored: a checkpoint that saw deploy.completed
+    completed = rec.audit_events(action="deploy.completed")[-1]
+    anchored, unreadable = rec.audit_checkpoints()
+    assert unreadable == []
+    assert any(
+        c.reason == "deploy-pipeline web@2.0.0->production" and c.seq >= completed.seq
+        for c in anchored
+    )
 
 
 def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use_config):
@@ -343,12 +351,27 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
     assert state.is_failed()
     text = failure_text(state)
     assert "batch 2/2" in text and "rolled back" in text
+    # both hosts failed for one reason: said once, with both names (issue 8: 50 hosts, 1 line)
+    assert "2 hosts: " in text and ": prd-3, prd-4" in text
+    assert state.message.count("health check") == 1
+    from tests.flows.backup_fixtures import latest_artifact
+
+    table = latest_artifact("deploy-host-failures")  # ... and each host's own words are kept
+    assert table["flow_run_id"] == str(state.state_details.flow_run_id)
+    rows = json.loads(table["data"])
+    assert [r["host"] for r in rows] == ["prd-3", "prd-4"]
+    assert all(r["error"].startswith(f"HostDeployFailed: {r['host']}: health") for r in rows)
     assert snapshot(stack) == before
     actions = [
         e.action for e in records().audit_events(run_id=str(state.state_details.flow_run_id))
     ]
     assert actions.count("deploy.rollback") == 4  # two of batch 1, two switched in batch 2
     assert "deploy.rolled_back" in actions
+    # the rolled-back production change is anchored too
+    rolled_back = records().audit_events(action="deploy.rolled_back")[-1]
+    anchored, _ = records().audit_checkpoints()
+    reason = "deploy-pipeline rolled back web@2.1.0->production"
+    assert any(c.reason == reason and c.seq >= rolled_back.seq for c in anchored)
 
 
 def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):

@@ -131,8 +131,9 @@ def _clean_host(stack):
 
 
 class Responder:
-    """Answers paused incident-response runs from a thread: acknowledgements by pause key
-    (``ack-<incident>-<level>-…``), containment approvals otherwise."""
+    """Answers paused incident-response / incident-escalation runs from a thread:
+    acknowledgements by pause key (``ack-<incident>-<level>-…``), containment approvals
+    otherwise."""
 
     def __init__(
         self, *, ack_level: str | None = "L1", responder: str = "alice", token: str = ""
@@ -170,7 +171,9 @@ class Responder:
             with get_client(sync_client=True) as client:
                 while not self._stop.is_set():
                     runs = client.read_flow_runs(
-                        flow_filter=FlowFilter(name=FlowFilterName(any_=["incident-response"])),
+                        flow_filter=FlowFilter(
+                            name=FlowFilterName(any_=["incident-response", "incident-escalation"])
+                        ),
                         flow_run_filter=FlowRunFilter(
                             state=FlowRunFilterState(
                                 type=FlowRunFilterStateType(any_=[StateType.PAUSED])
@@ -280,7 +283,7 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
         )
     elapsed = time.monotonic() - started
     assert not responder.errors, responder.errors
-    assert responder.answered == ["ack L1", "approve"]
+    assert sorted(responder.answered) == ["ack L1", "approve"]
 
     changes = [c.split(": ", 1)[1] for s in summaries for c in s["changes"]]
     assert changes[:2] == ["inactive -> pending", "pending -> firing"], changes
@@ -292,8 +295,10 @@ def test_error_rate_alert_to_postmortem(incident_env, bad_release, stack):
     lines = timeline(incident.id)
     phases = [p for p, _ in lines]
     assert phases[0] == "detection" and phases[-1] == "lessons_learned"
-    order = [PHASES.index(p) for p in phases]
-    assert order == sorted(order), lines  # the six phases, in order
+    # the six phases start in order (escalation lines run alongside the others, containment
+    # may start while diagnostics are still being gathered)
+    firsts = sorted(set(phases), key=phases.index)
+    assert firsts == list(PHASES), lines
     assert set(phases) == set(PHASES)
     text = "\n".join(m for _, m in lines)
     assert "escalated to L1" in text and "acknowledged at L1 by alice" in text
@@ -406,3 +411,28 @@ def test_duplicate_alert_attaches_to_open_incident(incident_env):
     text = [m for _, m in timeline(first["incident_id"])]
     assert 'duplicate alert queue_depth{queue="orders"} attached' in text
     assert "acknowledged at L1 by alice" in text
+
+
+def test_maintenance_daily_opens_an_incident_for_a_critical_alert_once(incident_env):
+    """A critical alert that turns firing during maintenance-daily opens one incident; the
+    next evaluation (while it still fires) opens none."""
+    from flows.evaluate_alerts import evaluate_alerts
+    from flows.maintenance import maintenance_daily
+    from tasks.common import records
+
+    incident_env(
+        {
+            "outage": {
+                "threshold": 0.5,
+                "duration": "0s",
+                "severity": "critical",
+                "query": "vector(1)",
+            }
+        }
+    )
+    maintenance_daily(options={"environment": "staging", "verify_backups": False})
+    opened = [i for i in records().incidents() if i.alert_key == "outage{}"]
+    assert len(opened) == 1 and opened[0].severity == "critical"
+    evaluate_alerts(rules=["outage"])
+    evaluate_alerts(rules=["outage"], start_incidents="subflow")
+    assert [i.id for i in records().incidents() if i.alert_key == "outage{}"] == [opened[0].id]

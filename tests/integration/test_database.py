@@ -11,7 +11,13 @@ import pytest
 
 from kmpops.connectors.database import PostgresDatabase, SQLiteDatabase
 from kmpops.connectors.storage import LocalStore, PutResult
-from kmpops.errors import CommandFailed, ConnectorError, HostUnreachable, UnsafeValueError
+from kmpops.errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConnectorError,
+    HostUnreachable,
+    UnsafeValueError,
+)
 from kmpops.stack import postgres
 
 EXPECTED = {"app.orders": 3000, "public.customers": 1500, "public.events": 4000}
@@ -215,6 +221,99 @@ def test_names_are_validated_and_password_stays_out_of_errors(pg):
         down.server_version()
     assert "pw-s3cret" not in str(err.value) and "23299" in str(err.value)
     assert "pw-s3cret" not in repr(down)
+
+
+def _marker_db(admin: PostgresDatabase, name: str, marker: str) -> None:
+    admin.drop_database(name)
+    admin.create_database(name)
+    admin.run_sql(f"CREATE TABLE marker AS SELECT '{marker}'::text AS m", name)
+
+
+def _marker(admin: PostgresDatabase, name: str) -> str:
+    return str(admin.run_sql("SELECT m FROM marker", name)[0][0])
+
+
+def test_swap_is_one_transaction_and_the_target_name_never_disappears(pg):
+    """Both renames commit together: while the swap waits on its second rename, another
+    session still sees the target under its name; when the second rename fails, the first is
+    undone with it (nothing renamed)."""
+    import threading
+
+    import psycopg
+
+    admin = PostgresDatabase(host=pg.host, port=pg.port, user=pg.user, dbname="postgres")
+    _marker_db(admin, "swap_target", "old")
+    _marker_db(admin, "swap_staging", "new")
+    admin.drop_database("swap_previous")
+    # a session on the staging copy makes its rename wait (then fail): the window to look into
+    holder = psycopg.connect(host=pg.host, port=pg.port, user=pg.user, dbname="swap_staging")
+    box: dict[str, BaseException] = {}
+
+    def swap() -> None:
+        try:
+            admin.swap_in("swap_staging", "swap_target", "swap_previous")
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=swap)
+    try:
+        thread.start()
+        seen: list[str] = []
+        while thread.is_alive() and not seen:
+            waiting = admin.run_sql(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kmp-ops'"
+                " AND query LIKE 'ALTER DATABASE \"swap_staging\"%%' AND state = 'active'"
+            )
+            if waiting:  # the first rename is done (uncommitted), the second one waits
+                seen = [
+                    r[0]
+                    for r in admin.run_sql(
+                        "SELECT datname FROM pg_database WHERE datname LIKE 'swap\\_%%' ORDER BY 1"
+                    )
+                ]
+        thread.join(60)
+    finally:
+        holder.close()
+    assert seen == ["swap_staging", "swap_target"]  # swap_previous never became visible
+    assert "being accessed by other users" in str(box["error"])
+    assert _marker(admin, "swap_target") == "old" and _marker(admin, "swap_staging") == "new"
+    assert not admin.database_exists("swap_previous")
+
+    admin.swap_in("swap_staging", "swap_target", "swap_previous")  # nothing in the way now
+    assert _marker(admin, "swap_target") == "new" and _marker(admin, "swap_previous") == "old"
+    assert not admin.database_exists("swap_staging")
+    for name in ("swap_target", "swap_previous"):
+        admin.drop_database(name)
+
+
+def test_statements_and_lock_waits_are_bounded(pg, app_db):
+    """statement_timeout and lock_timeout are set on every session kmp-ops opens; running past
+    them fails naming the database and what was waited for."""
+    import psycopg
+
+    db = PostgresDatabase(
+        host=pg.host,
+        port=pg.port,
+        user=pg.user,
+        dbname="conn_app",
+        statement_timeout=0.5,
+        lock_timeout=0.5,
+    )
+    with pytest.raises(CommandTimeout, match=r"conn_app: a statement ran past 0.5s"):
+        db.run_sql("SELECT pg_sleep(30)")
+    patient = PostgresDatabase(
+        host=pg.host,
+        port=pg.port,
+        user=pg.user,
+        dbname="conn_app",
+        statement_timeout=60,
+        lock_timeout=0.5,
+    )
+    with psycopg.connect(host=pg.host, port=pg.port, user=pg.user, dbname="conn_app") as other:
+        other.execute("LOCK TABLE public.customers IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(ConnectorError, match=r"conn_app: waited more than 0.5s for a lock"):
+            patient.table_row_counts()
+    assert patient.table_row_counts() == EXPECTED  # the lock is gone with the other session
 
 
 def test_sqlite_online_backup(tmp_path):

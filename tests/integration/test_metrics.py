@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -242,16 +243,33 @@ def test_prometheus_sees_the_error_ratio(prom: prometheus.PromInfo) -> None:
     [scalar] = client.query("1 + 1", at=datetime.now(UTC))
     assert scalar.labels == {} and scalar.value == 2.0
 
+    # Traffic flows without pause while we wait, so every 5 s window of the range holds requests
+    # (a burst per poll left windows between bursts at rate 0: a race with the scrape schedule).
+    # The wait is for exactly what the assertions below need: 4+ points, every one of them > 0.
+    stop = threading.Event()
+
+    def steady_traffic() -> None:
+        while not stop.is_set():
+            generate_traffic(f"http://127.0.0.1:{GOOD_PORT}/", requests=5, concurrency=1)
+            stop.wait(0.1)
+
     def range_points() -> list | None:
-        generate_traffic(f"http://127.0.0.1:{GOOD_PORT}/", requests=20, concurrency=2)
         end = datetime.now(UTC)
         series = client.query_range(
             "sum(rate(web_requests_total[5s]))", start=end - timedelta(seconds=10), end=end, step=1
         )
-        return series if len(series) == 1 and len(series[0].points) >= 4 else None
+        if len(series) != 1 or len(series[0].points) < 4:
+            return None
+        return series if all(v > 0 for _, v in series[0].points) else None
 
-    series = wait_for(range_points, timeout=30.0)
-    assert series, "query_range never returned 4 points"
+    traffic = threading.Thread(target=steady_traffic, daemon=True)
+    traffic.start()
+    try:
+        series = wait_for(range_points, timeout=45.0)
+    finally:
+        stop.set()
+        traffic.join(timeout=10)
+    assert series, "query_range never returned 4 points, all with requests, under steady traffic"
     points = series[0].points
     assert all(b[0] - a[0] == pytest.approx(1.0) for a, b in itertools.pairwise(points))
     assert all(v > 0 for _, v in points)

@@ -1,9 +1,11 @@
 """The records store on SQLite and on PostgreSQL: releases, approvals, backups, incidents, and the
-tamper-evident audit chain (edit or delete any row → `kmpops audit verify` names the entry)."""
+HMAC-authenticated audit chain (edit or delete any row → `kmpops audit verify` names the entry).
+Truncation, keyless rewrites and the S3 checkpoints are in tests/security/test_audit_anchor.py."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import uuid
@@ -14,7 +16,22 @@ import pytest
 import yaml
 from sqlalchemy import text
 
-from kmpops.records import Records
+from kmpops.config import parse_config
+from kmpops.records import AuditKeyMissing, Records
+
+
+def _records_section(tmp_path: Path, url: str) -> dict[str, object]:
+    """A config of the records store ``url`` with an audit key and a local checkpoint file."""
+    key = tmp_path / "audit_key"
+    if not key.exists():
+        key.write_text(secrets.token_hex(32))
+    return {
+        "records": {
+            "url": url,
+            "audit_key": f"file:{key}",
+            "checkpoints": {"backend": "local", "path": str(tmp_path / "checkpoints.jsonl")},
+        }
+    }
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -32,7 +49,7 @@ def records(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Records]
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
-    rec = Records(url)
+    rec = Records.from_config(parse_config(_records_section(tmp_path, url)))
     rec.migrate()
     rec.migrate()  # idempotent
     yield rec
@@ -84,7 +101,7 @@ def test_backup_complete_only_when_finished(records: Records) -> None:
 
 def _write_config(tmp_path: Path, url: str) -> Path:
     path = tmp_path / "ops.yaml"
-    path.write_text(yaml.safe_dump({"records": {"url": url}}))
+    path.write_text(yaml.safe_dump(_records_section(tmp_path, url)))
     return path
 
 
@@ -102,23 +119,47 @@ def test_audit_chain_detects_edit_and_delete(records: Records, tmp_path: Path) -
     assert ok.returncode == 0, ok.stderr
     assert "intact: 5 events" in ok.stdout
 
+    anchored = _cli("audit", "checkpoint", "--config", str(cfg))
+    assert anchored.returncode == 0, anchored.stderr
     exported = _cli("audit", "export", "--config", str(cfg))
     lines = [json.loads(line) for line in exported.stdout.splitlines()]
-    assert [e["seq"] for e in lines] == [1, 2, 3, 4, 5]
-    assert lines[1]["prev_hash"] == lines[0]["hash"]
+    events = [e for e in lines if e["type"] == "event"]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert events[1]["prev_mac"] == events[0]["mac"]
+    assert [(c["type"], c["seq"], c["mac"]) for c in lines[5:]] == [
+        ("checkpoint", 5, events[4]["mac"])
+    ]
 
     with records.engine.begin() as conn:
         conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = 3"))
     edited = _cli("audit", "verify", "--config", str(cfg))
     assert edited.returncode == 1
-    assert "audit event #3: content was modified" in edited.stderr
+    assert "audit event #3: rewrite: does not match its HMAC tag" in edited.stderr
 
     with records.engine.begin() as conn:
         conn.execute(text("UPDATE audit_events SET actor = 'alice' WHERE seq = 3"))
         conn.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     deleted = _cli("audit", "verify", "--config", str(cfg))
     assert deleted.returncode == 1
-    assert "audit event #2: missing" in deleted.stderr
+    assert "audit event #2: deletion: missing" in deleted.stderr
+
+
+def test_no_audit_key_fails_closed(tmp_path: Path) -> None:
+    """Without records.audit_key nothing is appended and verify fails (exit 1)."""
+    url = f"sqlite:///{tmp_path / 'nokey.db'}"
+    rec = Records.from_config(parse_config({"records": {"url": url}}))
+    rec.migrate()
+    with pytest.raises(AuditKeyMissing, match=r"records\.audit_key is not configured"):
+        rec.audit(actor="a", action="x", subject="s")
+    assert rec.audit_events() == []
+    cfg = tmp_path / "ops.yaml"
+    cfg.write_text(yaml.safe_dump({"records": {"url": url}}))
+    verify = _cli("audit", "verify", "--config", str(cfg))
+    assert verify.returncode == 1
+    assert "audit event #1: key: records.audit_key is not configured" in verify.stderr
+    validate = _cli("validate", str(cfg))
+    assert validate.returncode == 1
+    assert "records.audit_key: not set" in validate.stderr
 
 
 def test_audit_details_are_redacted(records: Records) -> None:
@@ -161,7 +202,8 @@ def test_migrations_from_many_threads(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     url = f"sqlite:///{tmp_path / 'threads.db'}"
-    stores = [Records(url) for _ in range(6)]
+    config = parse_config(_records_section(tmp_path, url))
+    stores = [Records.from_config(config) for _ in range(6)]
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda r: r.migrate(), stores))
     stores[0].audit(actor="t", action="m", subject="s")

@@ -138,3 +138,45 @@ def test_token_and_callback_failure():
 def test_body_limit():
     with AlertmanagerReceiver(lambda n: None, max_body=100) as receiver:
         assert post(receiver.url, json.dumps(PAYLOAD).encode())[0] == 413
+
+
+def test_without_a_token_only_on_loopback():
+    with pytest.raises(ValueError, match=r"unauthenticated alerts on 0\.0\.0\.0"):
+        AlertmanagerReceiver(lambda n: None, host="0.0.0.0")
+    with pytest.raises(ValueError, match="token is empty"):
+        AlertmanagerReceiver(lambda n: None, token="  ")
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "deeper"),
+    [
+        (b"[]", 1, False),
+        (b"[[]]", 1, True),
+        (b'{"a": {"b": [1, 2]}}', 3, False),
+        (b'{"a": {"b": [1, 2]}}', 2, True),
+        (b'["[[[[[[", "\\"[[[["]', 1, False),  # brackets inside strings do not count
+        (b"[" * 100_000, 32, True),
+    ],
+)
+def test_json_depth(text, limit, deeper):
+    from kmpops.alertmanager import json_depth_exceeds
+
+    assert json_depth_exceeds(text, limit) is deeper
+
+
+def test_nested_json_is_a_400_and_the_receiver_goes_on(received):
+    receiver, got = received
+    status, body = post(receiver.url, b"[" * 200_000)
+    assert status == 400 and body == {"error": "JSON nested deeper than 32 levels"}
+    assert post(receiver.url, json.dumps(PAYLOAD).encode())[0] == 200
+    assert len(got) == 1
+
+
+def test_a_silent_connection_is_closed():
+    import socket
+
+    with AlertmanagerReceiver(lambda n: None, request_timeout=0.5) as receiver:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
+            sock.sendall(b"POST /alertmanager HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408")

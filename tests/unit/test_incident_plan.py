@@ -9,11 +9,19 @@ import pytest
 from kmpops.plans.alerts import AlertState, evaluate, labelset
 from kmpops.plans.incident import (
     PHASES,
+    IncidentScope,
     TimelineEntry,
     alert_key,
     build_rules,
+    check_block_address,
+    check_key_fingerprint,
+    classify_incident,
+    containment_plan_for,
+    correlate_release,
     default_query,
     hosts_for_alert,
+    incident_scope,
+    incident_title,
     incident_type_for,
     instance_of,
     notification_for,
@@ -227,3 +235,313 @@ def test_replayed_states_survive_serialisation():
     stored = {k: AlertState.from_dict(v.to_dict()) for k, v in states.items()}
     states, tr = evaluate(rule, {ls: 0.3}, stored, T0 + timedelta(seconds=3))
     assert [t.state for t in tr] == ["firing"]
+
+
+# -- from an alert to what containment may touch -------------------------------------------
+
+
+INVENTORY = {"staging": ["stg-1", "stg-2"], "production": ["prd-1", "prd-2", "prd-3"]}
+INSTANCES = {"127.0.0.1:17501": "prd-1", "127.0.0.1:17601": "stg-1"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "requested", "deployed", "env", "hosts", "refused"),
+    [
+        # no location: the default environment's hosts where the service runs
+        ({}, [], ["prd-1", "prd-3", "stg-1"], "production", ["prd-1", "prd-3"], []),
+        ({}, [], [], "production", [], []),
+        ({"host": "prd-2"}, [], [], "production", ["prd-2"], []),
+        ({"instance": "127.0.0.1:17601"}, [], [], "staging", ["stg-1"], []),
+        ({"environment": "staging"}, [], ["stg-2", "prd-1"], "staging", ["stg-2"], []),
+        ([], ["prd-1", "prd-1", "prd-2"], [], "production", ["prd-1", "prd-2"], []),
+        # a name outside the inventory is refused and widens nothing
+        ({"host": "intruder"}, [], ["prd-1"], None, [], ["host intruder: not a host of ops.yaml"]),
+        (
+            {"instance": "10.9.9.9:9100"},
+            [],
+            ["prd-1"],
+            None,
+            [],
+            ["instance 10.9.9.9:9100: not an instance of a configured host"],
+        ),
+        (
+            {"environment": "everywhere"},
+            [],
+            ["prd-1"],
+            None,
+            [],
+            ["environment everywhere: not an environment of ops.yaml"],
+        ),
+        # a label narrows inside one environment only
+        (
+            {"environment": "staging", "host": "prd-1"},
+            [],
+            [],
+            "staging",
+            [],
+            ["host prd-1: not a host of staging in ops.yaml"],
+        ),
+        (
+            {"host": "stg-2"},
+            ["prd-1"],
+            [],
+            "production",
+            ["prd-1"],
+            ["host stg-2: not a host of production in ops.yaml"],
+        ),
+    ],
+)
+def test_incident_scope(labels, requested, deployed, env, hosts, refused):
+    scope = incident_scope(
+        dict(labels),
+        inventory=INVENTORY,
+        requested_hosts=requested,
+        instances=INSTANCES,
+        deployed=deployed,
+    )
+    assert scope.environment == env
+    assert list(scope.hosts) == hosts
+    assert [r.line().removeprefix("refused ") for r in scope.refused] == refused
+    assert set(scope.hosts) <= set(scope.environment_hosts)
+    if env:
+        assert list(scope.environment_hosts) == INVENTORY[env]
+
+
+HOSTS = [("127.0.0.1", "host prd-1"), ("10.0.0.5", "host prd-2"), ("10.0.8.0/29", "kmp-ops")]
+
+
+@pytest.mark.parametrize(
+    ("address", "target", "reason"),
+    [
+        ("203.0.113.7", "203.0.113.7/32", None),
+        ("203.0.113.0/24", "203.0.113.0/24", None),
+        ("203.0.113.9/24", "203.0.113.0/24", None),
+        ("2001:db8::1", "2001:db8::1/128", None),
+        ("2001:db8::/64", "2001:db8::/64", None),
+        ("0.0.0.0/0", "0.0.0.0/0", "wider than /24 (incidents.widest_block_v4)"),
+        ("203.0.112.0/23", "203.0.112.0/23", "wider than /24 (incidents.widest_block_v4)"),
+        ("::/0", "::/0", "wider than /64 (incidents.widest_block_v6)"),
+        ("127.0.0.1", "127.0.0.1/32", "the address of host prd-1"),
+        ("10.0.0.0/24", "10.0.0.0/24", "covers the address of host prd-2 (10.0.0.5/32)"),
+        ("10.0.8.3", "10.0.8.3/32", "covers the address of kmp-ops (10.0.8.0/29)"),
+        ("127.0.0.2", "127.0.0.2/32", "a loopback address"),
+        ("0.0.0.0", "0.0.0.0/32", "the unspecified address"),
+        ("224.0.0.1", "224.0.0.1/32", "a multicast address"),
+        ("169.254.1.1", "169.254.1.1/32", "a link-local address"),
+        ("203.0.113.8; touch /tmp/x", "203.0.113.8; touch /tmp/x", "not an IP address or network"),
+        ("", "", "not an IP address or network"),
+    ],
+)
+def test_check_block_address(address, target, reason):
+    assert check_block_address(address, protected=HOSTS) == (target, reason)
+
+
+def test_check_block_address_width_is_config():
+    assert check_block_address("203.0.112.0/20", widest_v4=16) == ("203.0.112.0/20", None)
+    assert check_block_address("203.0.113.0/24", widest_v4=32)[1] == (
+        "wider than /32 (incidents.widest_block_v4)"
+    )
+
+
+FP_ADMIN = "SHA256:" + "a" * 43
+FP_OWN = "SHA256:" + "b" * 43
+FP_OTHER = "SHA256:" + "c" * 43
+
+
+@pytest.mark.parametrize(
+    ("fingerprint", "reason"),
+    [
+        (FP_ADMIN, None),
+        (FP_OWN, "kmp-ops' own key (it would lock kmp-ops out)"),
+        (FP_OTHER, "not a key kmp-ops knows (incidents.known_keys)"),
+        ("SHA256:short", "not an OpenSSH SHA256 fingerprint"),
+        ("$(id)", "not an OpenSSH SHA256 fingerprint"),
+    ],
+)
+def test_check_key_fingerprint(fingerprint, reason):
+    known = {FP_ADMIN: "admin", FP_OWN: "kmp-ops"}
+    assert check_key_fingerprint(fingerprint, known=known, own={FP_OWN}) == reason
+
+
+@pytest.mark.parametrize(
+    ("rule", "labels", "expected"),
+    [
+        ("error_rate", {}, ("bad_release", False)),
+        ("error_rate", {"incident_type": "bad_release"}, ("bad_release", False)),
+        (
+            "anything",
+            {"incident_type": "compromised_credentials"},
+            ("compromised_credentials", True),
+        ),
+        ("error_rate", {"incident_type": "hostile_traffic"}, ("hostile_traffic", True)),
+        ("error_rate", {"incident_type": "nonsense"}, ("bad_release", False)),
+        (None, {}, ("unknown", False)),
+    ],
+)
+def test_classify_incident(rule, labels, expected):
+    assert classify_incident(rule, labels) == expected
+
+
+PRD = IncidentScope("production", ("prd-1", "prd-2"), ("prd-1", "prd-2", "prd-3"))
+
+
+@pytest.mark.parametrize(
+    ("rule", "labels", "auto", "actions", "needs", "refused"),
+    [
+        # inventory targets, policy allows: automatic
+        (
+            "error_rate",
+            {},
+            ["critical"],
+            [("rollback_release", "prd-1", ()), ("rollback_release", "prd-2", ())],
+            False,
+            [],
+        ),
+        (
+            "high_cpu",
+            {},
+            [],
+            [("drain_host", "prd-1", ()), ("drain_host", "prd-2", ())],
+            True,
+            [],
+        ),
+        # a label-chosen address: checked, and an approval whatever the policy
+        (
+            "request_flood",
+            {"address": "203.0.113.7"},
+            ["critical"],
+            [("block_address", "203.0.113.7/32", ("prd-1", "prd-2"))],
+            True,
+            [],
+        ),
+        (
+            "request_flood",
+            {"address": "0.0.0.0/0"},
+            ["critical"],
+            [],
+            False,
+            ["block_address 0.0.0.0/0: wider than /24 (incidents.widest_block_v4)"],
+        ),
+        (
+            "request_flood",
+            {"source_ip": "127.0.0.1"},
+            ["critical"],
+            [],
+            False,
+            ["block_address 127.0.0.1/32: the address of host prd-1"],
+        ),
+        (
+            "request_flood",
+            {},
+            ["critical"],
+            [],
+            False,
+            ["block_address -: no address in the alert's labels"],
+        ),
+        # keys: known ones on every host of the environment, with an approval
+        (
+            "auth_failures",
+            {"fingerprint": FP_ADMIN},
+            ["critical"],
+            [("disable_key", FP_ADMIN, ("prd-1", "prd-2", "prd-3"))],
+            True,
+            [],
+        ),
+        (
+            "auth_failures",
+            {"fingerprint": FP_OWN},
+            ["critical"],
+            [],
+            False,
+            [f"disable_key {FP_OWN}: kmp-ops' own key (it would lock kmp-ops out)"],
+        ),
+        (
+            "auth_failures",
+            {"fingerprint": FP_OTHER},
+            ["critical"],
+            [],
+            False,
+            [f"disable_key {FP_OTHER}: not a key kmp-ops knows (incidents.known_keys)"],
+        ),
+        # an incident type chosen by a label needs an approval even for inventory targets
+        (
+            "high_latency",
+            {"incident_type": "resource_exhaustion"},
+            ["critical"],
+            [("drain_host", "prd-1", ()), ("drain_host", "prd-2", ())],
+            True,
+            [],
+        ),
+    ],
+)
+def test_containment_plan_for(rule, labels, auto, actions, needs, refused):
+    plan = containment_plan_for(
+        rule,
+        labels,
+        severity="critical",
+        scope=PRD,
+        auto_containment=auto,
+        protected=[("127.0.0.1", "host prd-1")],
+        known_keys={FP_ADMIN: "admin"},
+        own_keys={FP_OWN},
+    )
+    assert [(a.kind, a.target, a.hosts) for a in plan.actions] == actions
+    assert plan.needs_approval is needs
+    assert [r.line().removeprefix("refused ") for r in plan.refused] == refused
+    if needs and auto:
+        assert plan.reason.startswith("required (targets chosen from the alert's labels")
+    for line in refused:
+        assert f"refused {line}" in plan.markdown()
+
+
+def test_containment_plan_for_an_alert_outside_the_inventory():
+    scope = incident_scope({"host": "intruder"}, inventory=INVENTORY)
+    plan = containment_plan_for(
+        "request_flood",
+        {"address": "203.0.113.7", "host": "intruder"},
+        severity="critical",
+        scope=scope,
+        auto_containment=["critical"],
+    )
+    assert plan.actions == ()
+    assert [r.line() for r in plan.refused] == [
+        "refused host intruder: not a host of ops.yaml",
+        "refused block_address 203.0.113.7/32: no affected host to block on",
+    ]
+
+
+T_DEPLOY = "2026-11-27T11:50:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("releases", "active_since", "expected"),
+    [
+        ([], T0, "no release recorded on the affected hosts"),
+        (
+            [{"version": "2.0.0", "host": "prd-1", "deployed_at": T_DEPLOY}],
+            T0,
+            "release 2.0.0 deployed on prd-1 at 11:50:00 UTC, 600 s before the alert became "
+            "active (likely cause)",
+        ),
+        (
+            [{"version": "2.0.0", "host": "prd-1", "deployed_at": T_DEPLOY}],
+            T0 + timedelta(hours=2),
+            "release 2.0.0 deployed on prd-1 at 11:50:00 UTC, 7800 s before the alert became "
+            "active (probably unrelated)",
+        ),
+        (
+            [{"version": "2.0.0", "host": "prd-1", "deployed_at": T_DEPLOY}],
+            None,
+            "latest release: 2.0.0 on prd-1",
+        ),
+    ],
+)
+def test_correlate_release(releases, active_since, expected):
+    assert correlate_release(releases, active_since) == expected
+
+
+def test_incident_title():
+    assert incident_title("error_rate", {"b": "2", "a": "1"}) == "error_rate firing (a=1, b=2)"
+    assert incident_title("outage", {}) == "outage firing"
+    assert incident_title(None, {}) == "manual incident"
+    assert incident_title("x", {}, "disk full") == "disk full"
