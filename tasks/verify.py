@@ -131,27 +131,28 @@ def _prometheus(cfg: OpsConfig) -> metrics.PrometheusClient | None:
 
 
 def _wait_fresh_scrape(client: metrics.PrometheusClient, instances: list[str], since: float) -> str:
-    """Wait (at most FRESH_SCRAPE_TIMEOUT_S) until Prometheus has scraped every instance after
-    ``since``, so the new processes' first samples are in the window; returns a note."""
+    """Wait (at most FRESH_SCRAPE_TIMEOUT_S) until Prometheus holds two samples of every
+    instance taken after ``since``: ``increase()`` over the analysis window needs two, and the
+    new processes' first samples must be in it. Returns a note for the audit."""
     if not instances:
         return "no metrics targets for these hosts"
-    query = f'min(timestamp(up{{instance=~"{instances_regex(instances)}"}}))'
+    wanted = len(set(instances))
+    matcher = f'up{{instance=~"{instances_regex(instances)}"}}'
     deadline = time.monotonic() + FRESH_SCRAPE_TIMEOUT_S
     while time.monotonic() < deadline:
+        window = window_text(time.time() - since)
         try:
-            samples = client.query(query)
+            fewest = client.query(f"min(count_over_time({matcher}[{window}]))")
+            seen = client.query(f"count(count_over_time({matcher}[{window}]))")
         except metrics.MetricsUnavailable:
-            samples = []
-        count_query = f'count(up{{instance=~"{instances_regex(instances)}"}})'
-        if samples and samples[0].value > since:
-            try:
-                seen = client.query(count_query)
-            except metrics.MetricsUnavailable:
-                seen = []
-            if seen and seen[0].value >= len(set(instances)):
-                return f"Prometheus scraped all {len(set(instances))} targets after the switch"
+            fewest, seen = [], []
+        if fewest and seen and fewest[0].value >= 2 and seen[0].value >= wanted:
+            return f"Prometheus scraped all {wanted} targets twice after the switch"
         time.sleep(0.25)
-    return f"Prometheus had not scraped every target {FRESH_SCRAPE_TIMEOUT_S:g}s after the switch"
+    return (
+        f"Prometheus had not scraped every target twice {FRESH_SCRAPE_TIMEOUT_S:g}s "
+        "after the switch"
+    )
 
 
 @task(name="begin-analysis", cache_policy=NO_CACHE, task_run_name="begin-analysis-{environment}")
