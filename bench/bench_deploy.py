@@ -146,16 +146,12 @@ def write_ops_yaml(info: stack.StackInfo, root: Path, batch: str) -> Path:
 
 def publish_evidence(root: Path, version: str, sha256: str) -> None:
     """The checklist's evidence records (what CI would publish) in the local store."""
-    for gate in (
-        "code_review",
-        "tests_passed",
-        "security_scan",
-        "dependencies_updated",
-        "documentation_updated",
-    ):
+    from kmpops.stack import ci_evidence
+
+    for gate, record in ci_evidence(version, sha256, author="bench").items():
         path = root / "objects" / "evidence" / "app" / version / f"{gate}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"by": "bench", "sha256": sha256}))
+        path.write_text(json.dumps(record))
 
 
 def run_kmpops(version: str, tarball: Path, *, first: bool = False) -> float:

@@ -166,23 +166,32 @@ def _publish(cfg: Any, tarball: Path, version: str) -> str:
 
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
 
     store = open_store(cfg.storage, resolve_secret)
     with tarball.open("rb") as fh:
         put = store.put_stream(f"releases/web/{version}.tar.gz", fh)
     sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
     assert put.sha256 == sha
-    evidence = {
-        "code_review": {"reviewer": "bob", "pull_request": f"web#{version}"},
-        "tests_passed": {"pipeline": f"ci/web/{version}", "passed": 412, "failed": 0},
-        "security_scan": {"scanner": "demo-scan", "critical": 0, "high": 0},
-        "dependencies_updated": {"lockfile": "requirements.lock", "outdated": 0},
-        "documentation_updated": {"changelog": f"CHANGELOG.md#{version}"},
-    }
-    for gate, record in evidence.items():
-        body = json.dumps({**record, "sha256": sha}).encode()
-        store.put_bytes(f"evidence/web/{version}/{gate}.json", body)
+    # what the checklist's gates read: review by someone other than the author, test counts,
+    # scan findings by severity, dependency status, the changelog entry — bound to this sha256
+    for gate, record in ci_evidence(version, sha, author="demo-operator").items():
+        store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
     return sha
+
+
+def _users(info: Any, stop: threading.Event) -> None:
+    """Production's users: a trickle of requests to every production host (what each batch's
+    bake analysis judges; staging gets its traffic from the service's staging tests)."""
+    from kmpops.connectors.traffic import send_traffic
+
+    hosts = [h for h in info.hosts if h.environment == "production"]
+    while not stop.is_set():
+        for host in hosts:
+            send_traffic(
+                f"http://127.0.0.1:{host.web_port}/work", requests=3, concurrency=1, timeout=1
+            )
+        stop.wait(0.05)
 
 
 def _deploy(root: Path, info: Any, cfg: Any, version: str) -> dict[str, Any]:
@@ -199,6 +208,8 @@ def _deploy(root: Path, info: Any, cfg: Any, version: str) -> dict[str, Any]:
         target=_auto_approver, args=(root, info.prefect["api_url"], stop), daemon=True
     )
     approver.start()
+    users = threading.Thread(target=_users, args=(info, stop), daemon=True)
+    users.start()
     try:
         return deploy_pipeline(
             DeployRequest(
@@ -212,6 +223,7 @@ def _deploy(root: Path, info: Any, cfg: Any, version: str) -> dict[str, Any]:
     finally:
         stop.set()
         approver.join(timeout=5)
+        users.join(timeout=5)
 
 
 def _backup_verify_restore(cfg: Any) -> dict[str, Any]:

@@ -1,7 +1,13 @@
 """deploy-pipeline: the guide's deployment process, with approval and a rollback that always lands.
 
 checklist -> plan (dry_run stops here) -> staging -> integration tests -> verify monitoring ->
-approval -> production in rolling batches -> verify -> bake -> post-deployment.
+approval -> production in rolling batches, each verified and baked -> post-deployment.
+
+Verification is the service's configured analysis (tasks/verify.py, kmpops/plans/analysis.py):
+on staging after the integration tests (the service's staging tests: a command and/or test
+traffic), and on each production batch during its bake. A failed analysis rolls back; an
+inconclusive one (no data, too little traffic) rolls back or, under the environment's
+``inconclusive: pause`` policy, pauses for a person's decision, recorded like an approval.
 
 Compensation: every host whose ``current`` was (or may have been) switched in this run is in the
 run's ledger with the release it had before; any failure after the first switch (unhealthy host
@@ -24,6 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from kmpops import shellsafe
 from kmpops.errors import KmpOpsError, PolicyViolation
+from kmpops.plans.analysis import AnalysisReport, verification_action
 from kmpops.plans.approval import required_approvals
 from kmpops.plans.failures import group_failures
 from kmpops.plans.freeze import check_freeze
@@ -55,7 +62,6 @@ from tasks.deploy import (
     activate_releases,
     check_hosts,
     close_connections,
-    measure_error_rate,
     read_current_releases,
     resolve_artifact,
     roll_back_hosts,
@@ -64,6 +70,7 @@ from tasks.deploy import (
     stage_releases,
 )
 from tasks.locks import deploy_targets, locked
+from tasks.verify import begin_analysis, mark_log_offsets, run_analysis, run_staging_tests
 
 
 class DeployRequest(BaseModel):
@@ -122,6 +129,9 @@ class _Run:
         self.total = 0
         self.progress_id: Any = None
         self.pruned: dict[str, list[str]] = {}
+        self.requested_by = req.requested_by
+        self.log_offsets: dict[str, dict[str, int]] = {}
+        self.analyses: list[str] = []
 
     def stage(self, name: str, started: float) -> None:
         """Record (add to) the seconds spent in ``name`` since ``started``."""
@@ -191,6 +201,8 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
             batch=number,
             previous={h: plan.previous.get(h) for h in staged},
         )
+        for name, offsets in mark_log_offsets(req.service, env, staged).items():
+            run.log_offsets.setdefault(name, {}).update(offsets)
         t = time.monotonic()
         try:
             activated = activate_releases(
@@ -224,6 +236,65 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
             logger.warning("host %s failed within max_failures: rolling it back", host)
             rollback_host(req.service, env, host, run.ledger.pop((env, host)), req.version)
             run.notes.append(f"{host} failed and was rolled back (within max_failures)")
+        if env != "staging":
+            live = [h for h in staged if h not in failed_here]
+            _bake_batch(run, env, live, f"{env} batch {number}/{len(plan.batches)}")
+
+
+def _bake_batch(run: _Run, env: str, hosts: list[str], label: str) -> None:
+    """Verify and bake one production batch: smoke checks, then the analysis over the bake."""
+    if not hosts:
+        return
+    req = run.req
+    t = time.monotonic()
+    start = begin_analysis(req.service, env, hosts, _offsets(run, hosts))
+    _check_stage(run, env, hosts, "smoke")
+    policy = ops_config().environment(env).policy
+    bake = req.bake_seconds if req.bake_seconds is not None else policy.bake_time.total_seconds()
+    report = run_analysis(start, bake, label)
+    _judge(run, env, report, f"bake of {label} over {bake:g}s")
+    run.stage(f"verify+bake {env}", t)
+
+
+def _offsets(run: _Run, hosts: list[str]) -> dict[str, dict[str, int]]:
+    return {
+        m: {h: o for h, o in by_host.items() if h in hosts}
+        for m, by_host in run.log_offsets.items()
+    }
+
+
+def _judge(run: _Run, env: str, report: AnalysisReport, what: str) -> None:
+    """Proceed, roll back (raise PolicyViolation) or pause for a decision, per the verdict and
+    the environment's ``inconclusive`` policy; the report goes into an artifact either way."""
+    create_table_artifact(
+        report.rows() or [{"measurement": "(none configured)"}],
+        key="deploy-analysis",
+        description=report.describe()[:500],
+    )
+    run.analyses.append(f"{what}: {report.describe()}")
+    policy = ops_config().environment(env).policy
+    action = verification_action(report.outcome, policy.inconclusive)
+    if action == "proceed":
+        return
+    if action == "roll_back":
+        raise PolicyViolation(f"{what}: {report.describe()}")
+    outcome = request_approval(
+        subject=f"analysis inconclusive: {run.req.service}@{run.req.version} {what}",
+        summary_markdown=(
+            f"The analysis of **{what}** was inconclusive:\n\n{report.describe()}\n\n"
+            "Approve to continue the rollout, reject to roll it back."
+        ),
+        policy=policy,
+        requested_by=run.requested_by,
+        required=max(1, policy.quorum),
+    )
+    if outcome.approved_by:
+        decided = f"approved by {', '.join(outcome.approved_by)}"
+    else:
+        decided = f"rejected by {outcome.rejected_by}" if outcome.rejected_by else outcome.status
+    run.notes.append(f"inconclusive analysis ({what}): decision: {decided}")
+    if not outcome.approved:
+        raise PolicyViolation(f"{what}: {report.describe()}; decision: {decided}")
 
 
 def _compensate(run: _Run) -> tuple[list[str], list[str]]:
@@ -239,6 +310,30 @@ def _compensate(run: _Run) -> tuple[list[str], list[str]]:
         )
     run.ledger.clear()
     return done, failed
+
+
+def _verify_staging(run: _Run, env: str, hosts: list[str]) -> None:
+    """Integration tests (checks, then the service's staging tests: a command and/or traffic),
+    then the analysis of what they did. The analysis runs even when a test failed (its verdict
+    is evidence too); either failing fails the stage."""
+    t = time.monotonic()
+    req = run.req
+    start = begin_analysis(req.service, env, hosts, _offsets(run, hosts))
+    problems: list[str] = []
+    try:
+        _check_stage(run, env, hosts, "integration")
+        run_staging_tests(req.service, env, hosts)
+    except PolicyViolation as exc:
+        problems.append(str(exc))
+    window = ops_config().environment(env).policy.bake_time.total_seconds()
+    report = run_analysis(start, window or None, "staging")
+    run.stage("verify staging", t)
+    if problems:
+        run.analyses.append(f"verify monitoring on staging: {report.describe()}")
+        raise PolicyViolation(
+            "; ".join(problems) + f"; verify monitoring on staging: {report.describe()}"
+        )
+    _judge(run, env, report, "verify monitoring on staging")
 
 
 def _check_stage(run: _Run, env: str, hosts: list[str], kind: str) -> list[str]:
@@ -291,6 +386,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     )
     subject = f"{svc_name}@{req.version}->{target}"
     run = _Run(req)
+    run.requested_by = requested_by
     audit(
         "deploy.requested",
         subject,
@@ -325,7 +421,9 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     artifact = resolve_artifact(svc_name, req.version, req.artifact)
     all_hosts = [(env, h.name) for env in envs for h in cfg.environment(env).hosts]
     current = read_current_releases(svc_name, all_hosts)
-    report = run_checklist(svc_name, req.version, artifact, current, req.allow_first_install)
+    report = run_checklist(
+        svc_name, req.version, artifact, current, req.allow_first_install, req.emergency
+    )
     create_table_artifact(
         report.table(),
         key="deploy-checklist",
@@ -359,12 +457,13 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             env = plan.environment
             policy = cfg.environment(env).policy
             # production is approved; staging only when an emergency overrides its freeze
-            # (declaring an emergency is a human act: approved and its requester authenticated)
-            if env != "staging" or overrides.get(env, False):
+            # (declaring an emergency is a human act: approved and its requester authenticated),
+            # or when a release marked bad deploys with one more approver, staging included
+            if env != "staging" or overrides.get(env, False) or report.overrides:
                 needed = required_approvals(
                     policy_quorum=policy.quorum,
                     approval_required=policy.approval_required,
-                    emergency=extra > 0,
+                    emergency=extra > 0 or bool(report.overrides),
                 )
                 if needed and req.change_request_id is not None:
                     consume_change_request(
@@ -376,8 +475,13 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                     outcome = request_approval(
                         subject=f"deploy {subject}",
                         summary_markdown=plan.to_markdown()
-                        + "\n\nChecklist: all six gates passed. Requested by "
-                        f"**{requested_by or '(to be confirmed)'}**.",
+                        + "\n\nChecklist: every gate passed"
+                        + (
+                            f" (OVERRIDE: {'; '.join(report.overrides)})"
+                            if report.overrides
+                            else ""
+                        )
+                        + f". Requested by **{requested_by or '(to be confirmed)'}**.",
                         policy=policy,
                         requested_by=requested_by,
                         required=needed,
@@ -392,25 +496,8 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
             t = time.monotonic()
             _rollout(run, plan, artifact)
             run.stage(f"deploy {env}", t)
-            t = time.monotonic()
             if env == "staging":
-                _check_stage(run, env, list(plan.hosts), "integration")
-                window = policy.bake_time.total_seconds()
-                rate = measure_error_rate(svc_name, env, list(plan.hosts), window)
-                if rate.breached:
-                    raise PolicyViolation(f"verify monitoring on staging: {rate.describe()}")
-                run.stage("verify staging", t)
-            else:
-                _check_stage(run, env, list(plan.hosts), "smoke")
-                bake = (
-                    req.bake_seconds
-                    if req.bake_seconds is not None
-                    else (policy.bake_time.total_seconds())
-                )
-                rate = measure_error_rate(svc_name, env, list(plan.hosts), bake)
-                if rate.breached:
-                    raise PolicyViolation(f"bake on {env} over {bake:g}s: {rate.describe()}")
-                run.stage(f"verify+bake {env}", t)
+                _verify_staging(run, env, list(plan.hosts))
     except BaseException as exc:
         if run.ledger:
             logger.error("deploy failed (%s): rolling back %d host(s)", exc, len(run.ledger))
@@ -489,6 +576,7 @@ def _release_notes(
     lines += ["", "## Checklist", ""] + [
         f"- {c['gate']}: {c['result']} — {c['evidence']}" for c in checklist
     ]
+    lines += ["", "## Verification", ""] + [f"- {a}" for a in run.analyses or ["none"]]
     lines += ["", "## Timings", ""] + [f"- {k}: {v}s" for k, v in run.timings.items()]
     if run.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in run.notes]

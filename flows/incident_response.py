@@ -77,6 +77,7 @@ from tasks.incident import (
     run_service_command,
     wait_for_ack,
 )
+from tasks.verify import analyse_recovery
 
 
 class AlertSignal(BaseModel):
@@ -403,6 +404,26 @@ def _eradication(
     return items
 
 
+def _recovery_analysis(incident_id: int, service: str, hosts: list[str]) -> bool:
+    """The service's configured analysis of the recovered hosts (kmpops/plans/analysis.py),
+    each verdict an incident phase. False when it failed or was inconclusive: the incident is
+    then not recovered but needs attention — the person's decision the ``inconclusive`` policy
+    asks for, taken on the incident rather than by pausing a response that has paged people."""
+    from kmpops.plans.analysis import verification_action
+
+    ok = True
+    for env, report in analyse_recovery(service, hosts):
+        action = verification_action(
+            report.outcome, ops_config().environment(env).policy.inconclusive
+        )
+        line = report.describe()[:480]
+        if action == "pause":
+            line += " — a person decides (the incident needs attention)"
+        record_phase(incident_id, "recovery", line)
+        ok = ok and action == "proceed"
+    return ok
+
+
 def _recovery(
     incident_id: int,
     signal: AlertSignal,
@@ -425,6 +446,7 @@ def _recovery(
         record_phase(
             incident_id, "recovery", f"{host} health: {'ok' if ok else 'FAILED'} ({detail})"
         )
+    healthy = _recovery_analysis(incident_id, options.service, hosts) and healthy
     resolved: bool | None = None
     last_value: float | None = None
     if signal.rule and signal.rule in cfg.alerts and key:

@@ -21,7 +21,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, field_validator
 
+from kmpops.errors import PolicyViolation
 from kmpops.plans.approval import is_service_identity
+from kmpops.plans.checklist import release_refusal
 from kmpops.plans.risk import assess_risk
 from kmpops.shellsafe import validate_name
 from tasks.approval import requester_for_run
@@ -44,6 +46,10 @@ class UpdateRequest(BaseModel):
     dry_run: bool = Field(default=False, description="assess and plan only")
     allow_first_install: bool = False
     bake_seconds: float | None = Field(default=None, ge=0)
+    emergency: bool = Field(
+        default=False,
+        description="emergency override (a freeze window, a release marked bad): one more approver",
+    )
 
     @field_validator("service", "environment", "version")
     @classmethod
@@ -101,14 +107,27 @@ def impact_assessment(req: UpdateRequest, now: datetime) -> dict[str, Any]:
 def update_management(request: UpdateRequest) -> dict[str, Any]:
     """Notify, assess, roll out through the deploy pipeline, document.
 
-    Returns the pipeline's result with the assessment. Re-raises the pipeline's error after the
+    Returns the pipeline's result with the assessment. Raises PolicyViolation before anything
+    (no notification, no deploy) for a release an incident marked bad, unless ``emergency``
+    (then the pipeline asks for one more approver). Re-raises the pipeline's error after the
     failure was documented and notified (the pipeline has rolled back what it changed).
     """
+    from tasks.deploy import marked_bad
+
     req = request
     logger = get_run_logger()
     now = datetime.now(UTC)
     who = requester_for_run(req.requested_by)
     subject = f"{req.service}@{req.version}->{req.environment}"
+    refusal = release_refusal(
+        marked_bad(req.service, req.version),
+        service=req.service,
+        version=req.version,
+        emergency=req.emergency,
+    )
+    if refusal:
+        audit("update.refused", subject, reason=refusal, requested_by=who)
+        raise PolicyViolation(f"update refused: {refusal}")
     impact = impact_assessment(req, now)
     risk = impact["risk"]
     notify(
@@ -136,6 +155,7 @@ def update_management(request: UpdateRequest) -> dict[str, Any]:
                 requested_by="" if is_service_identity(who) else who,
                 allow_first_install=req.allow_first_install,
                 bake_seconds=req.bake_seconds,
+                emergency=req.emergency,
             )
         )
     except Exception as exc:

@@ -227,6 +227,9 @@ class Policy(Strict):
     bake_time: Duration = timedelta(seconds=0)
     auto_containment: list[Literal["critical", "warning", "info"]] = Field(default_factory=list)
     freeze_windows: list[FreezeWindow] = Field(default_factory=list)
+    inconclusive: Literal["fail", "pause"] = Field(
+        default="fail", description="an inconclusive analysis fails, or pauses for a decision"
+    )
 
     @field_validator("batch_size")
     @classmethod
@@ -361,6 +364,18 @@ class ServiceConfig(Strict):
     def _logs(cls, value: dict[str, str]) -> dict[str, str]:
         for name, template in value.items():
             _check_path_template(template, what=f"log {name!r}")
+
+    analysis: list[Measurement] = Field(default_factory=list)
+    staging_tests: StagingTests | None = None
+    evidence: EvidencePolicy = Field(default_factory=lambda: EvidencePolicy())
+
+    @field_validator("analysis")
+    @classmethod
+    def _unique_measurements(cls, value: list[Measurement]) -> list[Measurement]:
+        names = [m.name for m in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate measurement names: {', '.join(dupes)}")
         return value
 
     @field_validator("deploy_path")
@@ -864,6 +879,167 @@ def summary(config: OpsConfig) -> str:
         f"{len(config.services)} services, {len(config.databases)} databases, "
         f"{len(config.alerts)} alert rules, {len(config.backups)} backup schedules"
     )
+
+
+# -- verification: analysis, staging tests, checklist evidence policy (issue #11) ---------------
+
+_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_CONDITION_RE = re.compile(r"^\s*(<=|>=|<|>|==)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+ANALYSIS_PLACEHOLDERS = ("instances", "window", "service", "environment")
+
+
+class CounterSelector(Strict):
+    """A counter on a service's ``/metrics`` page: its name and label matchers (equality)."""
+
+    metric: str
+    match: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if not _METRIC_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a Prometheus metric name")
+        return value
+
+    @field_validator("match")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _LABEL_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not a Prometheus label name")
+        return value
+
+
+class ScrapeQuery(Strict):
+    """A measurement from two scrapes of every host's metrics URL (no Prometheus needed): the
+    increase of ``counter`` between them, divided by the increase of ``per`` when given (a
+    ratio). ``requests`` (default: ``per``) is the traffic the measurement saw."""
+
+    counter: CounterSelector
+    per: CounterSelector | None = None
+    requests: CounterSelector | None = None
+
+
+class LogQuery(Strict):
+    """New lines matching ``pattern`` (an extended regular expression, as ``grep -E``) in the
+    log file at ``path`` (a template: ``{deploy_path}``, host vars) since the switch."""
+
+    path: str
+    pattern: str = Field(min_length=1, max_length=500)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"pattern {value!r} is not a regular expression: {err}") from None
+        if "\n" in value or "\x00" in value:
+            raise ValueError("pattern must be one line")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if ".." in value.split("/") or "\n" in value or "\x00" in value:
+            raise ValueError(f"{value!r} is not an acceptable path")
+        return value
+
+
+class Measurement(Strict):
+    """One named measurement of a service's analysis (like an Argo Rollouts AnalysisTemplate
+    metric): a PromQL ``query`` (placeholders ``{instances}``, ``{window}``, ``{service}``,
+    ``{environment}``) asked of the configured Prometheus, else a ``scrape`` of the hosts'
+    metrics; or a ``log`` count. Taken ``count`` times, ``interval`` apart; more than
+    ``failure_limit`` failed measurements fail the analysis; a measurement with no data or
+    fewer than ``min_requests`` requests is *inconclusive*."""
+
+    name: Name
+    query: str | None = None
+    requests_query: str | None = None
+    scrape: ScrapeQuery | None = None
+    log: LogQuery | None = None
+    success: str = Field(description="condition on the value: '< 0.05', '<= 0', '>= 0.99'")
+    interval: Duration = timedelta(seconds=2)
+    count: int = Field(default=3, ge=1, le=100)
+    failure_limit: int = Field(default=0, ge=0)
+    min_requests: float = Field(default=0, ge=0)
+
+    @field_validator("success")
+    @classmethod
+    def _success(cls, value: str) -> str:
+        if not _CONDITION_RE.match(value):
+            raise ValueError(f"{value!r} is not a condition such as '< 0.05' or '>= 0.99'")
+        return value.strip()
+
+    @field_validator("query", "requests_query")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        unknown = sorted(set(_PLACEHOLDER_RE.findall(value)) - set(ANALYSIS_PLACEHOLDERS))
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder {{{unknown[0]}}} (known: {', '.join(ANALYSIS_PLACEHOLDERS)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> Measurement:
+        metric = self.query is not None or self.scrape is not None
+        if metric == (self.log is not None):
+            raise ValueError("give a query and/or scrape, or a log (not both)")
+        if self.requests_query is not None and self.query is None:
+            raise ValueError("requests_query needs a query")
+        if self.min_requests and (
+            (self.query is not None and self.requests_query is None)
+            or (self.scrape is not None and (self.scrape.requests or self.scrape.per) is None)
+        ):
+            raise ValueError("min_requests needs requests_query (and scrape.per or requests)")
+        return self
+
+
+class TrafficProfile(Strict):
+    """Test traffic against each staging host: ``requests`` GETs of ``url`` (a template such as
+    ``http://{address}:{web_port}/work``; loopback only) over ``concurrency`` connections; any
+    answer outside ``expect_status`` fails the integration tests."""
+
+    url: str
+    requests: int = Field(default=100, ge=1, le=100_000)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    timeout: float = Field(default=5.0, gt=0, le=60)
+    expect_status: list[int] = Field(default_factory=lambda: [200], min_length=1)
+
+
+class StagingTests(Strict):
+    """What the integration-tests stage runs against staging: a ``command`` (on each staging
+    ``host``, or once ``local``ly on the control node; placeholders from the host) and/or a
+    traffic profile."""
+
+    command: str | None = None
+    run_on: Literal["host", "local"] = "host"
+    timeout: float = Field(default=300, gt=0, le=3600)
+    traffic: TrafficProfile | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> StagingTests:
+        if self.command is None and self.traffic is None:
+            raise ValueError("give a command and/or traffic")
+        return self
+
+
+class EvidencePolicy(Strict):
+    """What the checklist's evidence records must show (per service)."""
+
+    min_tests: int = Field(default=1, ge=0)
+    max_findings: dict[Literal["critical", "high", "medium", "low"], int] = Field(
+        default_factory=lambda: {"critical": 0, "high": 0}
+    )
+    max_outdated: int = Field(default=0, ge=0)
+
+
+ServiceConfig.model_rebuild()  # refers to the verification models above
 
 
 class Timeouts(Strict):

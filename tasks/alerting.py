@@ -166,7 +166,12 @@ def _scrape_values(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | No
         for i, u in urls.items():
             after = safe_scrape(u) if before[i] is not None else None
             if after is not None:
-                values[labelset(instance=i)] = metrics.error_rate_from_scrape(before[i], after)
+                values[labelset(instance=i)] = metrics.error_rate_from_scrape(
+                    before[i],
+                    after,
+                    requests_metric="web_requests_total",
+                    errors_metric="web_errors_total",
+                )
         return values
     name = rule.query.strip()
     if not name.replace("_", "").replace(":", "").isalnum():

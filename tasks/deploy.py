@@ -38,7 +38,14 @@ from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import ConfigError, KmpOpsError, NotFound, PolicyViolation, TransientError
 from kmpops.locks import service_target
-from kmpops.plans.checklist import ChecklistReport, default_checklist, evaluate_checklist
+from kmpops.plans.checklist import (
+    ChecklistReport,
+    EvidenceLimits,
+    EvidenceUnreadable,
+    default_checklist,
+    evaluate_checklist,
+    marked_bad_marks,
+)
 from kmpops.plans.failures import group_failures
 from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
 from tasks.locks import fence_for
@@ -48,7 +55,7 @@ __all__ = [
     "activate_releases",
     "check_hosts",
     "close_connections",
-    "measure_error_rate",
+    "marked_bad",
     "read_current_releases",
     "resolve_artifact",
     "roll_back_hosts",
@@ -227,6 +234,8 @@ class _Facts:
     artifact_sha256: str | None
     expected_sha256: str | None
     current_releases: dict[str, str | None]
+    marked_bad: list[str]
+    emergency: bool
 
     def run_command(self, command: str) -> tuple[int, str]:
         import subprocess
@@ -245,7 +254,7 @@ class _Facts:
         except OSError:
             return None
 
-    def evidence_record(self, key: str) -> dict[str, Any] | None:
+    def evidence_record(self, key: str) -> Any:
         try:
             store = _store()
         except NotFound:
@@ -257,10 +266,18 @@ class _Facts:
             except NotFound:
                 return None
             try:
-                data = json.loads(local.read_text())
-            except ValueError:
-                return {"invalid": "not JSON"}
-        return data if isinstance(data, dict) else {"value": data}
+                return json.loads(local.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise EvidenceUnreadable(f"not JSON ({type(exc).__name__}: {exc})") from None
+
+
+def marked_bad(service: str, version: str) -> list[str]:
+    """Where and by which incident ``version`` of ``service`` was marked bad (audit trail's
+    ``release.marked_bad`` events); empty when it never was."""
+    events = records().audit_events(action="release.marked_bad")
+    return marked_bad_marks(
+        ((e.subject, e.details or {}) for e in events), service=service, version=version
+    )
 
 
 @task(name="pre-deployment-checklist", cache_policy=NO_CACHE)
@@ -270,11 +287,35 @@ def run_checklist(
     artifact: ResolvedArtifact,
     current_releases: dict[str, str | None],
     allow_first_install: bool,
+    emergency: bool = False,
 ) -> ChecklistReport:
-    """The guide's six gates with evidence; every gate is evaluated and audited."""
-    facts = _Facts(service, version, artifact.sha256, artifact.expected_sha256, current_releases)
-    report = evaluate_checklist(default_checklist(allow_first_install=allow_first_install), facts)
-    audit("deploy.checklist", f"{service}@{version}", passed=report.passed, gates=report.table())
+    """The guide's six gates with evidence, read against the service's ``evidence`` policy,
+    and the release's status (marked bad by an incident: refused unless ``emergency``); every
+    gate is evaluated and audited."""
+    svc = ops_config().service(service)
+    facts = _Facts(
+        service,
+        version,
+        artifact.sha256,
+        artifact.expected_sha256,
+        current_releases,
+        marked_bad(service, version),
+        emergency,
+    )
+    limits = EvidenceLimits(
+        min_tests=svc.evidence.min_tests,
+        max_findings=dict(svc.evidence.max_findings),
+        max_outdated=svc.evidence.max_outdated,
+    )
+    checks = default_checklist(allow_first_install=allow_first_install, limits=limits)
+    report = evaluate_checklist(checks, facts)
+    audit(
+        "deploy.checklist",
+        f"{service}@{version}",
+        passed=report.passed,
+        gates=report.table(),
+        overrides=list(report.overrides),
+    )
     return report
 
 
@@ -579,91 +620,6 @@ def check_hosts(service: str, environment: str, host_names: list[str], kind: str
     if failed:
         raise PolicyViolation(group_failures(failed))
     return [line for o in outcomes.values() if isinstance(o, list) for line in o]
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ErrorRate:
-    """Error ratio (and p95 latency when a maximum is configured) over a window, per host and
-    overall, against the configured maxima."""
-
-    ratio: float
-    maximum: float
-    requests: float
-    per_host: dict[str, float]
-    latency_p95: float | None = None
-    latency_max: float | None = None
-
-    @property
-    def breached(self) -> bool:
-        """True if the error ratio or the p95 latency is above its maximum."""
-        slow = (
-            self.latency_max is not None
-            and self.latency_p95 is not None
-            and self.latency_p95 > self.latency_max
-        )
-        return self.ratio > self.maximum or slow
-
-    def describe(self) -> str:
-        """One line for errors and artifacts."""
-        text = f"error rate {self.ratio:.2%} (max {self.maximum:.2%}, {self.requests:g} requests)"
-        if self.latency_p95 is not None and self.latency_max is not None:
-            text += f", p95 latency {self.latency_p95:.3f}s (max {self.latency_max:g}s)"
-        return text
-
-
-@task(name="measure-error-rate", cache_policy=NO_CACHE)
-def measure_error_rate(
-    service: str, environment: str, host_names: list[str], seconds: float
-) -> ErrorRate:
-    """Scrape every host's /metrics at the start and the end of a ``seconds`` window (0: the
-    counters since the service started) and compare the error ratio with
-    ``metrics.error_rate_max`` (and p95 latency with ``metrics.latency_p95_max`` if set)."""
-    import math
-    import time
-
-    from kmpops.connectors import metrics
-
-    cfg = ops_config()
-    svc = cfg.service(service)
-    if svc.metrics is None or not svc.metrics.url:
-        get_run_logger().warning("no metrics URL configured for %s: nothing measured", service)
-        return ErrorRate(0.0, 1.0, 0.0, {})
-    urls = {h: svc.render(svc.metrics.url, _host(cfg, environment, h)) for h in host_names}
-    before: dict[str, list[Any]] = {h: [] for h in host_names}
-    if seconds > 0:
-        before = {h: metrics.scrape(u) for h, u in urls.items()}
-        time.sleep(seconds)
-    after = {h: metrics.scrape(u) for h, u in urls.items()}
-    per_host, req_sum, err_sum, p95s = {}, 0.0, 0.0, []
-    for h in host_names:
-        req = metrics.counter_delta(before[h], after[h], "web_requests_total")
-        err = metrics.counter_delta(before[h], after[h], "web_errors_total")
-        per_host[h] = err / req if req else 0.0
-        req_sum, err_sum = req_sum + req, err_sum + err
-        p95 = metrics.latency_quantile_from_scrape(0.95, before[h], after[h])
-        if not math.isnan(p95):
-            p95s.append(p95)
-    result = ErrorRate(
-        ratio=err_sum / req_sum if req_sum else 0.0,
-        maximum=svc.metrics.error_rate_max,
-        requests=req_sum,
-        per_host=per_host,
-        latency_p95=max(p95s) if p95s else None,
-        latency_max=svc.metrics.latency_p95_max,
-    )
-    audit(
-        "deploy.error_rate",
-        f"{service}/{environment}",
-        ratio=round(result.ratio, 5),
-        maximum=result.maximum,
-        requests=req_sum,
-        latency_p95=result.latency_p95,
-        window_s=seconds,
-    )
-    return result
 
 
 # -- crash recovery --------------------------------------------------------------------------

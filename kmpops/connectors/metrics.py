@@ -264,10 +264,12 @@ def error_rate_from_scrape(
     before: Iterable[Sample],
     after: Iterable[Sample],
     *,
-    requests_metric: str = "web_requests_total",
-    errors_metric: str = "web_errors_total",
+    requests_metric: str,
+    errors_metric: str,
 ) -> float:
-    """Errors delta / requests delta between two scrapes of one target; 0.0 without requests."""
+    """Errors delta / requests delta between two scrapes of one target; 0.0 without requests.
+
+    The metric names are the service's (from config); nothing here assumes any."""
     before, after = list(before), list(after)
     requests = counter_delta(before, after, requests_metric)
     if requests <= 0:
@@ -275,9 +277,11 @@ def error_rate_from_scrape(
     return min(1.0, counter_delta(before, after, errors_metric) / requests)
 
 
-def error_ratio(samples: Iterable[Sample], **metric_names: str) -> float:
+def error_ratio(samples: Iterable[Sample], *, requests_metric: str, errors_metric: str) -> float:
     """Errors / requests since the target started (one scrape)."""
-    return error_rate_from_scrape([], samples, **metric_names)
+    return error_rate_from_scrape(
+        [], samples, requests_metric=requests_metric, errors_metric=errors_metric
+    )
 
 
 def _buckets(samples: Iterable[Sample], name: str) -> dict[float, float]:
@@ -320,7 +324,7 @@ def latency_quantile_from_scrape(
     before: Iterable[Sample],
     after: Iterable[Sample],
     *,
-    histogram: str = "web_request_duration_seconds",
+    histogram: str,
 ) -> float:
     """Quantile ``q`` of the observations made between two scrapes (bucket deltas, reset-aware)."""
     old, new = _buckets(before, histogram), _buckets(after, histogram)

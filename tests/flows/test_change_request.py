@@ -14,14 +14,6 @@ import yaml
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
-GATES5 = (
-    "code_review",
-    "tests_passed",
-    "security_scan",
-    "dependencies_updated",
-    "documentation_updated",
-)
-
 
 def snapshot(stack) -> dict[str, str | None]:
     out = {}
@@ -38,6 +30,7 @@ def baseline(stack, tmp_path_factory):
     from kmpops.config import load_config
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
     from kmpops.stack.sample_service import build_release
 
     out = tmp_path_factory.mktemp("cr-releases")
@@ -45,13 +38,11 @@ def baseline(stack, tmp_path_factory):
     for version, variant in {"cr-1.0": "good", "cr-2.0": "good", "cr-3.0": "unhealthy"}.items():
         tarball = build_release(version, out, variant=variant)
         put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
-        for gate in GATES5:
-            store.put_bytes(
-                f"evidence/web/{version}/{gate}.json",
-                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
-            )
+        for gate, record in ci_evidence(version, put.sha256).items():
+            store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     data["environments"]["production"]["policy"]["approval_required"] = False
+    data["services"]["web"].pop("analysis")  # no users on production here: nothing to judge
     variant = out / "ops.yaml"
     variant.write_text(yaml.safe_dump(data))
     old = os.environ["KMPOPS_CONFIG"]
@@ -69,6 +60,17 @@ def baseline(stack, tmp_path_factory):
     finally:
         os.environ["KMPOPS_CONFIG"] = old
     assert set(snapshot(stack).values()) == {"cr-1.0"}
+
+
+@pytest.fixture(autouse=True)
+def _health_checks_only(stack, tmp_path, monkeypatch):
+    """These tests are about change requests: deploys go on health checks alone (production
+    has no users here for an analysis to judge; tests/flows/test_deploy_pipeline.py has those)."""
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    data["services"]["web"].pop("analysis")
+    path = tmp_path / "ops-health-checks-only.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KMPOPS_CONFIG", str(path))
 
 
 def answer(stack, answers, subject_prefix="change-request/", requester="dave"):

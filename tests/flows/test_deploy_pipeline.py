@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.flows.traffic import user_traffic
+
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
-
-GATES5 = (
-    "code_review",
-    "tests_passed",
-    "security_scan",
-    "dependencies_updated",
-    "documentation_updated",
-)
-
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -66,8 +59,22 @@ def no_staging(data) -> None:
     data["environments"].pop("staging")
 
 
-def quick(data, **policy) -> None:
+def quick(data, *, keep_analysis: bool = False, **policy) -> None:
+    """Production policy changes; the service's analysis is dropped unless ``keep_analysis``
+    (tests of other things deploy on health checks alone, with no traffic to judge)."""
     data["environments"]["production"]["policy"].update(policy)
+    if not keep_analysis:
+        no_analysis(data)
+
+
+def no_analysis(data) -> None:
+    data["services"]["web"].pop("analysis", None)
+
+
+def staging_traffic_only_generates(data) -> None:
+    """The service's staging tests send traffic but accept any answer: whatever fails, the
+    analysis of the real service has to see it."""
+    data["services"]["web"]["staging_tests"]["traffic"]["expect_status"] = [200, 500]
 
 
 def flag_gated_health(data, *, retries: int) -> None:
@@ -101,10 +108,11 @@ def when_switched(host_root: str, version: str, action) -> threading.Thread:
 
 @pytest.fixture(scope="module")
 def releases(stack, tmp_path_factory):
-    """Publish sample releases (tarball + evidence) to the stack's S3 bucket."""
+    """Publish sample releases (tarball + CI's evidence) to the stack's S3 bucket."""
     from kmpops.config import load_config
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
     from kmpops.stack.sample_service import build_release
 
     out = tmp_path_factory.mktemp("releases")
@@ -122,17 +130,17 @@ def releases(stack, tmp_path_factory):
         "8.0.0": "good",
         "9.0.0": "good",
         "9.1.0": "good",
+        "10.0.0": "good",
+        "11.0.0": "good",
+        "12.0.0": "good",
     }
     for version, variant in specs.items():
         tarball = build_release(
             version, out, variant=variant, parameter=0.5 if variant == "errors" else None
         )
         put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
-        for gate in GATES5:
-            store.put_bytes(
-                f"evidence/web/{version}/{gate}.json",
-                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
-            )
+        for gate, record in ci_evidence(version, put.sha256).items():
+            store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
     return specs
 
 
@@ -279,7 +287,8 @@ def test_happy_path_staging_then_production_with_approval(stack, baseline, use_c
     use_config(lambda d: None)
     before = snapshot(stack)
     answering = answer_when_paused([approve("alice")], via_cli=True)
-    state = run_deploy(version="2.0.0", bake_seconds=1)
+    with user_traffic(stack):
+        state = run_deploy(version="2.0.0", bake_seconds=1)
     answering.join(10)
     assert not answering.errors
     assert state.is_completed(), failure_text(state)
@@ -298,10 +307,24 @@ def test_happy_path_staging_then_production_with_approval(stack, baseline, use_c
         "deploy.requested",
         "deploy.checklist",
         "deploy.switch",
+        "deploy.staging_tests",
+        "deploy.analysis",
         "approval.answer",
         "deploy.completed",
     ):
         assert action in actions
+    analyses = [
+        e.details
+        for e in rec.audit_events(
+            action="deploy.analysis", run_id=str(state.state_details.flow_run_id)
+        )
+    ]
+    # staging, then each production batch's bake, judged on Prometheus
+    assert [(a["label"], a["outcome"], a["source"]) for a in analyses] == [
+        ("staging", "passed", "prometheus"),
+        ("production batch 1/2", "passed", "prometheus"),
+        ("production batch 2/2", "passed", "prometheus"),
+    ]
     assert rec.verify_audit().ok
     # the production change is anchored: a checkpoint that saw deploy.completed
     completed = rec.audit_events(action="deploy.completed")[-1]
@@ -362,7 +385,7 @@ def test_bad_release_in_second_batch_rolls_back_first_batch(stack, baseline, use
 def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):
     from kmpops.stack.sample_service import generate_traffic
 
-    use_config(lambda d: (no_staging(d), quick(d, approval_required=False)))
+    use_config(lambda d: (no_staging(d), quick(d, approval_required=False, keep_analysis=True)))
     before = snapshot(stack)
     stop = threading.Event()
 
@@ -383,7 +406,9 @@ def test_error_rate_breach_in_bake_rolls_back(stack, baseline, use_config):
         stop.set()
         thread.join(10)
     assert state.is_failed()
-    assert "bake" in failure_text(state) and "error rate" in failure_text(state)
+    text = failure_text(state)
+    assert "bake of production batch 1/2" in text
+    assert "error-ratio: 1 of 1 readings failed" in text and "does not meet < 0.05" in text
     assert snapshot(stack) == before
 
 
@@ -681,6 +706,252 @@ def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_conf
     with SSHConnection.from_host(host) as conn:
         rel.switch_current(conn, path, before["prd-1"], restart=restart)
     assert snapshot(stack) == before
+
+
+# -- verification: analysis of the real service, staging tests, evidence, marked-bad releases --
+
+
+def staging_of(stack) -> dict[str, str | None]:
+    return {h.name: current_of(h.root) for h in stack.hosts if h.environment == "staging"}
+
+
+def kind(approval) -> str:
+    """``request`` (the approval asked for, with its outcome) or ``answer`` (one answer)."""
+    return (approval.details or {}).get("kind", "")
+
+
+def analyses_of(state) -> list[dict]:
+    from tasks.common import records
+
+    run = str(state.state_details.flow_run_id)
+    return [e.details for e in records().audit_events(action="deploy.analysis", run_id=run)]
+
+
+def test_errors_variant_fails_in_staging_without_external_traffic(stack, baseline, use_config):
+    """The finding: the errors variant (every other request fails) deployed to staging with an
+    8-second bake ended ``deployed``, because nothing sent staging a request. Now the staging
+    tests send the traffic and the analysis on Prometheus sees the errors; no other traffic."""
+    use_config(
+        lambda d: (
+            staging_traffic_only_generates(d),
+            d["environments"]["staging"]["policy"].update(bake_time="8s"),
+        )
+    )
+    before = snapshot(stack)
+    state = run_deploy(version="4.0.0", environment="staging")
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "verify monitoring on staging: analysis of web on staging failed" in text
+    assert (
+        "error-ratio: 1 of 1 readings failed (limit 0)" in text and "does not meet < 0.05" in text
+    )
+    assert "error-log: 1 of 1 readings failed" in text  # its ERROR lines since the switch
+    assert "rolled back 2 host(s)" in text
+    assert snapshot(stack) == before
+    (analysis,) = analyses_of(state)
+    assert (analysis["outcome"], analysis["source"]) == ("failed", "prometheus")
+    # With the service's own expectations (every answer 200), its staging tests fail as well.
+    use_config(lambda d: None)
+    state = run_deploy(version="4.0.0", environment="staging")
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "integration tests on staging failed" in text and "unexpected 500 x 30" in text
+    assert "analysis of web on staging failed" in text
+    assert snapshot(stack) == before
+
+
+def no_prometheus(data, *, scrape: bool) -> None:
+    """No Prometheus in ops.yaml; the error-ratio measurement keeps its scrape fallback or not
+    (and the log measurement goes, so only the metrics decide)."""
+    data.pop("prometheus")
+    web = data["services"]["web"]
+    web["analysis"] = [m for m in web["analysis"] if m["name"] == "error-ratio"]
+    if not scrape:
+        web["analysis"][0].pop("scrape")
+    staging_traffic_only_generates(data)
+
+
+def test_without_prometheus_inconclusive_is_per_policy(stack, baseline, use_config):
+    from tasks.common import records
+
+    before = snapshot(stack)
+    # policy "fail": no Prometheus and no scrape -> no data -> inconclusive -> rolled back
+    use_config(lambda d: no_prometheus(d, scrape=False))
+    state = run_deploy(version="4.0.0", environment="staging")
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "analysis of web on staging inconclusive" in text
+    assert "no Prometheus configured and no scrape for this measurement" in text
+    assert snapshot(stack) == before
+    assert [a["outcome"] for a in analyses_of(state)] == ["inconclusive"]
+
+    # policy "pause": a person decides; bob rejects, so it is rolled back, and the decision is
+    # recorded like an approval
+    def pausing(d):
+        no_prometheus(d, scrape=False)
+        d["environments"]["staging"]["policy"]["inconclusive"] = "pause"
+
+    use_config(pausing)
+    answering = answer_when_paused(
+        [approve("bob", decision="reject", reason="no data, no deploy")],
+        subject_prefix="analysis inconclusive",
+    )
+    state = run_deploy(version="4.0.0", environment="staging")
+    answering.join(10)
+    assert not answering.errors
+    assert state.is_failed()
+    assert "decision: rejected by bob" in failure_text(state)
+    assert snapshot(stack) == before
+    run = str(state.state_details.flow_run_id)
+    (answer,) = [a for a in records().approvals() if a.run_id == run and kind(a) == "answer"]
+    assert answer.outcome == "rejected"
+    assert answer.subject.startswith(
+        "analysis inconclusive: web@4.0.0 verify monitoring on staging"
+    )
+    assert answer.approver == "bob"
+
+    # the scrape fallback (metric names from ops.yaml) has data, and sees the errors
+    use_config(lambda d: no_prometheus(d, scrape=True))
+    state = run_deploy(version="4.0.0", environment="staging")
+    assert state.is_failed()
+    assert "error-ratio: 1 of 1 readings failed" in failure_text(state)
+    assert [(a["outcome"], a["source"]) for a in analyses_of(state)] == [("failed", "scrape")]
+    assert snapshot(stack) == before
+
+
+def test_inconclusive_production_batch_pauses_for_a_decision(stack, baseline, use_config):
+    """No users on production: each batch's bake has too little traffic to judge. The policy
+    pauses for a person: alice lets batch 1 through, bob stops batch 2, everything goes back."""
+    from tasks.common import records
+
+    use_config(lambda d: (no_staging(d), quick(d, approval_required=False, keep_analysis=True)))
+    before = snapshot(stack)
+    answering = answer_when_paused(
+        [approve("alice", reason="quiet hour, fine"), approve("bob", decision="reject")],
+        subject_prefix="analysis inconclusive",
+    )
+    state = run_deploy(version="10.0.0", bake_seconds=1)
+    answering.join(10)
+    assert not answering.errors
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "bake of production batch 2/2" in text and "too little traffic" in text
+    assert "decision: rejected by bob" in text
+    assert snapshot(stack) == before
+    run = str(state.state_details.flow_run_id)
+    decided = [
+        (a.subject.split(" over ")[0], a.outcome, a.approver)
+        for a in records().approvals()
+        if a.run_id == run and kind(a) == "answer"
+    ]
+    assert decided == [
+        ("analysis inconclusive: web@10.0.0 bake of production batch 1/2", "approved", "alice"),
+        ("analysis inconclusive: web@10.0.0 bake of production batch 2/2", "rejected", "bob"),
+    ]
+    assert [a["outcome"] for a in analyses_of(state)] == ["inconclusive", "inconclusive"]
+
+
+def test_gates_read_their_evidence_on_the_real_store(stack, baseline, use_config):
+    """A scan report with 12 critical findings and a tests record that is not JSON each fail
+    their gate, with the reason in the checklist artifact; nothing is deployed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from kmpops.config import load_config
+    from kmpops.connectors.storage import open_store
+    from kmpops.secrets import resolve_secret
+
+    use_config(lambda d: quick(d, approval_required=False))
+    store = open_store(load_config(stack.ops_yaml).storage, resolve_secret)
+    scan_key = "evidence/web/11.0.0/security_scan.json"
+    scan = json.loads(b"".join(store.iter_chunks(scan_key)))
+    tests_key = "evidence/web/11.0.0/tests_passed.json"
+    tests_record = b"".join(store.iter_chunks(tests_key))
+    store.put_bytes(
+        scan_key, json.dumps({**scan, "findings": {"critical": 12, "high": 3}}).encode()
+    )
+    store.put_bytes(tests_key, b'{"invalid": "not JSON"')
+    before = snapshot(stack)
+    try:
+        state = run_deploy(version="11.0.0", bake_seconds=0)
+    finally:
+        store.put_bytes(scan_key, json.dumps(scan).encode())
+        store.put_bytes(tests_key, tests_record)
+    assert state.is_failed()
+    assert "pre-deployment checklist failed: tests_passed, security_scan" in failure_text(state)
+    assert snapshot(stack) == before
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    (artifact,) = [a for a in found if a.key == "deploy-checklist" and a.flow_run_id == run_id]
+    rows = {r["gate"]: r for r in json.loads(artifact.data)}
+    assert rows["security_scan"]["result"] == "FAIL"
+    assert (
+        "12 critical finding(s) (at most 0 allowed) by demo-scan"
+        in rows["security_scan"]["evidence"]
+    )
+    assert rows["tests_passed"]["result"] == "FAIL"
+    assert f"{tests_key}: not JSON" in rows["tests_passed"]["evidence"]
+    assert {g for g, r in rows.items() if r["result"] == "pass"} == {
+        "code_review",
+        "dependencies_updated",
+        "documentation_updated",
+        "rollback_plan",
+        "release_not_marked_bad",
+    }
+
+
+def test_release_marked_bad_is_refused_next_time(stack, baseline, use_config):
+    """An incident's eradication marked 12.0.0 bad on prd-1: the checklist and update-management
+    refuse it on every later deploy; an emergency override needs one more approver."""
+    from flows.update_management import UpdateRequest, update_management
+    from kmpops.errors import PolicyViolation
+    from tasks.common import records
+
+    use_config(lambda d: (no_staging(d), quick(d, approval_required=False)))
+    rec = records()
+    rec.audit(  # what incident-response's eradication writes
+        actor="incident-response",
+        action="release.marked_bad",
+        subject="web/production/prd-1",
+        details={"version": "12.0.0", "incident": 4242},
+        run_id=None,
+    )
+    before = snapshot(stack)
+    state = run_deploy(version="12.0.0", bake_seconds=0)
+    assert state.is_failed()
+    text = failure_text(state)
+    assert "pre-deployment checklist failed: release_not_marked_bad" in text
+    assert snapshot(stack) == before
+    (event,) = [
+        e
+        for e in rec.audit_events(
+            action="deploy.checklist", run_id=str(state.state_details.flow_run_id)
+        )
+    ]
+    (row,) = [r for r in event.details["gates"] if r["gate"] == "release_not_marked_bad"]
+    assert (
+        "web 12.0.0 was marked bad: production/prd-1 by incident #4242 (refused" in row["evidence"]
+    )
+    with pytest.raises(PolicyViolation, match=r"web 12\.0\.0 was marked bad"):
+        update_management(
+            UpdateRequest(service="web", version="12.0.0", requested_by="dave", bake_seconds=0)
+        )
+    assert snapshot(stack) == before
+    # the emergency override: production needs no approval here, but this needs one more
+    answering = answer_when_paused([approve("alice", reason="hotfix, incident closed")])
+    state = run_deploy(version="12.0.0", bake_seconds=0, emergency=True)
+    answering.join(10)
+    assert not answering.errors
+    assert state.is_completed(), failure_text(state)
+    assert {v for k, v in snapshot(stack).items() if k.startswith("prd")} == {"12.0.0"}
+    run = str(state.state_details.flow_run_id)
+    (request,) = [a for a in rec.approvals() if a.run_id == run and kind(a) == "request"]
+    assert (request.outcome, request.approver) == ("approved", "alice")
+    assert "web 12.0.0 was marked bad: production/prd-1 by incident #4242" in request.summary
+    assert "EMERGENCY OVERRIDE (one more approver required)" in request.summary
 
 
 # -- the shared approval step on its own (tasks.approval.request_approval) --------------------

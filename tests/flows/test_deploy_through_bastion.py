@@ -17,13 +17,6 @@ from tests.conftest import PORT_BASE
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
 BASTION_PORT = PORT_BASE + 813
-GATES5 = (
-    "code_review",
-    "tests_passed",
-    "security_scan",
-    "dependencies_updated",
-    "documentation_updated",
-)
 
 
 def current_of(host_root: str) -> str | None:
@@ -71,6 +64,7 @@ def releases(stack, tmp_path_factory):
     from kmpops.config import load_config
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
     from kmpops.stack.sample_service import build_release
 
     out = tmp_path_factory.mktemp("bastion-releases")
@@ -78,11 +72,8 @@ def releases(stack, tmp_path_factory):
     for version, variant in {"11.0.0": "good", "11.1.0": "unhealthy"}.items():
         tarball = build_release(version, out, variant=variant)
         put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
-        for gate in GATES5:
-            store.put_bytes(
-                f"evidence/web/{version}/{gate}.json",
-                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
-            )
+        for gate, record in ci_evidence(version, put.sha256).items():
+            store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
 
 
 @pytest.fixture
@@ -92,6 +83,7 @@ def through_bastion(stack, bastion, tmp_path, monkeypatch):
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     data["environments"].pop("staging")
     data["environments"]["production"]["policy"].update(approval_required=False)
+    data["services"]["web"].pop("analysis")  # no users here: deploys on health checks alone
     hop = {
         "address": "127.0.0.1",
         "port": BASTION_PORT,

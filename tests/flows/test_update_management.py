@@ -10,16 +10,9 @@ import pytest
 import yaml
 
 from flows.update_management import UpdateRequest, classify_bump, update_management
+from tests.flows.traffic import user_traffic
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
-
-GATES = (
-    "code_review",
-    "tests_passed",
-    "security_scan",
-    "dependencies_updated",
-    "documentation_updated",
-)
 
 
 @pytest.mark.parametrize(
@@ -50,16 +43,14 @@ def publish_release(stack, version: str, tmp_path: Path) -> None:
     from kmpops.config import load_config
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
     from kmpops.stack.sample_service import build_release
 
     store = open_store(load_config(stack.ops_yaml).storage, resolve_secret)
     tarball = build_release(version, tmp_path)
     put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
-    for gate in GATES:
-        store.put_bytes(
-            f"evidence/web/{version}/{gate}.json",
-            json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
-        )
+    for gate, record in ci_evidence(version, put.sha256).items():
+        store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
 
 
 def notifications(stack) -> list[dict]:
@@ -78,17 +69,18 @@ def test_patch_update_is_notified_rolled_out_and_documented(stack, no_approval, 
 
     publish_release(stack, "9.1.1", tmp_path)
     before = len(notifications(stack))
-    result = update_management(
-        UpdateRequest(
-            service="web",
-            version="9.1.1",
-            kind="security",
-            description="fixes CVE-0000-0001",
-            requested_by="dave",
-            allow_first_install=True,
-            bake_seconds=0,
+    with user_traffic(stack):  # production's users: what each batch's bake judges
+        result = update_management(
+            UpdateRequest(
+                service="web",
+                version="9.1.1",
+                kind="security",
+                description="fixes CVE-0000-0001",
+                requested_by="dave",
+                allow_first_install=True,
+                bake_seconds=0,
+            )
         )
-    )
     assert result["status"] == "deployed"
     assert {current_of(h) for h in stack.hosts} == {"9.1.1"}
     assert result["impact"]["environments"] == ["staging", "production"]

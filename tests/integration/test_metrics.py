@@ -35,6 +35,9 @@ from kmpops.stack import prometheus
 from kmpops.stack._proc import port_open
 from kmpops.stack.sample_service import build_release, generate_traffic, install_release
 
+# The sample service's metric names (config in ops.yaml; the connector assumes none).
+NAMES = {"requests_metric": "web_requests_total", "errors_metric": "web_errors_total"}
+
 GOOD_PORT, BAD_PORT, PROM_PORT, DEAD_PORT = 24521, 24522, 24301, 24399
 
 # -- parser: a table of cases -------------------------------------------------------------------
@@ -139,9 +142,9 @@ def test_error_rates() -> None:
         s("web_requests_total", 30, code="500"),
         s("web_errors_total", 30),
     ]
-    assert error_rate_from_scrape(before, after) == pytest.approx(0.3)
-    assert error_ratio(after) == pytest.approx(30 / 200)
-    assert error_rate_from_scrape(after, after) == 0.0
+    assert error_rate_from_scrape(before, after, **NAMES) == pytest.approx(0.3)
+    assert error_ratio(after, **NAMES) == pytest.approx(30 / 200)
+    assert error_rate_from_scrape(after, after, **NAMES) == 0.0
 
 
 def test_histogram_quantile_like_prometheus() -> None:
@@ -301,10 +304,14 @@ def test_direct_scrape_error_rate(services: dict[str, Path]) -> None:
     before = scrape(f"{url}/metrics")
     assert generate_traffic(f"{url}/", requests=100, concurrency=4)["errors"] == 30
     after = scrape(f"{url}/metrics")
-    assert error_rate_from_scrape(before, after) == pytest.approx(0.3)
-    assert 0 < latency_quantile_from_scrape(0.9, before, after) < 0.5
+    assert error_rate_from_scrape(before, after, **NAMES) == pytest.approx(0.3)
+    assert (
+        0
+        < latency_quantile_from_scrape(0.9, before, after, histogram="web_request_duration_seconds")
+        < 0.5
+    )
     good = f"http://127.0.0.1:{GOOD_PORT}/metrics"
-    assert error_rate_from_scrape(scrape(good), scrape(good)) == 0.0
+    assert error_rate_from_scrape(scrape(good), scrape(good), **NAMES) == 0.0
     with pytest.raises(ConnectorError, match="HTTP 404"):
         scrape(f"{url}/nope")
 

@@ -187,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             code, body = 200, {"ok": True, "path": path, "version": self.version}
         self.metrics.observe(path, code, time.perf_counter() - started)
+        if code >= 500:  # what a real service logs; deploy analysis counts these lines
+            print(f"ERROR {path} answered {code}: injected failure", file=sys.stderr, flush=True)
         self._send(code, json.dumps(body) + "\n")
 
 
