@@ -58,6 +58,7 @@ from kmpops.plans.incident import (
 from tasks.alerting import evaluate_rule
 from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
+from tasks.audit import anchor_after_change
 from tasks.common import audit, notify, ops_config, records
 from tasks.deploy import close_connections, rollback_host
 from tasks.incident import (
@@ -631,6 +632,8 @@ def incident_response(
     else:
         containment = _contain(incident_id, plan, opts)
         analysis = _finish_analysis(incident_id, opts.service, hosts, signal, diagnostics)
+    if containment["actions"]:  # hosts were changed: anchor the evidence before going on
+        anchor_after_change(f"incident {incident_id} containment")
     # 4. eradication
     eradication = _eradication(incident_id, incident_type, opts.service, containment["rolled_back"])
     # 5. recovery

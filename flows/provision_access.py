@@ -31,6 +31,7 @@ from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.access import plan_key_change
 from tasks.access import read_host_keys, replace_authorized_keys, restore_authorized_keys
 from tasks.approval import requester_for_run
+from tasks.audit import anchor_after_change
 from tasks.common import audit, ops_config
 from tasks.locks import host_targets, locked
 from tasks.reports import markdown_table, publish_report
@@ -199,5 +200,7 @@ def provision_access(change: AccessChange) -> dict[str, Any]:
             )
         )
     audit("access.changed", subject, hosts=to_change, requested_by=requested_by)
+    if change.environment == "production":
+        anchor_after_change(f"provision-access {subject}")
     publish_report("provision-access", "# Provision access — done\n\n" + plan_md + "\n", rows)
     return {"plan": rows, "changed": to_change, "dry_run": False}

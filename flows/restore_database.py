@@ -29,6 +29,7 @@ from kmpops.errors import PolicyViolation, Unsupported
 from kmpops.plans.recovery import plan_restore
 from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
+from tasks.audit import anchor_after_change
 from tasks.backup import (
     backup_database_to_store,
     bounded,
@@ -158,4 +159,6 @@ def restore_database(
             f"| seconds | {result['seconds']} |\n"
         ),
     )
+    if plan.environment != "development":  # a change outside development: anchor the evidence
+        anchor_after_change(f"restore-database {database} -> {target} ({plan.environment})")
     return {**result, "backup": record_id, "safety_backup": safety["record_id"] if safety else None}

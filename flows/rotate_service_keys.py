@@ -40,6 +40,7 @@ from tasks.access import (
     replace_authorized_keys,
     restore_authorized_keys,
 )
+from tasks.audit import anchor_after_change
 from tasks.common import audit, ops_config
 from tasks.locks import host_targets, locked
 from tasks.reports import markdown_table, publish_report
@@ -205,6 +206,8 @@ def rotate_service_keys(request: RotationRequest | None = None) -> dict[str, Any
     groups: dict[Path, list[str]] = {}
     for env in cfg.environments.values():
         for host in env.hosts:
+            if host.key_file is None:  # an agent-held key: the agent's owner rotates it
+                continue
             groups.setdefault(Path(host.key_file).resolve(), []).append(host.name)
     results = [_rotate_group(key_file, hosts, req) for key_file, hosts in groups.items()]
     rows = [
@@ -217,6 +220,8 @@ def rotate_service_keys(request: RotationRequest | None = None) -> dict[str, Any
         f"# Service key rotation — {verb}\n\n" + markdown_table(rows) + "\n",
         rows,
     )
+    if not req.dry_run:  # kmp-ops' own keys changed on every host, production included
+        anchor_after_change("rotate-service-keys")
     return {"rotated": results, "dry_run": req.dry_run}
 
 

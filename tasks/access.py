@@ -23,7 +23,7 @@ from kmpops.access import (
 from kmpops.config import Host, OpsConfig
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import IntegrityError
-from tasks.common import ops_config, retry_on_transient
+from tasks.common import STEP_TIMEOUT_S, ops_config, retry_on_transient
 
 __all__ = [
     "HostKeys",
@@ -66,7 +66,12 @@ HostKeys = dict[str, str]
 """``{"host", "environment", "path", "text"}``: one host's authorized_keys."""
 
 
-@task(name="read-authorized-keys", task_run_name="read-keys-{host_name}", **_RETRY)
+@task(
+    name="read-authorized-keys",
+    task_run_name="read-keys-{host_name}",
+    **_RETRY,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def read_host_keys(host_name: str, key_file: Path | None = None) -> HostKeys:
     """The authorized_keys of a host ('' when the file does not exist), at its configured path."""
     env, host = _host(host_name)
@@ -76,7 +81,12 @@ def read_host_keys(host_name: str, key_file: Path | None = None) -> HostKeys:
     return {"host": host_name, "environment": env, "path": path, "text": text}
 
 
-@task(name="replace-authorized-keys", task_run_name="write-keys-{host_name}", **_RETRY)
+@task(
+    name="replace-authorized-keys",
+    task_run_name="write-keys-{host_name}",
+    **_RETRY,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def replace_authorized_keys(host_name: str, text: str, key_file: Path | None = None) -> None:
     """Replace a host's authorized_keys (its configured path) with ``text`` (atomic) and check
     it reads back equal.
@@ -95,7 +105,12 @@ def replace_authorized_keys(host_name: str, text: str, key_file: Path | None = N
         raise IntegrityError(f"{host_name}: authorized_keys reads back different from written")
 
 
-@task(name="restore-authorized-keys", task_run_name="restore-keys-{host_name}", **_RETRY)
+@task(
+    name="restore-authorized-keys",
+    task_run_name="restore-keys-{host_name}",
+    **_RETRY,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def restore_authorized_keys(host_name: str, text: str, key_file: Path | None = None) -> str:
     """Compensation: put ``text`` back (at the configured path) unless the host already has it
     (a failed atomic write left it untouched). Returns ``unchanged`` or ``restored``; raises
@@ -111,7 +126,12 @@ def restore_authorized_keys(host_name: str, text: str, key_file: Path | None = N
     return "restored"
 
 
-@task(name="check-login", task_run_name="login-{host_name}", cache_policy=NO_CACHE)
+@task(
+    name="check-login",
+    task_run_name="login-{host_name}",
+    cache_policy=NO_CACHE,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def check_login(host_name: str, key_file: Path) -> bool:
     """True if the host accepts a login with ``key_file`` (and runs ``true``); never raises
     for a refusal (AuthenticationFailed → False); other connection errors propagate."""

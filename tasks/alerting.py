@@ -39,7 +39,7 @@ from kmpops.records.alerting import (
     matching_silence,
     save_alert_states,
 )
-from tasks.common import audit, ops_config, records, retry_on_transient
+from tasks.common import STEP_TIMEOUT_S, audit, ops_config, records, retry_on_transient
 
 __all__ = [
     "ALERT_EVENT",
@@ -187,6 +187,7 @@ def _scrape_values(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | No
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="query-rule",
     cache_policy=NO_CACHE,
     retries=2,
@@ -235,6 +236,7 @@ def _message(kind: str, rule: AlertRule, st: AlertState, now: datetime) -> Alert
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="evaluate-rule",
     cache_policy=NO_CACHE,
     retries=2,

@@ -31,6 +31,11 @@ from kmpops.errors import TransientError
 from kmpops.records import Records
 from kmpops.secrets import resolve_secret
 
+# Every task has a bound, so no flow hangs forever (issue 10). The connectors' own bounds (SSH
+# commands and SFTP, database locks and statements, HTTP) are what stop blocking I/O and fire
+# first; this is the backstop (tests/unit/test_task_bounds.py fails on a task without one).
+STEP_TIMEOUT_S = 2 * 3600.0
+
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
 #: run id -> (config, digest) frozen at the run's first ops_config(); bounded, oldest dropped
@@ -243,13 +248,19 @@ def retry_on_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any
     return False
 
 
-@task(name="audit-event", cache_policy=NO_CACHE)
+@task(name="audit-event", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def audit_event(action: str, subject: str, details: dict[str, Any] | None = None) -> None:
     """A task that appends one event to the audit chain, visible as a step in the UI."""
     audit(action, subject, **(details or {}))
 
 
-@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(
+    name="notify",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def notify(severity: str, title: str, body: str, dedup_key: str | None = None) -> int:
     """Send a notification on the severity's routes; returns how many deliveries succeeded."""
     deliveries = notifier().send(severity=severity, title=title, body=body, dedup_key=dedup_key)

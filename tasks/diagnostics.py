@@ -22,7 +22,7 @@ from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import NotFound
 from kmpops.plans.diagnosis import FACTS_SCRIPT, HealthFact, HostFacts, parse_facts
 from kmpops.shellsafe import validate_absolute_path
-from tasks.common import ops_config, retry_on_transient
+from tasks.common import STEP_TIMEOUT_S, ops_config, retry_on_transient
 
 __all__ = [
     "DEFAULT_LOG",
@@ -97,6 +97,7 @@ def check_health(url: str, timeout: float = 5.0) -> HealthFact:
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="gather-host-facts",
     task_run_name="facts-{host_name}",
     cache_policy=NO_CACHE,

@@ -36,7 +36,7 @@ from kmpops.errors import NotFound, UnsafeValueError
 from kmpops.plans.incident import instance_of
 from kmpops.redact import redact
 from tasks.approval import resume_after_timeout
-from tasks.common import audit, ops_config, records, retry_on_transient, run_id
+from tasks.common import STEP_TIMEOUT_S, audit, ops_config, records, retry_on_transient, run_id
 
 __all__ = [
     "AckForm",
@@ -150,7 +150,7 @@ def containment_facts(cfg: OpsConfig) -> ContainmentFacts:
     return ContainmentFacts(tuple(protected), frozenset(own), known)
 
 
-@task(name="claim-incident", cache_policy=NO_CACHE)
+@task(name="claim-incident", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def claim_incident(incident_id: int, alert_key: str | None) -> bool:
     """Take over an open incident that an alert evaluation opened (once: the first response
     that claims it runs it; a second start is a duplicate). The incident must carry
@@ -172,7 +172,7 @@ def host_environment(cfg: OpsConfig, host_name: str) -> tuple[str, Host]:
         raise NotFound(f"unknown host {host_name!r}") from None
 
 
-@task(name="open-incident", cache_policy=NO_CACHE)
+@task(name="open-incident", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def open_incident(
     title: str, severity: str, alert_key: str | None, details: dict[str, Any]
 ) -> tuple[int, bool]:
@@ -192,7 +192,12 @@ def open_incident(
     return row.id, created
 
 
-@task(name="incident-phase", cache_policy=NO_CACHE, task_run_name="{phase}: {message}")
+@task(
+    name="incident-phase",
+    cache_policy=NO_CACHE,
+    task_run_name="{phase}: {message}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def record_phase(
     incident_id: int, phase: str, message: str, details: dict[str, Any] | None = None
 ) -> None:
@@ -201,7 +206,12 @@ def record_phase(
     audit(f"incident.{phase}", f"incident/{incident_id}", message=message, **(details or {}))
 
 
-@task(name="notify-escalation", cache_policy=NO_CACHE, task_run_name="notify-{level}")
+@task(
+    name="notify-escalation",
+    cache_policy=NO_CACHE,
+    task_run_name="notify-{level}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def notify_level(incident_id: int, level: str, title: str, body: str) -> int:
     """Page support level ``level`` on ``notifications.escalation[level]`` (falling back to the
     critical route). Returns how many deliveries succeeded."""
@@ -286,6 +296,7 @@ _PROBES = {
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="gather-diagnostics",
     cache_policy=NO_CACHE,
     retries=1,
@@ -324,7 +335,7 @@ def gather_diagnostics(service: str, host_name: str, log_lines: int = 40) -> dic
     return out
 
 
-@task(name="recent-history", cache_policy=NO_CACHE)
+@task(name="recent-history", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def recent_history(
     service: str, hosts: list[str], limit: int = 10
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -351,7 +362,12 @@ def recent_history(
     return releases, changes
 
 
-@task(name="rollback-target", cache_policy=NO_CACHE, task_run_name="rollback-target-{host_name}")
+@task(
+    name="rollback-target",
+    cache_policy=NO_CACHE,
+    task_run_name="rollback-target-{host_name}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def rollback_target(service: str, host_name: str) -> tuple[str, str | None, str | None]:
     """(environment, current version, version to roll back to) for the service on a host.
 
@@ -371,7 +387,12 @@ def rollback_target(service: str, host_name: str) -> tuple[str, str | None, str 
     return env, current, target
 
 
-@task(name="check-service-health", cache_policy=NO_CACHE, task_run_name="health-{host_name}")
+@task(
+    name="check-service-health",
+    cache_policy=NO_CACHE,
+    task_run_name="health-{host_name}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def check_service_health(service: str, host_name: str) -> tuple[bool, str]:
     """The service's health check on one host: (healthy, detail). Never raises for unhealthy."""
     cfg = ops_config()
@@ -404,6 +425,7 @@ _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="containment-command",
     cache_policy=NO_CACHE,
     retries=1,
@@ -443,7 +465,12 @@ def run_service_command(service: str, host_name: str, kind: str, address: str = 
     return result.stdout.strip()[-200:]
 
 
-@task(name="disable-key", cache_policy=NO_CACHE, task_run_name="disable-key-{fingerprint}")
+@task(
+    name="disable-key",
+    cache_policy=NO_CACHE,
+    task_run_name="disable-key-{fingerprint}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def disable_key_everywhere(
     fingerprint: str, keep: list[str], hosts: list[str] | None = None
 ) -> list[str]:

@@ -24,7 +24,7 @@ from kmpops.errors import UnsafeValueError
 from kmpops.plans.capacity import HostUsage, LoadResult
 from kmpops.plans.diagnosis import HostFacts
 from tasks.artifacts import create_markdown_artifact, create_table_artifact
-from tasks.common import retry_on_transient
+from tasks.common import STEP_TIMEOUT_S, retry_on_transient
 
 __all__ = [
     "MAX_CONCURRENCY",
@@ -123,6 +123,7 @@ def usage_from_facts(facts: HostFacts) -> HostUsage:
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="host-usage",
     task_run_name="usage-{host_name}",
     cache_policy=NO_CACHE,
