@@ -47,7 +47,16 @@ from kmpops.plans.checklist import (
     marked_bad_marks,
 )
 from kmpops.plans.failures import group_failures
-from tasks.common import actor, audit, ops_config, records, retry_on_transient, run_id, secret
+from tasks.common import (
+    STEP_TIMEOUT_S,
+    actor,
+    audit,
+    ops_config,
+    records,
+    retry_on_transient,
+    run_id,
+    secret,
+)
 from tasks.locks import fence_for
 
 __all__ = [
@@ -122,6 +131,7 @@ def _sha256(path: Path) -> str:
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="resolve-artifact",
     cache_policy=NO_CACHE,
     retries=2,
@@ -204,6 +214,7 @@ def _raise_first(outcomes: Mapping[str, object]) -> None:
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="read-current-releases",
     cache_policy=NO_CACHE,
     retries=1,
@@ -280,7 +291,7 @@ def marked_bad(service: str, version: str) -> list[str]:
     )
 
 
-@task(name="pre-deployment-checklist", cache_policy=NO_CACHE)
+@task(name="pre-deployment-checklist", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def run_checklist(
     service: str,
     version: str,
@@ -325,7 +336,12 @@ def run_checklist(
 _STAGE_ATTEMPTS = 3  # a host's staging is tried again on transient errors, 0.5 s apart
 
 
-@task(name="stage-releases", cache_policy=NO_CACHE, task_run_name="stage-{environment}-{label}")
+@task(
+    name="stage-releases",
+    cache_policy=NO_CACHE,
+    task_run_name="stage-{environment}-{label}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def stage_releases(
     service: str,
     environment: str,
@@ -465,7 +481,10 @@ def _activate(
 
 
 @task(
-    name="activate-releases", cache_policy=NO_CACHE, task_run_name="activate-{environment}-{label}"
+    timeout_seconds=STEP_TIMEOUT_S,
+    name="activate-releases",
+    cache_policy=NO_CACHE,
+    task_run_name="activate-{environment}-{label}",
 )
 def activate_releases(
     service: str,
@@ -504,6 +523,7 @@ def activate_releases(
 
 
 @task(
+    timeout_seconds=STEP_TIMEOUT_S,
     name="rollback-host",
     cache_policy=NO_CACHE,
     retries=1,
@@ -591,7 +611,12 @@ def roll_back_hosts(
     return done, failed
 
 
-@task(name="check-hosts", cache_policy=NO_CACHE, task_run_name="{kind}-checks-{environment}")
+@task(
+    name="check-hosts",
+    cache_policy=NO_CACHE,
+    task_run_name="{kind}-checks-{environment}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def check_hosts(service: str, environment: str, host_names: list[str], kind: str) -> list[str]:
     """Run the service's ``integration_tests`` or ``smoke_checks`` (default: its health check)
     against every host in parallel.
@@ -641,7 +666,13 @@ def recover_trigger() -> Any:
     return DeploymentEventTrigger(name="kmpops-deploy-crashed", **RECOVER_TRIGGER)
 
 
-@task(name="read-flow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(
+    name="read-flow-run",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def read_flow_run(flow_run_id: str) -> dict[str, Any]:
     """The run's flow name, run name, state name and whether it is final, from the Prefect
     API. Raises NotFound."""
@@ -663,7 +694,7 @@ def read_flow_run(flow_run_id: str) -> dict[str, Any]:
     }
 
 
-@task(name="mark-run-crashed", cache_policy=NO_CACHE)
+@task(name="mark-run-crashed", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def mark_run_crashed(flow_run_id: str, why: str) -> None:
     """Force the run into Crashed (an operator said its process is gone) and audit it."""
     from prefect.client.orchestration import get_client

@@ -44,7 +44,7 @@ from kmpops.plans.analysis import (
     should_stop,
     window_text,
 )
-from tasks.common import audit, ops_config
+from tasks.common import STEP_TIMEOUT_S, audit, ops_config
 from tasks.deploy import _host, _on_hosts, _values, host_connection
 
 __all__ = [
@@ -91,7 +91,12 @@ def _log_path(svc: ServiceConfig, cfg: OpsConfig, env: str, host_name: str, m: M
     return svc.render(m.log.path, host, deploy_path=svc.deploy_path_for(host))
 
 
-@task(name="mark-log-offsets", cache_policy=NO_CACHE, task_run_name="log-offsets-{environment}")
+@task(
+    name="mark-log-offsets",
+    cache_policy=NO_CACHE,
+    task_run_name="log-offsets-{environment}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def mark_log_offsets(
     service: str, environment: str, host_names: list[str]
 ) -> dict[str, dict[str, int]]:
@@ -155,7 +160,12 @@ def _wait_fresh_scrape(client: metrics.PrometheusClient, instances: list[str], s
     )
 
 
-@task(name="begin-analysis", cache_policy=NO_CACHE, task_run_name="begin-analysis-{environment}")
+@task(
+    name="begin-analysis",
+    cache_policy=NO_CACHE,
+    task_run_name="begin-analysis-{environment}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def begin_analysis(
     service: str,
     environment: str,
@@ -310,7 +320,12 @@ def _reading(
     return Reading(None, None, "no Prometheus configured and no scrape for this measurement")
 
 
-@task(name="run-analysis", cache_policy=NO_CACHE, task_run_name="analysis-{label}")
+@task(
+    name="run-analysis",
+    cache_policy=NO_CACHE,
+    task_run_name="analysis-{label}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def run_analysis(start: AnalysisStart, bake_s: float | None, label: str) -> AnalysisReport:
     """Take every measurement's readings (``count`` of them, ``interval`` apart — or spread over
     ``bake_s`` when given), stopping a measurement once it failed beyond its limit, and judge
@@ -357,7 +372,12 @@ def run_analysis(start: AnalysisStart, bake_s: float | None, label: str) -> Anal
     return report
 
 
-@task(name="staging-tests", cache_policy=NO_CACHE, task_run_name="staging-tests-{environment}")
+@task(
+    name="staging-tests",
+    cache_policy=NO_CACHE,
+    task_run_name="staging-tests-{environment}",
+    timeout_seconds=STEP_TIMEOUT_S,
+)
 def run_staging_tests(service: str, environment: str, host_names: list[str]) -> list[str]:
     """Run the service's ``staging_tests``: the command (on each host, or once locally, with a
     timeout; exit 0 passes) and the traffic profile against each host (any answer outside
