@@ -190,7 +190,7 @@ class RunLocks:
         return self
 
     def _announce_wait(self, busy: LeaseView, message: str, policy: LockPolicy) -> None:
-        from prefect.artifacts import create_markdown_artifact
+        from tasks.artifacts import create_markdown_artifact
 
         self._set_state_message(f"waiting for lock: {message}")
         try:

@@ -80,7 +80,8 @@ class Approver:
             FlowRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
-        from prefect.flow_runs import resume_flow_run
+
+        from kmpops.approve import approve_run
 
         seen: set = set()
         with get_client(sync_client=True) as client:
@@ -97,14 +98,13 @@ class Approver:
                     if run.state is None or run.state.id in seen:
                         continue
                     seen.add(run.state.id)
-                    resume_flow_run(
-                        run.id,
-                        run_input={
-                            "decision": "approve",
-                            "approver": "bob",
-                            "reason": "contain it",
-                            "approver_token": self.token,
-                        },
+                    approve_run(  # reads the request code the paused run shows, as the CLI does
+                        os.environ["PREFECT_API_URL"],
+                        str(run.id),
+                        decision="approve",
+                        approver="bob",
+                        reason="contain it",
+                        token=self.token,
                     )
                     self.answered += 1
                 time.sleep(0.3)

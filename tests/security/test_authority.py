@@ -74,6 +74,14 @@ def flow_error(call: Any) -> str:
 # -- 1. provision-access: no path parameter, no key options unless allow-listed ------------------
 
 
+def _stop_web(host) -> None:
+    """Stop the sample service on ``host`` if an earlier test of the session left it running:
+    troubleshoot then finds it down, and the crash finding carries the log's crash line."""
+    control = Path(host.root) / "srv" / "web" / "current" / "control"
+    if control.exists():
+        subprocess.run([str(control), "stop"], check=False, timeout=30, capture_output=True)
+
+
 def test_provision_access_payload_is_refused_and_no_host_file_changes(stack, keep_etc) -> None:
     from flows.provision_access import provision_access
 
@@ -213,6 +221,7 @@ def test_troubleshoot_reads_only_configured_logs(stack, variant) -> None:
     from flows.troubleshoot import troubleshoot
 
     host = staging(stack)[0]
+    _stop_web(host)
     private = Path(host.root) / "etc" / "kmpops-private.txt"
     private.write_text("Traceback (most recent call last):\nMemoryError private-content-7f3a\n")
     try:
@@ -534,6 +543,7 @@ def test_artifacts_never_carry_a_secret(stack) -> None:
     assert typed not in text and s3_secret not in text
 
     host = staging(stack)[0]
+    _stop_web(host)
     log = Path(host.root) / "srv" / "web" / "shared" / "log" / "web.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     saved = log.read_bytes() if log.exists() else None
