@@ -364,6 +364,7 @@ class ServiceConfig(Strict):
     def _logs(cls, value: dict[str, str]) -> dict[str, str]:
         for name, template in value.items():
             _check_path_template(template, what=f"log {name!r}")
+        return value
 
     analysis: list[Measurement] = Field(default_factory=list)
     staging_tests: StagingTests | None = None

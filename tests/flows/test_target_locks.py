@@ -44,10 +44,17 @@ def snapshot(stack) -> dict[str, str | None]:
     return {h.name: current_of(h.root) for h in stack.hosts}
 
 
-def lock_variant(data: dict, **locks) -> None:
-    """Production only, no approval; short leases so a dead holder expires within seconds."""
+def lock_variant(data: dict, *, analysis: bool = False, **locks) -> None:
+    """Production only, no approval; short leases so a dead holder expires within seconds.
+
+    Deploys go on health checks alone unless ``analysis`` (then an inconclusive analysis fails
+    instead of pausing: the run that needs it sends traffic)."""
     data["environments"].pop("staging", None)
     data["environments"]["production"]["policy"].update(approval_required=False)
+    if analysis:
+        data["environments"]["production"]["policy"]["inconclusive"] = "fail"
+    else:
+        data["services"]["web"].pop("analysis", None)
     # a TTL long enough for renewals on a loaded 2-core machine, short enough to wait out
     data["locks"] = {"ttl": 15, "renew_interval": 1, "poll_interval": 0.2, **locks}
 
@@ -75,6 +82,7 @@ def lock_releases(stack, tmp_path_factory) -> dict[str, str]:
     from kmpops.config import load_config
     from kmpops.connectors.storage import open_store
     from kmpops.secrets import resolve_secret
+    from kmpops.stack import ci_evidence
     from kmpops.stack.sample_service import build_release
 
     out = tmp_path_factory.mktemp("lock-releases")
@@ -84,11 +92,8 @@ def lock_releases(stack, tmp_path_factory) -> dict[str, str]:
             version, out, variant=variant, parameter=0.3 if variant == "errors" else None
         )
         put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
-        for gate in GATES5:
-            store.put_bytes(
-                f"evidence/web/{version}/{gate}.json",
-                json.dumps({"by": "ci", "sha256": put.sha256}).encode(),
-            )
+        for gate, record in ci_evidence(version, put.sha256).items():
+            store.put_bytes(f"evidence/web/{version}/{gate}.json", json.dumps(record).encode())
     return RELEASES
 
 
@@ -196,10 +201,18 @@ def wait_until(predicate, what: str, timeout: float = 120) -> None:
 # -- (a) two deploys of the same service and environment ----------------------------------
 
 
-def test_concurrent_deploys_are_serialised(stack, lock_baseline, use_lock_config, tmp_path):
+def test_concurrent_deploys_are_serialised(
+    stack, lock_baseline, use_lock_config, tmp_path, monkeypatch
+):
     """Run A (30 % errors, bake 8 s) and run B (good) start 2.5 s apart: B waits for A's lock,
     so A's bake measures A's release (it fails and rolls back) and B then deploys over it."""
     from tasks.common import records
+
+    data = yaml.safe_load(Path(stack.ops_yaml).read_text())
+    lock_variant(data, analysis=True)  # the bakes judge the release by its error ratio
+    judged = tmp_path / "ops-analysis.yaml"
+    judged.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KMPOPS_CONFIG", str(judged))
 
     prod = production(stack)
     before = {h.name: current_of(h.root) for h in prod}
