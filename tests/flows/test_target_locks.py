@@ -230,7 +230,7 @@ def test_concurrent_deploys_are_serialised(
         result_a = finished(run_a, log_a)
         result_b = finished(run_b, log_b)
     assert result_a["type"] == "FAILED", result_a
-    assert "bake" in result_a["message"] and "error rate" in result_a["message"], result_a
+    assert "bake" in result_a["message"] and "error-ratio" in result_a["message"], result_a
     assert result_b["type"] == "COMPLETED", result_b
     # B waited visibly for A's lock, naming A's run: in its log and its Prefect state
     assert "waiting for lock: host:prd-1 is held by run deploy-web-L2.0-errors-production" in (
