@@ -887,7 +887,7 @@ class Records:
         elif dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         else:  # pragma: no cover - the records store is SQLite or PostgreSQL
-            raise NotImplementedError(f"leases need SQLite or PostgreSQL, not {dialect}")
+            raise ConfigError([f"records.url: leases need SQLite or PostgreSQL, not {dialect}"])
         rows = [{"target": t, "holder": None, "holder_name": "", "fence": 0} for t in targets]
         session.execute(
             dialect_insert(Lease).values(rows).on_conflict_do_nothing(index_elements=["target"])
