@@ -474,12 +474,20 @@ class DatabaseConfig(Strict):
 
 
 class AlertRuleConfig(Strict):
-    """One alert rule, in the guide's schema (``threshold``, ``duration``, ``severity``) + query."""
+    """One alert rule, in the guide's schema (``threshold``, ``duration``, ``severity``) + query.
+
+    ``query`` is PromQL, asked of ``prometheus``; without one only ``high_cpu`` has a default
+    (the standard client metric ``process_cpu_seconds_total``): kmp-ops assumes no service's
+    metric names. ``scrape`` is the measurement used where no Prometheus is configured (two
+    scrapes of every service's metrics URL: ``counter`` increase, divided by ``per``'s); without
+    it, only a ``query`` that is a bare metric name can be scraped (its sum per instance).
+    """
 
     threshold: float
     duration: Duration
     severity: Literal["critical", "warning", "info"]
     query: str | None = None
+    scrape: ScrapeQuery | None = None
     comparison: Literal[">", ">=", "<", "<="] = ">"
     incident: bool | None = None
     description: str = ""
@@ -756,6 +764,25 @@ class OpsConfig(Strict):
                 raise ValueError(
                     "records.checkpoints.bucket must not be storage.bucket "
                     "(checkpoints need a bucket of their own, created with Object Lock)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _alert_rules_evaluable(self) -> OpsConfig:
+        # A config that lists hosts is one that evaluate-alerts runs on: every rule needs a
+        # query it can ask (the guide's blocks alone, with no hosts, still load verbatim).
+        if not any(env.hosts for env in self.environments.values()):
+            return self
+        from kmpops.plans.incident import default_query
+
+        for name, rule in self.alerts.items():
+            if rule.query is None and rule.scrape is None and default_query(name) is None:
+                raise ValueError(
+                    f"alerts.{name}.query: no query and no default for this rule name (kmp-ops "
+                    "assumes no service's metric names): give a PromQL query, e.g. "
+                    'sum by (instance) (rate(http_requests_total{code=~"5.."}[1m])) / '
+                    "sum by (instance) (rate(http_requests_total[1m])), and/or scrape: "
+                    "{counter: {metric: ...}, per: {metric: ...}} for use without Prometheus"
                 )
         return self
 

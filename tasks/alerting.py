@@ -142,8 +142,11 @@ class RuleEvaluation:
 
 
 def _scrape_values(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | None]:
-    """Direct-scrape fallback: per instance, an error ratio over a short window (rules about
-    errors) or the sum of a bare metric name."""
+    """Direct-scrape fallback (no Prometheus): per instance, the rule's configured ``scrape``
+    measurement over a short window (the increase of its counter, divided by the increase of
+    ``per`` when given), or, without one, the sum of a query that is a bare metric name.
+
+    Raises ConfigError naming the rule when its query is PromQL and it has no ``scrape``."""
     urls: dict[str, str] = {}
     for svc in cfg.services.values():
         if svc.metrics is None or not svc.metrics.url:
@@ -159,24 +162,34 @@ def _scrape_values(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | No
         except metrics.MetricsUnavailable:
             return None  # a target that is down has no sample, as in Prometheus
 
-    if "web_errors_total" in rule.query:
+    rule_cfg = cfg.alerts.get(rule.name)
+    spec = rule_cfg.scrape if rule_cfg is not None else None
+    if spec is not None:
         before = {i: safe_scrape(u) for i, u in urls.items()}
         time.sleep(SCRAPE_WINDOW_S)
         values: dict[LabelSet, float | None] = {}
         for i, u in urls.items():
-            after = safe_scrape(u) if before[i] is not None else None
-            if after is not None:
-                values[labelset(instance=i)] = metrics.error_rate_from_scrape(
-                    before[i],
-                    after,
-                    requests_metric="web_requests_total",
-                    errors_metric="web_errors_total",
-                )
+            earlier = before[i]
+            after = safe_scrape(u) if earlier is not None else None
+            if earlier is None or after is None:
+                continue
+            counted = metrics.counter_delta(
+                earlier, after, spec.counter.metric, **spec.counter.match
+            )
+            if spec.per is None:
+                values[labelset(instance=i)] = counted
+                continue
+            per = metrics.counter_delta(earlier, after, spec.per.metric, **spec.per.match)
+            # no traffic in the window: no ratio (Prometheus answers NaN, which fires nothing)
+            values[labelset(instance=i)] = min(1.0, counted / per) if per > 0 else None
         return values
     name = rule.query.strip()
     if not name.replace("_", "").replace(":", "").isalnum():
         raise ConfigError(
-            [f"alerts.{rule.name}.query: without prometheus only a metric name can be scraped"]
+            [
+                f"alerts.{rule.name}: without prometheus a PromQL query cannot be asked; give "
+                f"alerts.{rule.name}.scrape (counter and per) or a bare metric name as query"
+            ]
         )
     out: dict[LabelSet, float | None] = {}
     for i, u in urls.items():
@@ -205,7 +218,9 @@ def query_rule(rule_name: str) -> dict[str, float | None]:
 
 
 def _query(cfg: OpsConfig, rule: AlertRule) -> dict[LabelSet, float | None]:
-    if cfg.prometheus is None:
+    rule_cfg = cfg.alerts.get(rule.name)
+    scrape_only = rule_cfg is not None and rule_cfg.query is None and rule_cfg.scrape is not None
+    if cfg.prometheus is None or scrape_only:
         return _scrape_values(cfg, rule)
     client = metrics.PrometheusClient(cfg.prometheus.url)
     return {

@@ -136,9 +136,11 @@ def _prometheus(cfg: OpsConfig) -> metrics.PrometheusClient | None:
 
 
 def _wait_fresh_scrape(client: metrics.PrometheusClient, instances: list[str], since: float) -> str:
-    """Wait (at most FRESH_SCRAPE_TIMEOUT_S) until Prometheus holds two samples of every
-    instance taken after ``since``: ``increase()`` over the analysis window needs two, and the
-    new processes' first samples must be in it. Returns a note for the audit."""
+    """Wait (at most FRESH_SCRAPE_TIMEOUT_S) until Prometheus holds two *successful* scrapes
+    (``up == 1``) of every instance taken after ``since``: ``increase()`` over the analysis
+    window needs two samples, and the new processes' first samples must be in it. A scrape
+    that failed (the process still starting) records ``up 0`` and no service metrics, so it
+    does not count. Returns a note for the audit."""
     if not instances:
         return "no metrics targets for these hosts"
     wanted = len(set(instances))
@@ -147,15 +149,15 @@ def _wait_fresh_scrape(client: metrics.PrometheusClient, instances: list[str], s
     while time.monotonic() < deadline:
         window = window_text(time.time() - since)
         try:
-            fewest = client.query(f"min(count_over_time({matcher}[{window}]))")
+            fewest = client.query(f"min(sum_over_time({matcher}[{window}]))")
             seen = client.query(f"count(count_over_time({matcher}[{window}]))")
         except metrics.MetricsUnavailable:
             fewest, seen = [], []
         if fewest and seen and fewest[0].value >= 2 and seen[0].value >= wanted:
-            return f"Prometheus scraped all {wanted} targets twice after the switch"
+            return f"Prometheus scraped all {wanted} targets successfully twice after the switch"
         time.sleep(0.25)
     return (
-        f"Prometheus had not scraped every target twice {FRESH_SCRAPE_TIMEOUT_S:g}s "
+        f"Prometheus had not scraped every target successfully twice {FRESH_SCRAPE_TIMEOUT_S:g}s "
         "after the switch"
     )
 

@@ -4,8 +4,9 @@ Pure code, no I/O. ``incident-response`` asks these functions what to do and rec
 the postmortem is computed from the incident's own timeline (what happened, in order) so a rerun on
 the same records renders the same document.
 
-- :func:`default_query` gives the guide's rule names a PromQL query (``high_cpu``: the CPU ratio
-  from ``process_cpu_seconds_total``; ``error_rate``: errors / requests), :func:`build_rules` turns
+- :func:`default_query` gives ``high_cpu`` a PromQL query (the CPU ratio from the standard client
+  metric ``process_cpu_seconds_total``); every other rule, ``error_rate`` included, names its own
+  query in config (no service's metric names are assumed here), :func:`build_rules` turns
   the ``alerts:`` block into :class:`~kmpops.plans.alerts.AlertRule` objects.
 - :func:`incident_type_for` classifies an alert (``bad_release``, ``resource_exhaustion``,
   ``compromised_credentials``, ``hostile_traffic``, ``unknown``) and :func:`plan_containment`
@@ -111,18 +112,16 @@ _ERADICATION: dict[str, tuple[str, ...]] = {
 
 _DEFAULT_QUERIES = {
     "high_cpu": "sum by (instance) (rate(process_cpu_seconds_total[1m]))",
-    "error_rate": (
-        "sum by (instance) (rate(web_errors_total[1m]))"
-        " / sum by (instance) (rate(web_requests_total[1m]))"
-    ),
 }
 
 
 def default_query(rule_name: str) -> str | None:
-    """The PromQL query of a guide rule name (``high_cpu``, ``error_rate``), else None.
+    """The PromQL query of a rule name that has a default (only ``high_cpu``), else None.
 
     ``high_cpu`` is CPU seconds per second per instance (a ratio of one core, so ``80%`` means
-    0.8 of a core); ``error_rate`` is 5xx answers / requests per instance.
+    0.8 of a core), from ``process_cpu_seconds_total``, which every Prometheus client library
+    exports. An error ratio depends on the service's own metric names, so ``error_rate`` has no
+    default: its query comes from config.
     """
     return _DEFAULT_QUERIES.get(rule_name)
 
@@ -137,8 +136,13 @@ def build_rules(alerts: Mapping[str, Any]) -> list[AlertRule]:
     for name, spec in alerts.items():
         data = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
         query = data.get("query") or default_query(name)
+        if not query and data.get("scrape"):
+            query = f"scrape:{name}"  # measured by two scrapes (no Prometheus), see scrape
         if not query:
-            raise ValueError(f"alert rule {name!r}: no query given and no default for this name")
+            raise ValueError(
+                f"alert rule {name!r}: no query given and no default for this name "
+                f"(set alerts.{name}.query)"
+            )
         rules.append(
             AlertRule(
                 name=name,

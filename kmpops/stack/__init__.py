@@ -522,6 +522,11 @@ def _write_ops_yaml(info: StackInfo) -> None:
                     "sum by (instance) (rate(web_errors_total[30s]))"
                     " / sum by (instance) (rate(web_requests_total[30s]))"
                 ),
+                # the same ratio from two scrapes, where no Prometheus is configured
+                "scrape": {
+                    "counter": {"metric": "web_errors_total"},
+                    "per": {"metric": "web_requests_total"},
+                },
             },
         },
         # containment from an alert's labels: a block no wider than a /24 and never one of

@@ -183,6 +183,8 @@ def answer_when_paused(
     from tasks.common import records
 
     errors: list[BaseException] = []
+    # a request left pending by an earlier run (one that crashed while paused) is not ours
+    stale = {a.id for a in records().approvals() if a.outcome == "pending"}
 
     def find_run() -> str:
         deadline = time.monotonic() + 60
@@ -190,7 +192,9 @@ def answer_when_paused(
             pending = [
                 a
                 for a in records().approvals()
-                if a.outcome == "pending" and a.subject.startswith(subject_prefix)
+                if a.outcome == "pending"
+                and a.subject.startswith(subject_prefix)
+                and a.id not in stale
             ]
             if pending:
                 return pending[-1].run_id

@@ -228,7 +228,8 @@ def timeline(incident_id: int) -> list[tuple[str, str]]:
 
 
 def test_scrape_fallback_sees_the_error_rate(incident_env, bad_release, stack):
-    """Without Prometheus, the error rate comes from two direct scrapes of each endpoint."""
+    """Without Prometheus, the error rate comes from two direct scrapes of each endpoint, with
+    the metric names from the rule's ``scrape`` (kmp-ops assumes none)."""
     from flows.evaluate_alerts import evaluate_alerts
 
     incident_env(
@@ -237,7 +238,10 @@ def test_scrape_fallback_sees_the_error_rate(incident_env, bad_release, stack):
                 "threshold": "1%",
                 "duration": "0s",
                 "severity": "warning",
-                "query": "web_errors_total / web_requests_total",
+                "scrape": {
+                    "counter": {"metric": "web_errors_total"},
+                    "per": {"metric": "web_requests_total"},
+                },
             }
         },
         drop_prometheus=True,

@@ -46,6 +46,37 @@ def test_example_config_is_valid() -> None:
 
 HOST = {"name": "a", "address": "127.0.0.1", "key_file": "/k", "known_hosts": "/kh"}
 
+
+def test_an_error_rate_rule_names_its_own_metrics(tmp_path: Path) -> None:
+    """kmp-ops assumes no service's metric names: on a config with hosts, the guide's
+    ``error_rate`` needs a query (or a scrape measurement); ``high_cpu`` keeps its default."""
+    alerts = yaml.safe_load(guide_block("alerts"))["alerts"]
+    fleet = {"environments": {"production": {"hosts": [HOST]}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(fleet | {"alerts": alerts})
+    (problem,) = err.value.problems
+    assert "alerts.error_rate.query: no query and no default" in problem, problem
+    scrape = {"counter": {"metric": "http_requests_total", "match": {"code": "500"}}}
+    scrape["per"] = {"metric": "http_requests_total"}
+    alerts["error_rate"]["scrape"] = scrape
+    cfg = parse_config(fleet | {"alerts": alerts})
+    assert cfg.alerts["error_rate"].scrape.counter.match == {"code": "500"}
+    assert cfg.alerts["high_cpu"].query is None  # evaluated with the default CPU query
+
+
+def test_no_sample_service_metric_names_in_the_procedures() -> None:
+    """The sample service's metric names live only in its own code and the stack's ops.yaml."""
+    names = ("web_errors_total", "web_requests_total", "web_request_duration")
+    found = []
+    for top in ("kmpops", "tasks", "flows", "deployments"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            if path.parent.name == "stack" and path.parent.parent.name == "kmpops":
+                continue  # the local stack runs the sample service and writes its ops.yaml
+            text = path.read_text()
+            found += [f"{path.relative_to(REPO)}: {n}" for n in names if n in text]
+    assert found == []
+
+
 BAD_CASES = [
     # (data, the field path and words that must appear in the one problem line)
     (
