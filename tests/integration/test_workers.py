@@ -516,7 +516,9 @@ def test_a_worker_killed_mid_deploy_crashes_the_run_and_recovery_puts_the_hosts_
             for e in rec.audit_events(action="deploy.recovered")
             if e.details["crashed_run"] == deploy
         ]
-        assert set(recovered.details["hosts"]) >= switched
+        # "stg-1: 2.0.0 -> 1.0.0" for every host the dead run had switched
+        assert {h.split(":", 1)[0] for h in recovered.details["hosts"]} >= switched
+        assert all(h.endswith("2.0.0 -> 1.0.0") for h in recovered.details["hosts"])
         assert not recovered.details["rollback_failed"]
         assert all(lease.holder != deploy for lease in rec.leases())  # its locks are free
         dead = [g for g in rec.lease_history() if g.holder == deploy]
