@@ -6,7 +6,11 @@ within three periods is marked Crashed — its process or machine is gone. For a
 run that Crashed state is what starts ``deploy-recover`` (see ``deployments/serve.py``), so a
 deploy killed with its machine still ends with every host back on its previous release.
 
-    python -m deployments.automations     # apply (serve.py applies it too)
+    python -m deployments.automations                  # apply (serve.py applies it too)
+    python -m deployments.automations --within 50      # crash after 50 s without a heartbeat
+
+``--within`` must stay above the heartbeat period (at least 30 s in Prefect 3.9) with room for
+a late heartbeat, or healthy runs are marked Crashed; the default of three periods is safe.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["ZOMBIE_AUTOMATION", "apply_automations", "zombie_automation"]
+__all__ = ["ZOMBIE_AUTOMATION", "apply_automations", "main", "zombie_automation"]
 
 ZOMBIE_AUTOMATION = "kmpops-crash-zombie-runs"
 ENDED = ("Completed", "Failed", "Cancelled", "Crashed", "Paused", "Suspended")
@@ -70,5 +74,24 @@ def apply_automations(within: timedelta | None = None) -> list[str]:
     return changed
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Apply the automations; ``--within SECONDS`` overrides the three heartbeat periods."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--within",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds without a heartbeat before a run is Crashed (default: 3 heartbeat periods)",
+    )
+    args = parser.parse_args(argv)
+    if args.within is not None and args.within <= 0:
+        parser.error(f"--within must be a positive number of seconds, not {args.within:g}")
+    within = timedelta(seconds=args.within) if args.within is not None else None
+    print("\n".join(apply_automations(within)) or "up to date")
+
+
 if __name__ == "__main__":
-    print("\n".join(apply_automations()) or "up to date")
+    main()

@@ -248,6 +248,26 @@ class Lease(Base):
     expires_at: Mapped[datetime | None]
 
 
+class LeaseGrant(Base):
+    """One tenure of a lease: target, fencing number, holder, when it was taken and when it
+    ended (None while held) and how (``released``, ``released_dead``: freed for a run known
+    dead, ``expired``: taken over after its holder stopped renewing, ``ended_at`` then being
+    the expiry it was taken at). Written in the same transaction as the lease row it
+    describes, so the history of a target is the exact sequence of who held it."""
+
+    __tablename__ = "lease_grants"
+    __table_args__ = (UniqueConstraint("target", "fence"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    target: Mapped[str] = mapped_column(String(300), index=True)
+    fence: Mapped[int] = mapped_column(Integer)
+    holder: Mapped[str] = mapped_column(String(64), index=True)
+    holder_name: Mapped[str] = mapped_column(String(300), default="")
+    acquired_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    ended_how: Mapped[str] = mapped_column(String(20), default="")
+
+
 class Consumption(Base):
     """A one-time use: a change request spent on one service/environment, an approval answer
     spent on one request. The unique key is what makes a second use fail (in the database,

@@ -49,6 +49,7 @@ from kmpops.records.models import (
     Incident,
     IncidentEvent,
     Lease,
+    LeaseGrant,
     Release,
     Verification,
     utcnow,
@@ -829,13 +830,19 @@ class Records:
             }
             now = utcnow()
             take, extend, busy = [], [], None
+            ended: dict[str, tuple[datetime, str]] = {}  # previous tenures this take ends
             for target in targets:
+                row = rows[target]
                 decision = lock_rules.decide_acquire(
-                    _lease_view(rows[target]), me=holder, now=now, take_from=take_from
+                    _lease_view(row), me=holder, now=now, take_from=take_from
                 )
                 if decision is lock_rules.AcquireDecision.BUSY:
-                    busy = _lease_view(rows[target])
+                    busy = _lease_view(row)
                     break
+                if decision is lock_rules.AcquireDecision.TAKE_EXPIRED:
+                    ended[target] = (row.expires_at or now, "expired")
+                elif decision is lock_rules.AcquireDecision.TAKE_FROM_DEAD:
+                    ended[target] = (now, "released_dead")
                 (extend if decision is lock_rules.AcquireDecision.ALREADY_HELD else take).append(
                     target
                 )
@@ -862,6 +869,8 @@ class Records:
                 )
                 if done.rowcount != len(take):  # the rows are locked: cannot happen
                     raise RuntimeError(f"lease rows changed under their lock: {take}")
+                for target, (end, how) in ended.items():
+                    self._end_grants(s, [target], end, how)
             if extend:
                 s.execute(
                     update(Lease)
@@ -873,6 +882,17 @@ class Records:
                 s.execute(
                     select(Lease.target, Lease.fence).where(Lease.target.in_(take + extend))
                 ).all()
+            )
+            s.add_all(
+                LeaseGrant(
+                    target=t,
+                    fence=numbers[t],
+                    holder=holder,
+                    holder_name=holder_name[:300],
+                    acquired_at=now,
+                    ended_how="",
+                )
+                for t in take
             )
         won = [Fence(target=t, holder=holder, number=numbers[t]) for t in targets if t in numbers]
         return won, busy
@@ -940,6 +960,7 @@ class Records:
                     .values(holder=None, expires_at=None)  # the name stays: the last holder
                     .execution_options(synchronize_session=False)
                 )
+                self._end_grants(s, sorted(held), utcnow(), "released")
         return [f.target for f in fences if f.target in held]
 
     def release_leases_of(self, holder: str) -> list[LeaseView]:
@@ -950,7 +971,29 @@ class Records:
             held = [_lease_view(r) for r in rows]
             for row in rows:
                 row.holder, row.expires_at = None, None
+            self._end_grants(s, [r.target for r in rows], utcnow(), "released_dead")
         return held
+
+    @staticmethod
+    def _end_grants(session: Session, targets: Sequence[str], at: datetime, how: str) -> None:
+        """Inside the transaction that frees or takes over ``targets`` (their lease rows
+        locked): close their open tenures in the history."""
+        if targets:
+            session.execute(
+                update(LeaseGrant)
+                .where(LeaseGrant.target.in_(list(targets)), LeaseGrant.ended_at.is_(None))
+                .values(ended_at=at, ended_how=how)
+                .execution_options(synchronize_session=False)
+            )
+
+    def lease_history(self, target: str | None = None) -> list[LeaseGrant]:
+        """Every tenure of every lease (or of ``target``), by target then fencing number:
+        who held it, from when to when (``ended_at`` None: still held) and how it ended."""
+        q = select(LeaseGrant).order_by(LeaseGrant.target, LeaseGrant.fence)
+        if target is not None:
+            q = q.where(LeaseGrant.target == target)
+        with self.session() as s:
+            return list(s.scalars(q))
 
     def lease(self, target: str) -> LeaseView | None:
         """The lease row of ``target`` (None: never taken)."""
