@@ -7,6 +7,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DEBS := openssh-server openssh-client postgresql prometheus
 TEST_DEBS := $(DEMO_DEBS) chromium
 PYTEST_ARGS ?=
+# two pytest-xdist workers, whole files each, a local stack each (tests/conftest.py)
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint format system-deps test-system-deps venv stack-up stack-down bench clean
 
@@ -16,7 +18,7 @@ demo: system-deps $(BIN)/kmpops
 test: test-system-deps $(BIN)/kmpops
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(BIN)/kmpops
 	$(BIN)/ruff check .

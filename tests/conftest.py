@@ -4,6 +4,12 @@ The stack (sshd fleet, SeaweedFS, PostgreSQL, Prometheus, a PostgreSQL-backed Pr
 started lazily by the first test that asks for ``stack`` and stopped at the end of the session.
 Its ports are fixed (``KMPOPS_TEST_PORT_BASE``, default 27000), so the Prefect client settings are
 set before Prefect is first imported.
+
+Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``: whole files per worker, so a
+module's fixtures stay in one process) every worker is a session of its own, with one stack of
+its own: worker ``gwN`` uses port base ``KMPOPS_TEST_PORT_BASE - 1000 * N`` and the stack root
+``var/test-stack-gwN`` (``gw0`` keeps the plain names). Worker bases stay below the kernel's
+ephemeral range (32768+), where an outgoing connection can hold any port.
 """
 
 from __future__ import annotations
@@ -16,15 +22,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PORT_BASE = int(os.environ.get("KMPOPS_TEST_PORT_BASE", "27000"))
-STACK_ROOT = Path(os.environ.get("KMPOPS_TEST_STACK_ROOT", REPO / "var" / "test-stack")).resolve()
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_WORKER_INDEX = int(WORKER[2:]) if WORKER.startswith("gw") and WORKER[2:].isdigit() else 0
+_SUFFIX = f"-{WORKER}" if _WORKER_INDEX else ""
+PORT_BASE = int(os.environ.get("KMPOPS_TEST_PORT_BASE", "27000")) - 1000 * _WORKER_INDEX
+STACK_ROOT = Path(
+    os.environ.get("KMPOPS_TEST_STACK_ROOT", str(REPO / "var" / "test-stack")) + _SUFFIX
+).resolve()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Point Prefect and kmp-ops at the session stack before anything imports Prefect."""
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PORT_BASE + 400}/api"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    prefect_home = STACK_ROOT.parent / "test-prefect-home"
+    prefect_home = STACK_ROOT.parent / f"test-prefect-home{_SUFFIX}"
     prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(prefect_home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
