@@ -124,3 +124,43 @@ def approve_run(
     if status != "ACCEPT":
         detail = (result.get("details") or {}).get("reason") or status.lower() or "refused"
         raise PolicyViolation(f"flow run {run_id} was not resumed: {detail}")
+
+
+def ack_run(
+    api_url: str,
+    flow_run_id: str,
+    *,
+    responder: str,
+    token: str,
+    note: str = "",
+    timeout: float = 15.0,
+) -> None:
+    """Acknowledge the page an ``incident-escalation`` run waits on, as ``responder`` with that
+    person's own token (the same form as the UI's).
+
+    Raises UnsafeValueError for a malformed run id, NotFound if the run does not exist,
+    PolicyViolation if it is not waiting for an acknowledgement or the server refuses the
+    resume, ConnectorError if the API cannot be reached. Acceptance means the run resumed;
+    whether the acknowledgement counts (the token) is the flow's decision, audited there."""
+    run_id = _run_uuid(flow_run_id)
+    base = api_url.rstrip("/")
+    try:
+        run = httpx.get(f"{base}/flow_runs/{run_id}", timeout=timeout)
+        if run.status_code == 404:
+            raise NotFound(f"flow run {run_id} does not exist")
+        run.raise_for_status()
+        state = run.json().get("state") or {}
+        key = str((state.get("state_details") or {}).get("pause_key") or "")
+        if state.get("type") != "PAUSED" or not key.startswith("ack-"):
+            raise PolicyViolation(f"flow run {run_id} is not waiting for an acknowledgement")
+        body = {"run_input": {"responder": responder, "responder_token": token, "note": note}}
+        response = httpx.post(f"{base}/flow_runs/{run_id}/resume", json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ConnectorError(f"cannot reach the Prefect API at {api_url}: {exc}") from None
+    if response.status_code >= 400:
+        raise ConnectorError(
+            f"the Prefect API answered {response.status_code} resuming flow run {run_id}"
+        )
+    status = str(response.json().get("status", "")).upper()
+    if status != "ACCEPT":
+        raise PolicyViolation(f"flow run {run_id} was not resumed: {status.lower() or 'refused'}")

@@ -238,6 +238,32 @@ def approve(
     typer.echo(f"{decision} sent for flow run {flow_run_id} as {approver}")
 
 
+@app.command()
+def ack(
+    flow_run_id: Annotated[str, typer.Argument(help="the paused incident-escalation run")],
+    responder: Annotated[str, typer.Option(help="your name in the responder token book")],
+    note: Annotated[str, typer.Option(help="anything the next responder should know")] = "",
+    token_env: Annotated[
+        str, typer.Option(help="environment variable holding your responder token")
+    ] = "KMPOPS_RESPONDER_TOKEN",  # noqa: S107 - the variable's name, not a token
+    api_url: Annotated[str | None, typer.Option(help="Prefect API URL")] = None,
+) -> None:
+    """Acknowledge an incident page from the command line (the same form as the UI)."""
+    from kmpops.approve import ack_run
+
+    url = api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        _fail("set PREFECT_API_URL or pass --api-url", 2)
+        return
+    try:
+        ack_run(
+            url, flow_run_id, responder=responder, token=os.environ.get(token_env, ""), note=note
+        )
+    except KmpOpsError as err:
+        _fail(f"acknowledgement not sent: {err}")
+    typer.echo(f"acknowledgement sent for flow run {flow_run_id} as {responder}")
+
+
 def _repo_module(module: str, args: list[str]) -> None:
     root = Path.cwd()
     if not (root / "deployments").is_dir():

@@ -527,6 +527,18 @@ class NotificationConfig(Strict):
     repeat_interval: Duration = timedelta(hours=4)
     escalation: dict[Literal["L1", "L2", "L3"], list[str]] = Field(default_factory=dict)
     ack_timeout: Duration = timedelta(minutes=15)
+    # the on-call people's token book (``name:sha256`` lines, like approver_tokens): an
+    # acknowledgement counts only with the responder's own token
+    responder_tokens: Secret | None = None
+
+    @model_validator(mode="after")
+    def _escalation_needs_a_token_book(self) -> NotificationConfig:
+        if self.escalation and self.responder_tokens is None:
+            raise ValueError(
+                "escalation needs responder_tokens (a token book): without one an "
+                "acknowledgement cannot be authenticated and no page would ever be taken"
+            )
+        return self
 
 
 class AuditCheckpoints(Strict):

@@ -114,7 +114,7 @@ def _token_book(policy: Policy) -> TokenBook | None:
     return parse_token_book(secret(policy.approver_tokens))
 
 
-def _take_answer(flow_run_id: str | None) -> tuple[dict[str, Any] | None, bool]:
+def take_answer(flow_run_id: str | None) -> tuple[dict[str, Any] | None, bool]:
     """Read the stored form answer raw, delete it, check it is gone.
 
     Returns (the newest answer or None, removed). ``removed`` is False when the delete failed or
@@ -320,7 +320,7 @@ def request_approval(
             resume_after_timeout()
             timed_out = True
             break
-        raw, removed = _take_answer(flow_run_id)
+        raw, removed = take_answer(flow_run_id)
         answer = _answer_from(raw, answer_form)
         refusal: Refusal | None
         if not removed:

@@ -33,10 +33,19 @@ from kmpops.config import Host, OpsConfig
 from kmpops.connectors.notify import Notifier
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.errors import NotFound, UnsafeValueError
+from kmpops.plans.approval import TokenBook, parse_token_book
 from kmpops.plans.incident import instance_of
 from kmpops.redact import redact
-from tasks.approval import resume_after_timeout
-from tasks.common import STEP_TIMEOUT_S, audit, ops_config, records, retry_on_transient, run_id
+from tasks.approval import resume_after_timeout, take_answer
+from tasks.common import (
+    STEP_TIMEOUT_S,
+    audit,
+    ops_config,
+    records,
+    retry_on_transient,
+    run_id,
+    secret,
+)
 
 __all__ = [
     "AckForm",
@@ -64,10 +73,40 @@ _OUTPUT_MAX = 4000
 
 
 class AckForm(RunInput):
-    """The acknowledgement form of an escalation step."""
+    """The acknowledgement form of an escalation step: the responder's name and own token
+    (checked against ``notifications.responder_tokens``)."""
 
-    responder: str = Field(default="", description="who takes the incident")
+    responder: str = Field(default="", description="who takes the incident (your name)")
+    responder_token: str = Field(
+        default="", description="your personal token", json_schema_extra={"format": "password"}
+    )
     note: str = Field(default="", description="anything the next responder should know")
+
+    def __repr__(self) -> str:  # the token never reaches a log line
+        return f"AckForm(responder={self.responder!r}, note={self.note!r})"
+
+    __str__ = __repr__
+
+
+def _responder_book(cfg: OpsConfig) -> TokenBook | None:
+    ref = cfg.notifications.responder_tokens
+    return parse_token_book(secret(ref)) if ref is not None else None
+
+
+def _ack_refusal(
+    form: AckForm, raw: dict[str, Any] | None, removed: bool, book: TokenBook | None
+) -> str:
+    """Why an acknowledgement does not count ("" when it does): no token book, the stored
+    answer (with its token) could not be removed from Prefect (fail closed), or the token is
+    not the responder's."""
+    if book is None:
+        return "no responder token book configured (notifications.responder_tokens)"
+    if not removed or raw is None:
+        return "the answer could not be removed from the run's input (refused: fail closed)"
+    token = str(raw.get("responder_token", ""))
+    if not book.verify(form.responder.strip(), token):
+        return f"{form.responder.strip()!r} is not in the responder book or the token is wrong"
+    return ""
 
 
 def instances_of(cfg: OpsConfig, service: str) -> dict[str, str]:
@@ -248,13 +287,17 @@ def _answer_timeout(flow_run_id: str, pause_key: str) -> None:
 def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -> AckForm | None:
     """Pause the flow run until someone acknowledges at ``level`` or ``timeout_s`` passes.
 
-    Returns the form (responder named) or None on timeout. An answer without a responder does
-    not count: the run pauses again for the time left. Call from the flow, not a task.
+    Returns the form (responder named, token blanked) or None on timeout. An answer counts only
+    with the responder's own token from ``notifications.responder_tokens``, and only once the
+    stored answer (which carries the token) is removed from the run's input; any other answer
+    is refused (logged and audited as ``incident.ack_refused``) and the run pauses again for the
+    time left. Call from the flow, not a task.
 
     The deadline is kept by a timer that answers the pause itself with a timeout note: the
     server-side pause timeout is set later (``PAUSE_GRACE_S``), because an expired pause is
     turned into a Failed run by the server, which is not what an unanswered page is."""
     flow_run_id = run_id()
+    book = _responder_book(ops_config())
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
@@ -283,9 +326,21 @@ def wait_for_ack(incident_id: int, level: str, timeout_s: float, summary: str) -
                 timer.cancel()
         if form.note == TIMEOUT_NOTE and not form.responder.strip():
             return None
-        if form.responder.strip():
-            return form
-        get_run_logger().warning("acknowledgement without a responder ignored")
+        raw, removed = take_answer(flow_run_id)
+        if not form.responder.strip():
+            get_run_logger().warning("acknowledgement without a responder ignored")
+            continue
+        why = _ack_refusal(form, raw, removed, book)
+        if not why:
+            return form.model_copy(update={"responder_token": ""})
+        get_run_logger().warning("acknowledgement at %s refused: %s", level, why)
+        audit(
+            "incident.ack_refused",
+            f"incident:{incident_id}",
+            level=level,
+            responder=form.responder.strip()[:64],
+            reason=why,
+        )
 
 
 _PROBES = {

@@ -456,6 +456,7 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "routes": {"critical": [sink], "warning": [sink], "info": [sink]},
             "escalation": {"L1": [sink], "L2": [sink], "L3": [sink]},
             "ack_timeout": "15m",
+            "responder_tokens": tokens,  # the local people are the on-call rota too
         },
         "environments": {
             "staging": {

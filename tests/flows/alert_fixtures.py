@@ -36,6 +36,7 @@ def ops_yaml_writer(
             "routes": {"critical": routes, "warning": routes, "info": routes},
             "escalation": {"L1": routes, "L2": routes, "L3": routes},
             "ack_timeout": "1s",
+            "responder_tokens": base["notifications"]["responder_tokens"],
             "repeat_interval": repeat_interval,
             **notifications,
         }

@@ -36,6 +36,7 @@ def contain_env(stack, tmp_path, monkeypatch):
         "routes": {"critical": sink, "warning": sink, "info": sink},
         "escalation": {"L1": sink, "L2": sink, "L3": sink},
         "ack_timeout": "1s",
+        "responder_tokens": data["notifications"]["responder_tokens"],
     }
     data["alerts"] = {}
     for env in data["environments"].values():

@@ -136,11 +136,24 @@ class Responder:
     otherwise."""
 
     def __init__(
-        self, *, ack_level: str | None = "L1", responder: str = "alice", token: str = ""
+        self,
+        *,
+        ack_level: str | None = "L1",
+        responder: str = "alice",
+        token: str = "",
+        ack_token: str | None = None,
+        via_cli: bool = False,
     ) -> None:
+        """``token``: bob's approval token; ``ack_token``: the responder's (default: their own
+        token from the stack); ``via_cli``: acknowledge through ``kmpops.approve.ack_run``."""
+        from kmpops.stack import approver_token
+        from tests.conftest import STACK_ROOT
+
         self.ack_level = ack_level
         self.token = token
         self.responder = responder
+        self.ack_token = approver_token(STACK_ROOT, responder) if ack_token is None else ack_token
+        self.via_cli = via_cli
         self.answered: list[str] = []
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -192,9 +205,25 @@ class Responder:
                             if level != self.ack_level:
                                 continue  # let this level time out
                             seen.add(state.id)
-                            resume_flow_run(
-                                run.id, run_input={"responder": self.responder, "note": "on it"}
-                            )
+                            if self.via_cli:
+                                from kmpops.approve import ack_run
+
+                                ack_run(
+                                    os.environ["PREFECT_API_URL"],
+                                    str(run.id),
+                                    responder=self.responder,
+                                    token=self.ack_token,
+                                    note="on it",
+                                )
+                            else:
+                                resume_flow_run(
+                                    run.id,
+                                    run_input={
+                                        "responder": self.responder,
+                                        "responder_token": self.ack_token,
+                                        "note": "on it",
+                                    },
+                                )
                             self.answered.append(f"ack {level}")
                         else:
                             seen.add(state.id)
@@ -385,7 +414,7 @@ def test_acknowledged_at_l2(incident_env):
     from flows.incident_response import incident_response
 
     incident_env({})
-    with Responder(ack_level="L2", responder="carol") as responder:
+    with Responder(ack_level="L2", responder="carol", via_cli=True) as responder:
         result = incident_response(
             alert={"title": "queue backlog", "severity": "warning"}, options={"ack_timeout_s": 2}
         )
@@ -394,6 +423,51 @@ def test_acknowledged_at_l2(incident_env):
     text = [m for _, m in timeline(result["incident_id"])]
     assert "no acknowledgement at L1 within 2 s" in text
     assert "acknowledged at L2 by carol" in text and "escalated to L3" not in text
+
+
+def test_an_acknowledgement_without_the_responders_token_is_refused(incident_env):
+    """Carol's name with a forged token does not take the page: the refusal is audited (no
+    token in it), the stored answer is gone from Prefect, and the page escalates to L3."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from flows.incident_response import incident_response
+    from tasks.common import records
+
+    incident_env({})
+    forged = "not-carols-token-0123456789"
+    with Responder(ack_level="L1", responder="carol", ack_token=forged) as responder:
+        result = incident_response(
+            alert={"title": "queue backlog", "severity": "warning"}, options={"ack_timeout_s": 6}
+        )
+    # every refused answer pauses L1 again for the time left, and the forger tries again
+    assert responder.answered and set(responder.answered) == {"ack L1"}
+    assert result["acknowledged_level"] is None and result["acknowledged_by"] is None
+    text = [m for _, m in timeline(result["incident_id"])]
+    assert "no acknowledgement at L1 within 6 s" in text and "unacknowledged after L3" in text
+    refusals = [
+        e
+        for e in records().audit_events(action="incident.ack_refused")
+        if e.subject == f"incident:{result['incident_id']}"
+    ]
+    assert len(refusals) == len(responder.answered)
+    refused = refusals[-1]
+    assert refused.subject == f"incident:{result['incident_id']}"
+    assert refused.details["responder"] == "carol" and refused.details["level"] == "L1"
+    assert "token is wrong" in refused.details["reason"]
+    assert all(forged not in str(e.details) for e in records().audit_events())
+    with get_client(sync_client=True) as client:
+        (run,) = [
+            r
+            for r in client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["incident-escalation"]))
+            )
+            if r.parameters.get("incident_id") == result["incident_id"]
+        ]
+        stored = client.filter_flow_run_input(
+            flow_run_id=run.id, key_prefix="paused-", limit=100, exclude_keys=set()
+        )
+    assert all(forged not in str(i.value) for i in stored)
 
 
 def test_duplicate_alert_attaches_to_open_incident(incident_env):

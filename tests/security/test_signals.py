@@ -277,6 +277,7 @@ def fleet(stack, tmp_path_factory) -> Iterator[dict[str, Any]]:
         "routes": {"critical": sink, "warning": sink, "info": sink},
         "escalation": {"L1": sink, "L2": sink, "L3": sink},
         "ack_timeout": "1s",
+        "responder_tokens": data["notifications"]["responder_tokens"],
     }
     data["alerts"] = {}
     for env in data["environments"].values():
