@@ -32,7 +32,9 @@ class Plan:
 
     cron: str | None = None
     interval: float | None = None
-    trigger: str | None = None  # "alert" (incident-response) or "deploy-crashed" (deploy-recover)
+    # "alert" (incident-response), "deploy-crashed" (deploy-recover) or
+    # "change-request-crashed" (change-request-recover)
+    trigger: str | None = None
 
 
 def schedules(config: Any | None) -> dict[str, Plan]:
@@ -49,6 +51,7 @@ def schedules(config: Any | None) -> dict[str, Plan]:
         "evaluate-alerts": Plan(interval=60),
         "incident-response": Plan(trigger="alert"),
         "deploy-recover": Plan(trigger="deploy-crashed"),
+        "change-request-recover": Plan(trigger="change-request-crashed"),
         "maintenance-daily": Plan(cron="0 6 * * *"),
         "maintenance-weekly": Plan(cron="0 7 * * 1"),
         "maintenance-monthly": Plan(cron="0 8 1 * *"),
@@ -103,6 +106,10 @@ def build(config: Any | None, *, schedules_active: bool = True) -> list[Any]:
             from tasks.deploy import recover_trigger
 
             kwargs["triggers"] = [recover_trigger()]
+        elif plan.trigger == "change-request-crashed":
+            from tasks.deploy import change_request_recover_trigger
+
+            kwargs["triggers"] = [change_request_recover_trigger()]
         deployments.append(fl.to_deployment(**kwargs))
     return deployments
 

@@ -293,8 +293,10 @@ def change_request_recover(
 
     Without ``change_request_id`` every open change whose run is in a final state is closed.
     A change whose run is still shown Running is left alone unless ``force`` (an operator
-    knows its process is gone); asked for by id, it is refused with PolicyViolation. Changes
-    nothing on hosts (deploy-recover rolls back a crashed deploy); idempotent.
+    knows its process is gone); asked for by id, it is refused with PolicyViolation. A change
+    with a deploy still half-done is left open unless ``force``: deploy-recover rolls that
+    deploy back and then closes the change (:func:`close_after_deploy_recovery`). Started by
+    the server when a change-request run turns Crashed. Changes nothing on hosts; idempotent.
     """
     from tasks.deploy import read_flow_run
 
@@ -318,6 +320,15 @@ def change_request_recover(
                     )
                 continue
         ends = _deploy_ends(row.id)
+        if "unfinished" in ends.values() and not force:
+            # deploy-recover rolls the half-done deploy back, then closes this change
+            get_run_logger().info(
+                "change request #%s left open: a deploy is unfinished (%s); deploy-recover "
+                "closes it once the hosts are back",
+                row.id,
+                ", ".join(s for s, e in ends.items() if e == "unfinished"),
+            )
+            continue
         outcome = change_request_recovery_outcome(row.services or [], ends)
         closed.append(
             _close(row.id, outcome, outcome, recovered_from_run=owner, deploys=dict(ends))
@@ -328,4 +339,18 @@ def change_request_recover(
                 f"Change request #{row.id} ended failed after its run died",
                 f"deploys: {ends}; check the hosts (deploy-recover) and close it by hand",
             )
+    return closed
+
+
+def close_after_deploy_recovery(change_request_ids: list[int]) -> list[dict[str, Any]]:
+    """After deploy-recover put a crashed deploy's hosts back: close the change requests that
+    deploy belonged to, if their own run has ended too (else their own Crashed trigger will).
+    Never raises: a change left open is logged."""
+    closed: list[dict[str, Any]] = []
+    for cr_id in sorted(set(change_request_ids)):
+        state = change_request_recover(change_request_id=cr_id, return_state=True)
+        if state.is_completed():
+            closed += state.result()
+        else:
+            get_run_logger().warning("change request #%s not closed yet: %s", cr_id, state.message)
     return closed

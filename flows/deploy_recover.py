@@ -18,6 +18,7 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.change_request import close_after_deploy_recovery
 from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.recovery import plan_recovery
 from tasks.common import audit, notify, records, run_id
@@ -83,6 +84,7 @@ def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
     if not plan.hosts or plan.service is None:
         release_dead_run_locks(crashed, "crashed before switching any host")
         audit("deploy.recovered", subject, crashed_run=crashed, hosts=[], rollback_failed=[])
+        close_after_deploy_recovery(_change_requests_of(events))
         return {"status": "nothing switched", "run": crashed}
 
     version = plan.version or "unknown"
@@ -112,4 +114,17 @@ def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
         f"Recovered crashed deploy of {plan.service} {version}",
         f"Run {crashed} crashed; {len(done)} host(s) put back:\n" + "\n".join(done),
     )
-    return {"status": "recovered", "run": crashed, "hosts": done}
+    changes = close_after_deploy_recovery(_change_requests_of(events))
+    return {"status": "recovered", "run": crashed, "hosts": done, "change_requests": changes}
+
+
+def _change_requests_of(events: list[Any]) -> list[int]:
+    """The change requests the crashed deploy was started for (its ``deploy.requested``)."""
+    ids = []
+    for event in events:
+        if event.action != "deploy.requested":
+            continue
+        cr = (event.details or {}).get("change_request_id")
+        if isinstance(cr, int):
+            ids.append(cr)
+    return ids

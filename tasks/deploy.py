@@ -666,6 +666,24 @@ def recover_trigger() -> Any:
     return DeploymentEventTrigger(name="kmpops-deploy-crashed", **RECOVER_TRIGGER)
 
 
+CR_RECOVER_TRIGGER: dict[str, Any] = {
+    "expect": ["prefect.flow-run.Crashed"],
+    "match": {"prefect.resource.id": "prefect.flow-run.*"},
+    "match_related": {"prefect.resource.role": "flow", "prefect.resource.name": "change-request"},
+    "parameters": {},
+}
+"""What ``DeploymentEventTrigger(**CR_RECOVER_TRIGGER)`` on change-request-recover needs: a
+change-request run that crashed; the recovery sweeps every open change whose run has ended."""
+
+
+def change_request_recover_trigger() -> Any:
+    """The ``DeploymentEventTrigger`` that starts change-request-recover for a crashed
+    change-request run."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(name="kmpops-change-request-crashed", **CR_RECOVER_TRIGGER)
+
+
 @task(
     name="read-flow-run",
     cache_policy=NO_CACHE,

@@ -210,7 +210,7 @@ def test_change_whose_run_crashed_is_closed_from_the_records(stack, baseline):
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
 
-    from flows.change_request import change_request_recover
+    from flows.change_request import change_request_recover, close_after_deploy_recovery
     from kmpops.errors import PolicyViolation
     from tasks.common import records
 
@@ -256,10 +256,36 @@ def test_change_whose_run_crashed_is_closed_from_the_records(stack, baseline):
     empty_id = change(dead_run(Crashed(message="process killed")))
     # still running: left alone, refused when asked for by id
     live_id = change(dead_run(Running()))
+    # crashed half-way through its deploy: left open until deploy-recover put the hosts back
+    half_id = change(dead_run(Crashed(message="process killed")))
+    half_deploy = dead_run(Crashed(message="stand-in deploy run, killed mid-rollout"))
+    for action, details in (
+        ("deploy.requested", {"change_request_id": half_id, "dry_run": False}),
+        ("deploy.activating", {"batch": 1}),
+    ):
+        rec.audit(
+            actor="pytest",
+            action=action,
+            subject="web@cr-2.0->production",
+            details=details,
+            run_id=half_deploy,
+        )
 
     closed = {c["id"]: c["state"] for c in change_request_recover()}
     assert closed[done_id] == "implemented" and closed[empty_id] == "rolled_back"
-    assert live_id not in closed
+    assert live_id not in closed and half_id not in closed
+    assert rec.change_request(half_id).state == "implementing"
+    # what deploy-recover records once the hosts are back, then the close it asks for
+    rec.audit(
+        actor="pytest",
+        action="deploy.recovered",
+        subject=f"flow-run/{half_deploy}",
+        details={"hosts": ["prd-1: cr-2.0 -> 1.0"]},
+        run_id=half_deploy,
+    )
+    (after,) = close_after_deploy_recovery([half_id])
+    assert (after["id"], after["state"]) == (half_id, "rolled_back")
+    assert rec.change_request(half_id).state == "rolled_back"
     assert rec.change_request(done_id).state == "implemented"
     assert rec.change_request(empty_id).state == "rolled_back"
     assert rec.change_request(live_id).state == "implementing"

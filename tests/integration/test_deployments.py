@@ -263,6 +263,21 @@ def test_prefect_yaml_deploys_every_flow_to_a_process_pool(stack: Any, tmp_path:
         f"{_api(stack)}/automations/related-to/prefect.deployment.{incident['id']}", timeout=10
     ).json()
     assert any("kmpops.alert.firing" in a["trigger"].get("expect", []) for a in related)
+    # a crashed deploy starts deploy-recover, a crashed change request change-request-recover
+    for name, crashed_flow in (
+        ("deploy-recover", "deploy-pipeline"),
+        ("change-request-recover", "change-request"),
+    ):
+        dep = deployment(stack, name)
+        assert dep is not None, name
+        autos = httpx.get(
+            f"{_api(stack)}/automations/related-to/prefect.deployment.{dep['id']}", timeout=10
+        ).json()
+        assert any(
+            "prefect.flow-run.Crashed" in a["trigger"].get("expect", [])
+            and crashed_flow in str(a["trigger"].get("match_related"))
+            for a in autos
+        ), (name, autos)
 
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as out:
