@@ -157,9 +157,15 @@ def child(args: argparse.Namespace) -> None:
             assert info is not None and info.sha256
             store.download(conf["key"], local, expected_sha256=info.sha256)
             db.restore_from_file(local, conf["target"], jobs=2, compression=conf["compression"])
-    elif args.child in ("kmpops", "kmpops-zstd", "kmpops-zstd-tls"):
+    elif args.child in ("kmpops", "kmpops-zstd", "kmpops-zstd-tls", "kmpops-zstd-mt"):
         from kmpops.connectors.database import PostgresDatabase
         from kmpops.connectors.storage import S3Store
+
+        if args.child == "kmpops-zstd-mt":  # A/B only: zstd's worker threads, one per core
+            import zstandard
+
+            single = zstandard.ZstdCompressor
+            zstandard.ZstdCompressor = lambda **kw: single(**{**kw, "threads": -1})  # type: ignore[misc]
 
         db = PostgresDatabase(
             host=conf["host"],
@@ -234,10 +240,11 @@ def load_average() -> str:
 
 LABELS = {
     "floor": "pg_dump -Fc > /dev/null",
-    "script": "pg_dump | boto3 upload_fileobj",
+    "script": "pg_dump \\| boto3 upload_fileobj",
     "kmpops": "kmp-ops dump_to_store(pg_dump gzip)",
     "kmpops-zstd": "kmp-ops dump_to_store(zstd)",
     "kmpops-zstd-tls": "kmp-ops dump_to_store(zstd), HTTPS",
+    "kmpops-zstd-mt": "kmp-ops dump_to_store(zstd, threads=-1)",
     "pgbackrest": "pgBackRest full, gz, HTTPS",
     "pgbackrest-zst": "pgBackRest full, zst, HTTPS",
     "restore-plain": "createdb + pg_restore -j 2 (local file)",
@@ -287,10 +294,12 @@ def drop(info: postgres.PGInfo, name: str) -> None:
 def enable_archiving(root: Path, pg: postgres.PGInfo, peer: object, port: int) -> postgres.PGInfo:
     """archive_mode on with pgBackRest's archive-push (ALTER SYSTEM), then restart the cluster."""
     import psycopg
+    import psycopg.sql
 
     with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET archive_mode = on")
-        conn.execute("ALTER SYSTEM SET archive_command = %s", (peer.archive_command(),))  # type: ignore[attr-defined]
+        command = psycopg.sql.Literal(peer.archive_command())  # type: ignore[attr-defined]
+        conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET archive_command = {}").format(command))
         conn.execute("ALTER SYSTEM SET max_wal_senders = 3")
     postgres.stop(root)
     return postgres.start(root, port)
@@ -325,6 +334,7 @@ BACKUP_VARIANTS = (
     "kmpops",
     "kmpops-zstd",
     "kmpops-zstd-tls",
+    "kmpops-zstd-mt",
     "pgbackrest",
     "pgbackrest-zst",
 )

@@ -188,6 +188,7 @@ class PgBackRest:
             shutil.rmtree(target)
         target.mkdir(mode=0o700, parents=True)
         _chown(target)
+        _chown(target.parent)  # the copy's server log goes beside it
         run = target.parent / f"{target.name}-run"
         run.mkdir(exist_ok=True)
         _chown(run)
