@@ -157,15 +157,22 @@ def child(args: argparse.Namespace) -> None:
             assert info is not None and info.sha256
             store.download(conf["key"], local, expected_sha256=info.sha256)
             db.restore_from_file(local, conf["target"], jobs=2, compression=conf["compression"])
-    elif args.child in ("kmpops", "kmpops-zstd", "kmpops-zstd-tls", "kmpops-zstd-mt"):
+    elif args.child in (
+        "kmpops",
+        "kmpops-zstd",
+        "kmpops-zstd-tls",
+        "kmpops-zstd-mt",
+        "kmpops-zstd-st",
+    ):
         from kmpops.connectors.database import PostgresDatabase
         from kmpops.connectors.storage import S3Store
 
-        if args.child == "kmpops-zstd-mt":  # A/B only: zstd's worker threads, one per core
+        if args.child in ("kmpops-zstd-mt", "kmpops-zstd-st"):  # A/B of zstd's threading
             import zstandard
 
-            single = zstandard.ZstdCompressor
-            zstandard.ZstdCompressor = lambda **kw: single(**{**kw, "threads": -1})  # type: ignore[misc]
+            real = zstandard.ZstdCompressor
+            threads = -1 if args.child == "kmpops-zstd-mt" else 0
+            zstandard.ZstdCompressor = lambda **_: real(level=3, threads=threads)  # type: ignore[misc]
 
         db = PostgresDatabase(
             host=conf["host"],
@@ -244,7 +251,8 @@ LABELS = {
     "kmpops": "kmp-ops dump_to_store(pg_dump gzip)",
     "kmpops-zstd": "kmp-ops dump_to_store(zstd)",
     "kmpops-zstd-tls": "kmp-ops dump_to_store(zstd), HTTPS",
-    "kmpops-zstd-mt": "kmp-ops dump_to_store(zstd, threads=-1)",
+    "kmpops-zstd-mt": "kmp-ops zstd, threads=-1, default jobs (before)",
+    "kmpops-zstd-st": "kmp-ops zstd, single-threaded",
     "pgbackrest": "pgBackRest full, gz, HTTPS",
     "pgbackrest-zst": "pgBackRest full, zst, HTTPS",
     "restore-plain": "createdb + pg_restore -j 2 (local file)",
@@ -335,6 +343,7 @@ BACKUP_VARIANTS = (
     "kmpops-zstd",
     "kmpops-zstd-tls",
     "kmpops-zstd-mt",
+    "kmpops-zstd-st",
     "pgbackrest",
     "pgbackrest-zst",
 )
@@ -456,7 +465,12 @@ def main() -> None:
         for _ in range(args.runs):
             for variant in backup:  # interleaved so load drift hits all variants alike
                 backup[variant].append(run_child(variant, conf))
-                print(f"  {variant}: {backup[variant][-1]['wall']:.2f}s", flush=True)
+                last = backup[variant][-1]
+                print(
+                    f"  {variant}: {last['wall']:.2f}s, peak RSS {last['self_rss_mb']:.0f} MB "
+                    f"(children {last['children_rss_mb']:.0f} MB), load {load_average()}",
+                    flush=True,
+                )
             loads.append(load_average())
         say()
         say(f"backup; load average (1/5/15 min) after each round: {' | '.join(loads)}")
