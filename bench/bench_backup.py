@@ -1,18 +1,34 @@
-"""Backup/restore benchmark: kmp-ops vs. the PostgreSQL tools on the same ~1 GB database.
+"""Backup/restore benchmark: kmp-ops vs. the PostgreSQL tools and pgBackRest, same database.
 
-Variants (each run in a fresh child process, median of --runs):
-  floor      pg_dump -Fc > /dev/null
-  script     pg_dump -Fc | boto3 upload_fileobj        (what an operator scripts)
-  kmpops     PostgresDatabase.dump_to_store(S3Store)     (streaming multipart + sha256)
-  kmpops-zstd  the same with compress="zstd" (pg_dump -Z0, zstd level 3 in-process)
-Restore (same dump file, downloaded once by kmp-ops with verification):
-  plain      createdb + pg_restore -j 2
-  kmpops     PostgresDatabase.restore_from_file(jobs=2)
+Variants (each run in a fresh child process, interleaved run by run, median of --runs):
+  floor           pg_dump -Fc > /dev/null
+  script          pg_dump -Fc | boto3 upload_fileobj        (what an operator scripts)
+  kmpops          dump_to_store, pg_dump's own gzip          (backups.database.compression: pg_dump)
+  kmpops-zstd     dump_to_store(compress="zstd")             (the default: pg_dump -Z0 | zstd -3)
+  kmpops-zstd-tls the same to the server's HTTPS port (boto3 checks the bench's certificate)
+  kmpops-zstd-mt / -st  A/B of zstd's threading: threads=-1 with default jobs (before) / none
+  pgbackrest      pgBackRest 2.45 full backup, gz, --process-max 2, same SeaweedFS over HTTPS
+  pgbackrest-zst  the same with compress-type=zst
+Restore:
+  restore-plain       createdb + pg_restore -j 2 of the pg_dump-format dump (local file)
+  restore-kmpops      PostgresDatabase.restore_from_file(jobs=2) of that file
+  restore-kmpops-s3   what restore-database does with a default (zstd) backup: S3 download with
+                      sha256 check, zstd -d, createdb + pg_restore -j 2
+  restore-pgbackrest  pgBackRest restore (--process-max 2, --type=immediate) into a new data
+                      directory + pg_ctl start until the promoted copy answers a query
+
+pgBackRest needs a cluster with WAL archiving: the bench's own PostgreSQL gets archive_mode=on
+and archive_command=pgbackrest archive-push (ALTER SYSTEM, restart) and a stanza in the bucket.
+pgBackRest 2.45 speaks S3 only over TLS, so SeaweedFS also listens on HTTPS (port + 8, a
+self-signed certificate; repo1-storage-verify-tls=n). Install: ./infra/install-debs.sh pgbackrest.
 
 Database: ``pgbench -i -s SCALE`` plus a table of random bytea (incompressible) of --blob-mb.
 Everything (PostgreSQL 15, SeaweedFS S3) runs on 127.0.0.1 from ports --port-base..+99.
 
 Usage: .venv/bin/python bench/bench_backup.py [--scale 20] [--blob-mb 700] [--runs 3]
+       [--variants floor,kmpops-zstd,...] [--restores none|restore-plain,...] [--out FILE.md]
+Results: bench/README.md and bench/results/. The older results below are from before
+zstd became the default (2026-11-27 / 12-01).
 
 Results, 2026-11-27, `--scale 4 --blob-mb 150 --runs 3` (226 MB database; the 1 GB default
 would have taken over an hour on this 2-core VM, which other engineers' benchmarks kept at load
