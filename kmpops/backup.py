@@ -632,8 +632,14 @@ def backup_database(
     backup_id: str,
     dump_key: str,
     manifest_key: str,
+    compression: Literal["none", "zstd"] = "zstd",
 ) -> DatabaseManifest:
     """Stream a backup of ``db`` into ``store`` at ``dump_key`` and write its manifest.
+
+    ``compression`` (PostgreSQL only): ``"zstd"`` — ``pg_dump --compress=0`` compressed by zstd
+    on the way (``ops.yaml`` ``backups.database.compression: zstd``, the default); ``"none"`` —
+    no compression around pg_dump's own gzip (``compression: pg_dump``). The manifest records
+    it, and :func:`restore_test` / :func:`restore_into` read it from there.
 
     PostgreSQL: ``PostgresDatabase.snapshot_row_counts_and_dump`` — ``pg_dump -Fc`` reads an
     exported REPEATABLE READ snapshot in which the per-table row counts are taken, so counts and
@@ -654,8 +660,13 @@ def backup_database(
             manifest_key=manifest_key,
         )
     started = datetime.now(UTC)
+    if compression not in ("none", "zstd"):
+        raise ValueError(f"compression must be 'none' or 'zstd', not {compression!r}")
     snap = db.snapshot_row_counts_and_dump(
-        store, dump_key, metadata={"backup-id": backup_id, "database": database}
+        store,
+        dump_key,
+        compress=compression,
+        metadata={"backup-id": backup_id, "database": database},
     )
     return _finish_manifest(
         store,
@@ -668,6 +679,7 @@ def backup_database(
             "engine": "postgresql",
             "server_version": snap.server_version,
             "dump_format": "pg_dump-custom",
+            "compression": compression,
             "started_at": started,
             "table_row_counts": snap.row_counts,
         },
@@ -765,7 +777,9 @@ def restore_test(
     db.create_database(scratch)  # before the try: an existing database is never dropped
     try:
         try:
-            db.restore_from_file(local, scratch, jobs=2, create=False)
+            db.restore_from_file(
+                local, scratch, jobs=2, create=False, compression=manifest.compression
+            )
         except CommandFailed as exc:
             return {"ok": False, "detail": str(exc), "seconds": time.monotonic() - started}
         counts = db.table_row_counts(scratch)
@@ -863,7 +877,7 @@ def restore_into(
     previous = _checked_dbname(previous_copy_name(target, now)) if exists else None
     db.create_database(staging)
     try:
-        db.restore_from_file(local, staging, jobs=2, create=False)
+        db.restore_from_file(local, staging, jobs=2, create=False, compression=manifest.compression)
         counts = db.table_row_counts(staging)
         with db.connect(staging) as conn:
             sanity = _run_sanity(conn, sanity_queries)

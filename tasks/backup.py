@@ -157,6 +157,7 @@ def backup_database_to_store(database: str) -> dict[str, Any]:
             backup_id=backup_id,
             dump_key=dump_key,
             manifest_key=manifest_key,
+            compression="zstd" if ops_config().database_backup_compression == "zstd" else "none",
         )
     except BaseException as exc:
         rec.finish_backup(row.id, state="failed", manifest={"error": type(exc).__name__})

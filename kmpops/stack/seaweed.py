@@ -45,6 +45,7 @@ class S3Info:
     bucket: str
     pid_file: Path
     checkpoint_bucket: str = "kmp-ops-audit"
+    https_endpoint_url: str = ""  # set when started with ``tls``: the same S3 over TLS
 
 
 def find_weed() -> Path:
@@ -95,8 +96,15 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
     write_secret_file(path, json.dumps(config))
 
 
-def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:
+def _argv(
+    weed: Path, base: Path, port: int, s3_config: Path, tls: tuple[Path, Path] | None = None
+) -> list[str]:
     data = base / "data"
+    https = (
+        [f"-s3.port.https={port + 8}", f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}"]
+        if tls
+        else []
+    )
     return [
         str(weed),
         "server",
@@ -127,6 +135,7 @@ def _argv(weed: Path, base: Path, port: int, s3_config: Path) -> list[str]:
         "-s3.port.lance=0",
         f"-s3.localSocket={base / 's3.sock'}",
         f"-s3.config={s3_config}",
+        *https,
         "-webdav=false",
     ]
 
@@ -138,11 +147,15 @@ def start(
     bucket: str = "kmp-ops",
     checkpoint_bucket: str = "kmp-ops-audit",
     timeout: float = 60.0,
+    tls: tuple[Path, Path] | None = None,
 ) -> S3Info:
     """Start SeaweedFS with S3 on ``127.0.0.1:port``, create ``bucket``; wait until PUT/GET work.
 
     ``checkpoint_bucket`` is created with Object Lock enabled (S3 allows that only at creation;
     versioning comes with it), for the audit chain's COMPLIANCE-locked checkpoints.
+
+    ``tls`` (certificate file, key file): the same S3 API also over HTTPS on ``port + 8``
+    (``https_endpoint_url``), for clients that speak only TLS (pgBackRest; bench only).
 
     Idempotent: a running server (per the pid file) is reused and the bucket ensured.
     Raises StackError if the server does not come up within ``timeout`` seconds.
@@ -161,11 +174,12 @@ def start(
         bucket=bucket,
         pid_file=pid_file,
         checkpoint_bucket=checkpoint_bucket,
+        https_endpoint_url=f"https://{_HOST}:{port + 8}" if tls else "",
     )
     if read_pid(pid_file) is None:
         _wait_ports_free(port, timeout=10.0)
         start_process(
-            _argv(find_weed(), base, port, s3_config), pid_file=pid_file, log_file=log_file
+            _argv(find_weed(), base, port, s3_config, tls), pid_file=pid_file, log_file=log_file
         )
     deadline = time.monotonic() + timeout
     wait_for_port(port, timeout=timeout, what="SeaweedFS S3", pid_file=pid_file)

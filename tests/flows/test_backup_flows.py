@@ -49,6 +49,11 @@ def _pg_restore_witness(bk, dump_bytes: bytes, name: str) -> str:
     """Restore ``dump_bytes`` with plain ``pg_restore`` (the test's own witness) into a new
     database ``<dbname>_<name>``; return that database's name. Fails if pg_restore fails.
     """
+    if dump_bytes[:4] == b"\x28\xb5\x2f\xfd":  # a zstd frame (the default compression)
+        import zstandard
+
+        dump_bytes = zstandard.ZstdDecompressor().stream_reader(dump_bytes).read()
+    assert dump_bytes[:5] == b"PGDMP"
     dump = bk.root / f"{name}.dump"
     dump.write_bytes(dump_bytes)
     restored = f"{bk.dbname}_{name}"
@@ -109,6 +114,11 @@ def test_flipped_byte_fails_verification_and_restore_needs_force_and_approval(bk
     from kmpops.errors import IntegrityError, PolicyViolation
     from kmpops.records.models import Backup
 
+    # pg_dump's own format, whose header holds the database name in clear (the byte to flip);
+    # verification compares the object's sha256, whatever the format
+    cfg = yaml.safe_load(bk.ops_yaml.read_text())
+    cfg["backups"]["database"]["compression"] = "pg_dump"
+    bk.ops_yaml.write_text(yaml.safe_dump(cfg, sort_keys=False))
     [good] = backup_database(["shop"])
     summary = verify_backups(databases=["shop"], hosts=[])
     assert summary["verified"] == [good["record_id"]] and summary["failed"] == []
