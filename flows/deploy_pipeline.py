@@ -395,6 +395,9 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     )
     subject = f"{svc_name}@{req.version}->{target}"
     run = _Run(req, ctx)
+    # The leases are held (nothing read yet): open the run's connections in the background
+    # while the request is audited and the artifact resolved and hashed.
+    ctx.fleet.warm([h.name for env in envs for h in ctx.hosts(env)])
     run.requested_by = requested_by
     audit(
         "deploy.requested",

@@ -87,7 +87,10 @@ class ConfigSnapshot:
         except (KmpOpsError, OSError, ValueError) as exc:
             return f"the config no longer loads ({exc})"
         if now != self.digest:
-            return f"the config changed (config digest {self.digest[:12]} -> {now[:12]})"
+            return (
+                f"the config changed since the plan was approved (config digest "
+                f"{self.digest[:12]} -> {now[:12]})"
+            )
         return None
 
 
@@ -172,9 +175,7 @@ class RunContext:
         and the change it approved: re-plan and re-approve in a new run."""
         change = self.snapshot.change()
         if change is not None:
-            raise PolicyViolation(
-                f"{what}: {change} since the plan was approved; re-plan and re-approve in a new run"
-            )
+            raise PolicyViolation(f"{what}: {change}; re-plan and re-approve in a new run")
         return self.digest
 
     def service(self, name: str) -> ResolvedService:

@@ -1205,6 +1205,21 @@ class Fleet:
         with slot.lock:
             yield self.connection(name)
 
+    def warm(self, hosts: Sequence[str] | None = None) -> None:
+        """Start connecting to ``hosts`` (default: all) in the background and return at once,
+        so the handshakes overlap whatever the caller does next; a step on a host waits for
+        its handshake (one user at a time per host). A host that cannot be reached is not
+        reported here: its first step connects again and says why. Only inside ``with fleet``
+        (otherwise nothing happens); raises NotFound for a name not in the fleet."""
+        names = list(self._slots) if hosts is None else list(hosts)
+        for name in names:
+            self.host(name)
+        pool = self._pool
+        if pool is None:
+            return
+        for name in names:
+            pool.submit(self._run_one, name, lambda n: self.connection(n).connect())
+
     def run_on(
         self, step: Callable[[Any, SSHConnection], T], *, hosts: Sequence[str] | None = None
     ) -> dict[str, HostOutcome[T]]:

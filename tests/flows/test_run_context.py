@@ -164,3 +164,23 @@ def test_another_run_in_the_same_process_does_not_close_a_deploys_connections(
     (state,) = states
     assert state.is_completed(), f"{state.message} {state.result(raise_on_failure=False)}"
     assert {current_of(h.root) for h in preprod} == {"C2.0"}
+
+
+def test_two_contexts_over_one_config_never_share_a_connection(stack, ops_config):
+    """The Prefect-free part: each context's fleet is its own; closing one (a run ending)
+    leaves the other's connections open and working."""
+    from kmpops.context import RunContext
+
+    name = next(h.name for h in stack.hosts if h.environment == "production")
+    with RunContext.from_config(ops_config) as a:
+        with RunContext.from_config(ops_config) as b:
+            a.fleet.warm([name])  # connects in the background; the step waits for it
+            with a.fleet.using(name) as conn_a:
+                assert conn_a.run("echo a").stdout.strip() == "a"
+            with b.fleet.using(name) as conn_b:
+                assert conn_b.run("echo b").stdout.strip() == "b"
+            assert conn_a is not conn_b
+        assert not conn_b.connected  # b closed its own
+        assert conn_a.connected  # a's is untouched
+        assert conn_a.run("echo still").stdout.strip() == "still"
+    assert not conn_a.connected

@@ -122,7 +122,10 @@ def test_a_config_file_edited_after_the_snapshot_is_refused(tmp_path: Path) -> N
     assert snap.change() is None
     data["services"]["web"]["restart"] = "systemctl restart web-new"
     write(path, data)
-    with pytest.raises(PolicyViolation, match=r"deploy web: the config changed \(config digest"):
+    with pytest.raises(
+        PolicyViolation,
+        match=r"deploy web: the config changed since the plan was approved \(config digest",
+    ):
         ctx.ensure_config_unchanged("deploy web")
     assert ctx.config.services["web"].restart == "systemctl restart web"  # never reloaded
     path.write_text("services: [not, a, mapping]\n")
