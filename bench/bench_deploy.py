@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import yaml
@@ -203,6 +204,48 @@ def locks_disabled() -> object:
         yield
     finally:
         locks.RunLocks.__enter__, locks.RunLocks.__exit__ = saved  # type: ignore[method-assign]
+
+
+# The same pipeline run from another checkout of kmp-ops (``--ab-tree``), in a process of its own:
+# a dry run first (imports, the Prefect client, first connections: paid by both trees alike),
+# then the timed deploy; one JSON line back.
+AB_CHILD = """
+import json, sys, time
+sys.path.insert(0, {tree!r})
+from datetime import UTC, datetime
+from prefect.client.orchestration import get_client
+from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+def request(**kw):
+    return DeployRequest(service="app", environment="production", artifact={tarball!r},
+                         bake_seconds=0, requested_by="bench", **kw)
+deploy_pipeline(request(version={version!r}, dry_run=True))
+started = datetime.now(UTC); t0 = time.perf_counter()
+state = deploy_pipeline(request(version={version!r}), return_state=True)
+call = time.perf_counter() - t0
+result = state.result()
+with get_client(sync_client=True) as client:
+    run = client.read_flow_run(state.state_details.flow_run_id)
+print("AB " + json.dumps({{"call": call, "completed": (run.end_time - started).total_seconds(),
+                          "timings": result["timings"]}}), flush=True)
+"""
+
+
+def run_tree(tree: Path, version: str, tarball: Path) -> dict[str, Any]:
+    """One timed deploy by the checkout ``tree`` (its flows/tasks/kmpops first on the path),
+    in a fresh process; returns ``{"call": s, "completed": s, "timings": {...}}``."""
+    code = AB_CHILD.format(tree=str(tree), tarball=str(tarball), version=version)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("AB ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{tree}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][3:])
 
 
 # -- (b) the floor: paramiko + a thread pool ---------------------------------------------------
@@ -520,6 +563,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run (a) without target locks in every run, alternating which goes first",
     )
+    parser.add_argument(
+        "--ab-tree",
+        type=Path,
+        default=None,
+        help="also run the pipeline of this other checkout and of this one, each in its own "
+        "process, alternating which goes first (before/after of a change, same run)",
+    )
     parser.add_argument("--root", type=Path, default=REPO / "var" / "bench-deploy")
     parser.add_argument("--venvs", type=Path, default=REPO / "var" / "bench-venvs")
     args = parser.parse_args(argv)
@@ -570,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                 "KMPOPS_ACTOR": "bench",
             }
         )
-        versions = ["0.0.1"] + [f"1.{i}.{c}" for i in range(1, args.runs + 1) for c in range(4)]
+        versions = ["0.0.1"] + [f"1.{i}.{c}" for i in range(1, args.runs + 1) for c in range(6)]
         versions += [f"9.{i}.0" for i in range(1, args.ansible_runs + 1)]
         releases = {v: make_release(dist, v, size) for v in versions}
         bad = make_release(dist, "6.6.6", size, unhealthy=True)
@@ -592,8 +642,23 @@ def main(argv: list[str] | None = None) -> int:
 
         kmp, kmp_done, floor, pyi, ans = [], [], [], [], []
         nolock, nolock_done = [], []
+        ab: dict[str, list[tuple[float, float]]] = {"this": [], "other": []}
         for i in range(1, args.runs + 1):
             print(f"run {i}", flush=True)
+            if args.ab_tree is not None:
+                for side in ["other", "this"] if i % 2 else ["this", "other"]:
+                    v = f"1.{i}.4" if side == "this" else f"1.{i}.5"
+                    tree = REPO if side == "this" else args.ab_tree.resolve()
+                    got = run_tree(tree, v, releases[v])
+                    call, completed = float(got["call"]), float(got["completed"])
+                    ab[side].append((call, completed))
+                    stages = ", ".join(f"{k} {float(t):.2f}" for k, t in got["timings"].items())
+                    print(
+                        f"  (a/{side}) {tree.name:<27} {call:7.2f} s (Completed "
+                        f"{completed:.2f}); {stages}",
+                        flush=True,
+                    )
+                    verify(info, v)
             order = ["with", "without"] if i % 2 else ["without", "with"]
             for mode in order if args.locks_ab else ["with"]:
                 v = f"1.{i}.0" if mode == "with" else f"1.{i}.3"
@@ -669,6 +734,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"locks cost                   {100 * (a / n - 1):+6.1f} % "
                 f"(run Completed: {100 * (a_done / n_done - 1):+.1f} %); "
                 f"with {[round(x, 2) for x in kmp]}, without {[round(x, 2) for x in nolock]}"
+            )
+        if ab["this"]:
+            this, this_done = (statistics.median(x) for x in zip(*ab["this"], strict=True))
+            other, other_done = (statistics.median(x) for x in zip(*ab["other"], strict=True))
+            name = args.ab_tree.name if args.ab_tree else "other"
+            print(f"(a/this)  this checkout      {this:7.2f} s (Completed {this_done:.2f})")
+            print(f"(a/other) {name:<18} {other:7.2f} s (Completed {other_done:.2f})")
+            print(
+                f"this / other                 {this / other:7.3f}x  (Completed: "
+                f"{this_done / other_done:.3f}x); this {[round(c, 2) for c, _ in ab['this']]}, "
+                f"other {[round(c, 2) for c, _ in ab['other']]}"
             )
         print(f"(b) paramiko thread pool     {b:7.2f} s")
         if pyi:

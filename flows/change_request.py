@@ -43,7 +43,8 @@ from kmpops.release import validate_version
 from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
 from tasks.common import audit, config_digest, notify, ops_config, records, run_id
-from tasks.deploy import close_connections, rollback_host
+from tasks.context import in_run_context, run_context
+from tasks.deploy import rollback_host
 
 
 class ChangeRequestInput(BaseModel):
@@ -93,6 +94,7 @@ def _close(cr_id: int, state: str, outcome: str, **details: Any) -> dict[str, An
 
 
 @flow(name="change-request", flow_run_name="change-{change.title}")
+@in_run_context
 def change_request(change: ChangeRequestInput) -> dict[str, Any]:
     """Take a change request from request to close; returns its final state and outcome.
 
@@ -248,15 +250,15 @@ def change_request(change: ChangeRequestInput) -> dict[str, Any]:
 
 def _roll_back_services(done: list[tuple[str, dict[str, Any]]], version: str) -> list[str]:
     """The rollback procedure for services this change already deployed."""
-    cfg = ops_config()
+    ctx = run_context()
     lines = []
     for service, result in done:
-        for env_name, env in cfg.environments.items():
+        resolved = ctx.service(service)
+        for env_name, env in ctx.config.environments.items():
             for host in env.hosts:
                 if host.name in result.get("previous", {}):
                     previous = result["previous"][host.name]
-                    lines.append(rollback_host(service, env_name, host.name, previous, version))
-    close_connections()
+                    lines.append(rollback_host(resolved, env_name, host, previous, version))
     return lines
 
 

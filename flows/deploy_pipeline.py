@@ -29,7 +29,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
 from kmpops import shellsafe
+from kmpops.context import ResolvedService, RunContext
 from kmpops.errors import KmpOpsError, PolicyViolation
+from kmpops.outcomes import HostOutcome, failures_of
 from kmpops.plans.analysis import AnalysisReport, verification_action
 from kmpops.plans.approval import required_approvals
 from kmpops.plans.failures import group_failures
@@ -49,19 +51,12 @@ from tasks.artifacts import (
     update_progress_artifact,
 )
 from tasks.audit import anchor_after_change
-from tasks.common import (
-    audit,
-    config_digest,
-    ensure_config_unchanged,
-    notify,
-    ops_config,
-    run_id,
-)
+from tasks.common import audit, notify, run_id
+from tasks.context import run_context
 from tasks.deploy import (
     ResolvedArtifact,
     activate_releases,
     check_hosts,
-    close_connections,
     read_current_releases,
     resolve_artifact,
     roll_back_hosts,
@@ -118,10 +113,13 @@ class RolloutFailed(KmpOpsError):
 
 
 class _Run:
-    """State of one pipeline run: the compensation ledger, timings, evidence."""
+    """State of one pipeline run: its context and resolved service, the compensation ledger,
+    timings, evidence."""
 
-    def __init__(self, req: DeployRequest) -> None:
+    def __init__(self, req: DeployRequest, ctx: RunContext) -> None:
         self.req = req
+        self.ctx = ctx
+        self.service: ResolvedService = ctx.service(req.service)
         self.ledger: dict[tuple[str, str], str | None] = {}
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
@@ -139,9 +137,8 @@ class _Run:
 
 
 def _plans(
-    req: DeployRequest, envs: list[str], current: dict[str, str | None]
+    cfg: Any, req: DeployRequest, envs: list[str], current: dict[str, str | None]
 ) -> list[RolloutPlan]:
-    cfg = ops_config()
     plans = []
     for env in envs:
         policy = cfg.environment(env).policy
@@ -170,19 +167,21 @@ def _failure_table(env: str, failures: dict[str, str]) -> None:
 
 
 def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
-    req, env = run.req, plan.environment
+    req, env, ctx = run.req, plan.environment, run.ctx
     logger = get_run_logger()
     failures: dict[str, str] = {}  # host -> why; said once per distinct reason (group_failures)
     for number, batch in enumerate(plan.batches, start=1):
         t = time.monotonic()
+        hosts = [ctx.host(h, env) for h in batch]
+        outcome: dict[str, HostOutcome[Any]]
         try:
             outcome = stage_releases(
-                req.service, env, list(batch), req.version, artifact, label=f"batch-{number}"
+                run.service, env, hosts, req.version, artifact, label=f"batch-{number}"
             )
         except Exception as exc:  # the task itself broke: no host counts as staged
-            outcome = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in batch}
-        staged = [h for h in batch if "error" not in outcome[h]]
-        failures.update({h: outcome[h]["error"] for h in batch if h not in staged})
+            outcome = {h: HostOutcome.failed(h, exc) for h in batch}
+        staged = [h for h in batch if outcome[h].ok]
+        failures.update(failures_of(outcome))
         run.stage(f"upload {env}", t)
         if rollout_must_stop(len(failures), plan.max_failures):  # nothing of this batch is live
             _failure_table(env, failures)
@@ -204,17 +203,24 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
         for name, offsets in mark_log_offsets(req.service, env, staged).items():
             run.log_offsets.setdefault(name, {}).update(offsets)
         t = time.monotonic()
+        activated: dict[str, HostOutcome[Any]]
         try:
             activated = activate_releases(
-                req.service, env, staged, req.version, artifact.sha256, label=f"batch-{number}"
+                run.service,
+                env,
+                [ctx.host(h, env) for h in staged],
+                req.version,
+                artifact.sha256,
+                label=f"batch-{number}",
             )
         except Exception as exc:  # the task itself broke: every staged host needs the rollback
-            activated = {h: {"error": f"{type(exc).__name__}: {exc}"} for h in staged}
-        failed_here = [h for h in staged if "error" in activated[h]]
-        failures.update({h: activated[h]["error"] for h in failed_here})
+            activated = {h: HostOutcome.failed(h, exc) for h in staged}
+        failed_here = [h for h in staged if not activated[h].ok]
+        failures.update(failures_of(activated))
         run.done += len(staged) - len(failed_here)
         for h in staged:
-            run.pruned[h] = activated[h].get("pruned", [])
+            done = activated[h].value
+            run.pruned[h] = list(done.pruned) if done is not None else []
         run.stage(f"activate {env}", t)
         if run.progress_id is not None:
             update_progress_artifact(run.progress_id, progress=100.0 * run.done / run.total)
@@ -234,7 +240,9 @@ def _rollout(run: _Run, plan: RolloutPlan, artifact: ResolvedArtifact) -> None:
             )
         for host in failed_here:  # within tolerance: back out just this host
             logger.warning("host %s failed within max_failures: rolling it back", host)
-            rollback_host(req.service, env, host, run.ledger.pop((env, host)), req.version)
+            rollback_host(
+                run.service, env, ctx.host(host, env), run.ledger.pop((env, host)), req.version
+            )
             run.notes.append(f"{host} failed and was rolled back (within max_failures)")
         if env != "staging":
             live = [h for h in staged if h not in failed_here]
@@ -249,7 +257,7 @@ def _bake_batch(run: _Run, env: str, hosts: list[str], label: str) -> None:
     t = time.monotonic()
     start = begin_analysis(req.service, env, hosts, _offsets(run, hosts))
     _check_stage(run, env, hosts, "smoke")
-    policy = ops_config().environment(env).policy
+    policy = run.ctx.config.environment(env).policy
     bake = req.bake_seconds if req.bake_seconds is not None else policy.bake_time.total_seconds()
     report = run_analysis(start, bake, label)
     _judge(run, env, report, f"bake of {label} over {bake:g}s")
@@ -272,7 +280,7 @@ def _judge(run: _Run, env: str, report: AnalysisReport, what: str) -> None:
         description=report.describe()[:500],
     )
     run.analyses.append(f"{what}: {report.describe()}")
-    policy = ops_config().environment(env).policy
+    policy = run.ctx.config.environment(env).policy
     action = verification_action(report.outcome, policy.inconclusive)
     if action == "proceed":
         return
@@ -325,7 +333,7 @@ def _verify_staging(run: _Run, env: str, hosts: list[str]) -> None:
         run_staging_tests(req.service, env, hosts)
     except PolicyViolation as exc:
         problems.append(str(exc))
-    window = ops_config().environment(env).policy.bake_time.total_seconds()
+    window = run.ctx.config.environment(env).policy.bake_time.total_seconds()
     report = run_analysis(start, window or None, "staging")
     run.stage("verify staging", t)
     if problems:
@@ -338,7 +346,7 @@ def _verify_staging(run: _Run, env: str, hosts: list[str]) -> None:
 
 def _check_stage(run: _Run, env: str, hosts: list[str], kind: str) -> list[str]:
     try:
-        return check_hosts(run.req.service, env, hosts, kind)
+        return check_hosts(run.service, env, [run.ctx.host(h, env) for h in hosts], kind)
     except Exception as exc:
         raise PolicyViolation(f"{kind} checks failed on {env}: {exc}") from exc
 
@@ -375,17 +383,21 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     """
     req = request
     logger = get_run_logger()
-    cfg = ops_config()
+    ctx = run_context()  # opened by @locked: frozen config, records, fleet, store, locks
+    cfg = ctx.config
     svc_name, target = req.service, req.environment
     cfg.service(svc_name)
     cfg.environment(target)
     requested_by = requester_for_run(req.requested_by)
-    digest = config_digest()
+    digest = ctx.digest
     envs = (
         ["staging", target] if target != "staging" and "staging" in cfg.environments else [target]
     )
     subject = f"{svc_name}@{req.version}->{target}"
-    run = _Run(req)
+    run = _Run(req, ctx)
+    # The leases are held (nothing read yet): open the run's connections in the background
+    # while the request is audited and the artifact resolved and hashed.
+    ctx.fleet.warm([h.name for env in envs for h in ctx.hosts(env)])
     run.requested_by = requested_by
     audit(
         "deploy.requested",
@@ -420,9 +432,9 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
     t = time.monotonic()
     artifact = resolve_artifact(svc_name, req.version, req.artifact)
     all_hosts = [(env, h.name) for env in envs for h in cfg.environment(env).hosts]
-    current = read_current_releases(svc_name, all_hosts)
+    current = read_current_releases(run.service, [h for env in envs for h in ctx.hosts(env)])
     report = run_checklist(
-        svc_name, req.version, artifact, current, req.allow_first_install, req.emergency
+        run.service, req.version, artifact, current, req.allow_first_install, req.emergency
     )
     create_table_artifact(
         report.table(),
@@ -434,12 +446,11 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
         audit("deploy.refused", subject, reason="checklist", failed=report.failed)
         raise PolicyViolation(f"pre-deployment checklist failed: {', '.join(report.failed)}")
 
-    plans = _plans(req, envs, current)
+    plans = _plans(cfg, req, envs, current)
     plan_md = "\n\n".join(p.to_markdown() for p in plans) + f"\n\nConfig digest: `{digest}`"
     create_markdown_artifact(plan_md, key="deploy-plan", description=f"Rollout plan {subject}")
     if req.dry_run:
         audit("deploy.dry_run", subject, hosts=[h for p in plans for h in p.hosts])
-        close_connections()
         return {
             "status": "dry_run",
             "plan": [[list(b) for b in p.batches] for p in plans],
@@ -492,7 +503,7 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                     if not outcome.approved:
                         raise PolicyViolation(f"approval for {env}: {outcome.summary()}")
                 # what was approved was planned on the frozen config: refuse a changed file
-                ensure_config_unchanged(f"deploy {subject} to {env}")
+                ctx.ensure_config_unchanged(f"deploy {subject} to {env}")
             t = time.monotonic()
             _rollout(run, plan, artifact)
             run.stage(f"deploy {env}", t)
@@ -516,15 +527,19 @@ def deploy_pipeline(request: DeployRequest) -> dict[str, Any]:
                 anchor_after_change(f"deploy-pipeline rolled back {subject}")
             tail = f"; rolled back {len(rolled)} host(s) in {seconds:g}s" + (
                 f"; ROLLBACK FAILED on {'; '.join(failed)}" if failed else ""
-            )  # roll_back_hosts closed the connections
+            )
             if isinstance(exc, KmpOpsError):
-                raise type(exc)(f"{exc}{tail}") from exc
+                try:  # the same error, its message saying what the rollback did
+                    told = type(exc)(f"{exc}{tail}")
+                except Exception:  # a constructor that takes more than a message
+                    exc.add_note(tail.removeprefix("; "))
+                    raise exc from None
+                raise told from exc
             raise
-        close_connections()
         raise
-    # post-deployment (old releases were pruned on each host once it was healthy)
+    # post-deployment (old releases were pruned on each host once it was healthy); the run's
+    # connections close with its context
     t = time.monotonic()
-    close_connections()
     total = round(time.monotonic() - started, 2)
     notes = _release_notes(req, subject, all_hosts, current, approvals, report.table(), run, total)
     create_markdown_artifact(notes, key="release-notes", description=f"Release notes {subject}")

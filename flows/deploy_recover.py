@@ -22,6 +22,7 @@ from flows.change_request import close_after_deploy_recovery
 from kmpops.errors import KmpOpsError, PolicyViolation
 from kmpops.plans.recovery import plan_recovery
 from tasks.common import audit, notify, records, run_id
+from tasks.context import in_run_context
 from tasks.deploy import mark_run_crashed, read_flow_run, roll_back_hosts
 from tasks.locks import RunLocks, recovery_targets, release_dead_run_locks
 
@@ -52,6 +53,7 @@ def _already_recovered(crashed: str) -> bool:
     task_runner=ThreadPoolTaskRunner(max_workers=32),
     flow_run_name="recover-deploy-{flow_run_id}",
 )
+@in_run_context
 def deploy_recover(flow_run_id: str, force: bool = False) -> dict[str, Any]:
     """Roll back what the crashed deploy-pipeline run ``flow_run_id`` left switched.
 

@@ -60,7 +60,8 @@ from tasks.approval import request_approval, requester_for_run
 from tasks.artifacts import create_markdown_artifact
 from tasks.audit import anchor_after_change
 from tasks.common import audit, notify, ops_config, records
-from tasks.deploy import close_connections, rollback_host
+from tasks.context import in_run_context, run_context
+from tasks.deploy import rollback_host
 from tasks.incident import (
     PAUSE_GRACE_S,
     check_service_health,
@@ -322,7 +323,10 @@ def _contain(incident_id: int, plan: ContainmentPlan, options: IncidentOptions) 
                 )
                 ok = False
                 continue
-            line = rollback_host(options.service, env, action.target, target, current)
+            ctx = run_context()
+            line = rollback_host(
+                ctx.service(options.service), env, ctx.host(action.target, env), target, current
+            )
             rolled_back[action.target] = {"from": current, "to": target, "environment": env}
             actions.append(f"rolled back {action.target}: {current} -> {target}")
             record_phase(
@@ -337,7 +341,6 @@ def _contain(incident_id: int, plan: ContainmentPlan, options: IncidentOptions) 
                 actions.append(done)
                 if action.kind == "drain_host":
                     drained.append(action.target)
-    close_connections()
     contained = ok and bool(plan.actions)
     if contained:
         records().update_incident(incident_id, contained_at=_now(), state="contained")
@@ -547,6 +550,7 @@ def _lessons_learned(
 
 
 @flow(name="incident-response")
+@in_run_context
 def incident_response(
     alert: AlertSignal | None = None, options: IncidentOptions | None = None
 ) -> dict[str, Any]:

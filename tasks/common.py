@@ -49,8 +49,17 @@ def config_path() -> Path:
 
 
 def ops_config() -> OpsConfig:
-    """The validated config. Inside a flow run: the config frozen for that run (see the module
-    docstring); outside one: loaded once per process, reloaded if the file changed."""
+    """The validated config. Inside a flow run: the config frozen for that run (its run
+    context's, see ``tasks.context``; else the module docstring's); outside one: a test's
+    ``config_override``, or ops.yaml loaded once per process, reloaded if the file changed."""
+    from tasks.context import current_context, overriding_config
+
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.config
+    given = overriding_config()
+    if given is not None:
+        return given
     current = run_id()
     if current is not None:
         with _lock:
@@ -69,13 +78,32 @@ def ops_config() -> OpsConfig:
 
 def digest_of_config(cfg: OpsConfig) -> str:
     """sha256 of a validated config (secret values masked, so never part of it)."""
-    from kmpops.plans.approval import config_digest as _digest
+    from kmpops.context import digest_of_config as _digest
 
-    return _digest(cfg.model_dump(mode="json", by_alias=True))
+    return _digest(cfg)
+
+
+def frozen_snapshot() -> Any:
+    """The ``kmpops.context.ConfigSnapshot`` the current run froze before it opened its run
+    context (None if it did not read its config yet)."""
+    from kmpops.context import ConfigSnapshot
+
+    current = run_id()
+    with _lock:
+        frozen = _frozen.get(current) if current is not None else None
+    if frozen is None:
+        return None
+    return ConfigSnapshot(frozen[0], frozen[1], config_path(), frozen[2])
 
 
 def config_digest() -> str:
-    """The sha256 of the config this run uses (frozen at its first ops_config())."""
+    """The sha256 of the config this run uses (its run context's, or frozen at its first
+    ops_config())."""
+    from tasks.context import current_context
+
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.digest
     cfg = ops_config()
     current = run_id()
     with _lock:
@@ -90,7 +118,11 @@ def ensure_config_unchanged(what: str) -> str:
     Called between an approval and the change it approved: the approvers saw the plan of the
     frozen config, so a changed file means re-plan and re-approve (start a new run)."""
     from kmpops.errors import KmpOpsError, PolicyViolation
+    from tasks.context import current_context
 
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.ensure_config_unchanged(what)
     planned = config_digest()
     current = run_id()
     with _lock:
@@ -135,15 +167,17 @@ def _load_current_config() -> OpsConfig:
 
 
 def records() -> Records:
-    """The records store of the current config, migrated to the newest schema once."""
-    cfg = ops_config()
-    with _lock:
-        rec = _cache.get("records")
-        if rec is None:
-            rec = Records.from_config(cfg, block_loader=_load_prefect_secret)
-            rec.migrate()
-            _cache["records"] = rec
-        return rec
+    """The records store of the current config (the run context's inside a run that opened
+    one), migrated to the newest schema once."""
+    from tasks.context import current_context, overriding_config, records_for
+
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.records  # type: ignore[no-any-return]
+    given = overriding_config()
+    if given is not None:
+        return records_for(given)
+    return records_for(ops_config())
 
 
 def notifier() -> Notifier:

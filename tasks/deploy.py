@@ -1,14 +1,16 @@
 """Deploy steps: one task per host for rolling back (each host's rollback visible on its own),
 one task per batch or stage for the rest (staging a release that is not live yet, activating a
-batch, reading current releases, checks: the hosts in parallel inside it, each host's outcome in
-its result or error).
+batch, reading current releases, checks: the hosts in parallel inside it, each host's outcome a
+:class:`~kmpops.outcomes.HostOutcome`).
 
-Tasks take names (service, environment, host, version) and build what they need from the config.
-SSH connections are shared per host inside one process (``host_connection``) for the whole run:
-one handshake per host, like Ansible's ControlPersist. A host that goes down drops its
-connection, so its next step fails as unreachable; the flow closes every connection before the
-rollback (fresh ones) and at the end (:func:`close_connections`). Caching is off on every task:
-a deploy step must never be skipped because it "already ran".
+Tasks take resolved models (the service as :class:`~kmpops.context.ResolvedService`, the hosts
+as ``kmpops.config.Host``) and work through the run's context (``tasks.context.run_context()``):
+its frozen config, its one ``Fleet`` — one connection per host for the whole run, one handshake
+per host, like Ansible's ControlPersist, owned by this run alone — and its one object store. A
+host that goes down drops its connection, so its next step fails as unreachable; the rollback
+starts on fresh connections (:func:`roll_back_hosts` closes the run's fleet first); the context
+closes everything when the run ends. Caching is off on every task: a deploy step must never be
+skipped because it "already ran".
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import contextvars
 import hashlib
 import json
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ from kmpops import release as rel
 from kmpops import shellsafe
 from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
 from kmpops.connectors.ssh import SSHConnection
+from kmpops.context import ResolvedService
 from kmpops.errors import ConfigError, KmpOpsError, NotFound, PolicyViolation, TransientError
 from kmpops.locks import service_target
+from kmpops.outcomes import HostOutcome
 from kmpops.plans.checklist import (
     ChecklistReport,
     EvidenceLimits,
@@ -51,19 +54,19 @@ from tasks.common import (
     STEP_TIMEOUT_S,
     actor,
     audit,
-    ops_config,
     records,
     retry_on_transient,
     run_id,
-    secret,
 )
+from tasks.context import run_context
 from tasks.locks import fence_for
 
 __all__ = [
+    "Activation",
     "ResolvedArtifact",
     "activate_releases",
     "check_hosts",
-    "close_connections",
+    "host_connection",
     "marked_bad",
     "read_current_releases",
     "resolve_artifact",
@@ -75,42 +78,27 @@ __all__ = [
 
 T = TypeVar("T")
 
-_pool_lock = threading.Lock()
-_pool: dict[str, tuple[SSHConnection, threading.Lock]] = {}
-
 
 def _host(cfg: OpsConfig, environment: str, host_name: str) -> Host:
-    for host in cfg.environment(environment).hosts:
-        if host.name == host_name:
-            return host
-    raise NotFound(f"host {host_name!r} is not in environment {environment!r}")
+    """The host ``host_name`` of ``environment`` in the run's config (its context's index, not
+    a scan); NotFound otherwise."""
+    return run_context().host(host_name, environment)
 
 
 @contextlib.contextmanager
-def host_connection(host: Host) -> Any:
-    """The shared connection to ``host`` (one user at a time)."""
-    with _pool_lock:
-        entry = _pool.get(host.name)
-        if entry is None:
-            entry = (SSHConnection.from_host(host, connect_timeout=5), threading.Lock())
-            _pool[host.name] = entry
-    conn, lock = entry
-    with lock:
+def host_connection(host: Host) -> Iterator[SSHConnection]:
+    """The run's connection to ``host`` (its context's fleet), held for the block: one user at
+    a time per host."""
+    with run_context().fleet.using(host.name) as conn:
         yield conn
 
 
-def close_connections() -> None:
-    """Close every shared connection (between stages and at the end of a run)."""
-    with _pool_lock:
-        entries = list(_pool.values())
-        _pool.clear()
-    for conn, _ in entries:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-def _values(service: ServiceConfig, host: Host) -> dict[str, str | int]:
+def _values(service: ServiceConfig | ResolvedService, host: Host) -> dict[str, str | int]:
     return {**host.template_values(), "deploy_path": service.deploy_path_for(host)}
+
+
+def _model(service: ServiceConfig | ResolvedService) -> ServiceConfig:
+    return service.config if isinstance(service, ResolvedService) else service
 
 
 # -- artifact --------------------------------------------------------------------------------
@@ -152,7 +140,7 @@ def resolve_artifact(service: str, version: str, artifact: str | None) -> Resolv
         return ResolvedArtifact(str(path), _sha256(path), expected, f"file:{path}")
     key = artifact or f"releases/{service}/{version}.tar.gz"
     shellsafe.validate_path(key, what="artifact key")
-    store = _store()
+    store = run_context().store
     info = store.head(key)
     if info is None:
         raise NotFound(f"artifact {key} is not in the object store")
@@ -166,25 +154,16 @@ def resolve_artifact(service: str, version: str, artifact: str | None) -> Resolv
     return ResolvedArtifact(str(local), _sha256(local), expected, f"s3:{key}")
 
 
-def _store() -> Any:
-    from kmpops.connectors.storage import open_store
-
-    cfg = ops_config()
-    if cfg.storage is None:
-        raise NotFound("no storage configured in ops.yaml")
-    return open_store(cfg.storage, secret)
-
-
 # -- facts and checklist ---------------------------------------------------------------------
 
 
 def _on_hosts(
     fn: Callable[[str, str], T], hosts: Sequence[tuple[str, str]], *, workers: int = 64
 ) -> dict[str, T | Exception]:
-    """``fn(environment, host)`` for every host, ``workers`` at a time, on the shared
-    connections, in the caller's (Prefect run) context; each host's value or the exception it
-    raised. Many at once is cheaper than few here: 50 hosts' handshakes and uploads cost the
-    daemons ~25 % less CPU with 50 threads than with 16 (bench/README.md)."""
+    """``fn(environment, host)`` for every host, ``workers`` at a time, in the caller's
+    (Prefect run) context; each host's value or the exception it raised. A plain thread fan-out
+    for steps that are not one connection's work (``fn`` takes the host's connection itself,
+    with :func:`host_connection`)."""
     if not hosts:
         return {}
     size = min(workers, len(hosts))
@@ -198,13 +177,21 @@ def _on_hosts(
     return out
 
 
-def _raise_first(outcomes: Mapping[str, object]) -> None:
+def _on_fleet(
+    fn: Callable[[Host, SSHConnection], T], hosts: Sequence[Host]
+) -> dict[str, HostOutcome[T]]:
+    """``fn(host, connection)`` for every host at once on the run's fleet (one user at a time
+    per host); each host's :class:`HostOutcome`, in the order given."""
+    return run_context().fleet.run_on(fn, hosts=[h.name for h in hosts])
+
+
+def _raise_first(outcomes: Mapping[str, HostOutcome[Any]]) -> None:
     """Raise the first failure among ``outcomes``, naming every failed host: transient errors
     stay transient (so the task's retry applies), anything else keeps its type."""
-    failed = {h: o for h, o in outcomes.items() if isinstance(o, Exception)}
+    failed = {h: o.error for h, o in outcomes.items() if not o.ok and o.error is not None}
     if not failed:
         return
-    text = group_failures({h: str(o) for h, o in failed.items()})
+    text = group_failures({h: str(e) for h, e in failed.items()})
     first = next(iter(failed.values()))
     error: Exception = KmpOpsError(text)
     if isinstance(first, KmpOpsError) and not isinstance(first, ConfigError):
@@ -221,21 +208,18 @@ def _raise_first(outcomes: Mapping[str, object]) -> None:
     retry_delay_seconds=0.5,
     retry_condition_fn=retry_on_transient,
 )
-def read_current_releases(service: str, hosts: list[tuple[str, str]]) -> dict[str, str | None]:
-    """The release ``current`` points at on each ``(environment, host)`` (None: first install).
+def read_current_releases(service: ResolvedService, hosts: list[Host]) -> dict[str, str | None]:
+    """The release ``current`` points at on each host (None: first install), on the run's
+    connections (the ones the rollout goes on with).
 
     Raises the first host's error (HostUnreachable, ...) naming every host that failed."""
-    cfg = ops_config()
-    svc = cfg.service(service)
 
-    def one(environment: str, host_name: str) -> str | None:
-        host = _host(cfg, environment, host_name)
-        with host_connection(host) as conn:
-            return rel.current_release(conn, svc.deploy_path_for(host))
+    def one(host: Host, conn: SSHConnection) -> str | None:
+        return rel.current_release(conn, service.deploy_path_for(host))
 
-    outcomes = _on_hosts(one, hosts)
+    outcomes = _on_fleet(one, hosts)
     _raise_first(outcomes)
-    return {h: v for h, v in outcomes.items() if not isinstance(v, Exception)}
+    return {h: o.value for h, o in outcomes.items()}
 
 
 @dataclass
@@ -267,7 +251,7 @@ class _Facts:
 
     def evidence_record(self, key: str) -> Any:
         try:
-            store = _store()
+            store = run_context().store
         except NotFound:
             return None
         with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +277,7 @@ def marked_bad(service: str, version: str) -> list[str]:
 
 @task(name="pre-deployment-checklist", cache_policy=NO_CACHE, timeout_seconds=STEP_TIMEOUT_S)
 def run_checklist(
-    service: str,
+    service: ResolvedService,
     version: str,
     artifact: ResolvedArtifact,
     current_releases: dict[str, str | None],
@@ -303,14 +287,14 @@ def run_checklist(
     """The guide's six gates with evidence, read against the service's ``evidence`` policy,
     and the release's status (marked bad by an incident: refused unless ``emergency``); every
     gate is evaluated and audited."""
-    svc = ops_config().service(service)
+    svc = service.config
     facts = _Facts(
-        service,
+        service.name,
         version,
         artifact.sha256,
         artifact.expected_sha256,
         current_releases,
-        marked_bad(service, version),
+        marked_bad(service.name, version),
         emergency,
     )
     limits = EvidenceLimits(
@@ -322,7 +306,7 @@ def run_checklist(
     report = evaluate_checklist(checks, facts)
     audit(
         "deploy.checklist",
-        f"{service}@{version}",
+        f"{service.name}@{version}",
         passed=report.passed,
         gates=report.table(),
         overrides=list(report.overrides),
@@ -343,43 +327,35 @@ _STAGE_ATTEMPTS = 3  # a host's staging is tried again on transient errors, 0.5 
     timeout_seconds=STEP_TIMEOUT_S,
 )
 def stage_releases(
-    service: str,
+    service: ResolvedService,
     environment: str,
-    host_names: list[str],
+    hosts: list[Host],
     version: str,
     artifact: ResolvedArtifact,
     label: str = "batch",
-) -> dict[str, dict[str, str]]:
+) -> dict[str, HostOutcome[str]]:
     """Upload and extract the release on every host of a batch, all at once (not live yet:
     staging changes nothing a host serves). Idempotent. A host's transient error (unreachable,
-    timeout) is tried again twice. Never raises for one host: returns host -> ``{"status":
-    "staged"}``, ``{"status": "present"}`` (already staged, same sha256) or ``{"error":
-    "<type>: <message>"}``.
+    timeout) is tried again twice. Never raises for one host: returns host -> its outcome,
+    whose value is ``"staged"`` or ``"present"`` (already staged, same sha256).
     """
-    cfg = ops_config()
-    svc = cfg.service(service)
     logger = get_run_logger()
+    tarball = Path(artifact.path)
 
-    def one(env: str, host_name: str) -> dict[str, str]:
-        host = _host(cfg, env, host_name)
-        path, tarball = svc.deploy_path_for(host), Path(artifact.path)
+    def one(host: Host, conn: SSHConnection) -> str:
+        path = service.deploy_path_for(host)
         for attempt in range(1, _STAGE_ATTEMPTS + 1):
             try:
-                with host_connection(host) as conn:
-                    staged = rel.stage_release(conn, path, version, tarball, artifact.sha256)
-                return {"status": "staged" if staged else "present"}
+                staged = rel.stage_release(conn, path, version, tarball, artifact.sha256)
+                return "staged" if staged else "present"
             except TransientError as exc:
                 if attempt == _STAGE_ATTEMPTS:
                     raise
-                logger.warning("staging on %s failed (%s): trying again", host_name, exc)
+                logger.warning("staging on %s failed (%s): trying again", host.name, exc)
                 time.sleep(0.5)
         raise AssertionError("unreachable")
 
-    outcomes = _on_hosts(one, [(environment, h) for h in host_names])
-    return {
-        h: {"error": f"{type(o).__name__}: {o}"} if isinstance(o, Exception) else o
-        for h, o in outcomes.items()
-    }
+    return _on_fleet(one, hosts)
 
 
 class HostDeployFailed(KmpOpsError):
@@ -387,12 +363,12 @@ class HostDeployFailed(KmpOpsError):
 
 
 def _check(
-    svc: ServiceConfig, host: Host, conn: SSHConnection, check: HealthCheck
+    svc: ServiceConfig | ResolvedService, host: Host, conn: SSHConnection, check: HealthCheck
 ) -> rel.HealthResult:
     values = _values(svc, host)
     if check.url:
         return rel.check_health_url(
-            svc.render(check.url, host),
+            _model(svc).render(check.url, host),
             retries=check.retries,
             interval=check.interval,
             timeout=check.timeout,
@@ -408,12 +384,18 @@ def _check(
 
 
 def _switch_and_check(
-    svc: ServiceConfig, host: Host, conn: SSHConnection, version: str, *, prune: bool = False
+    service: ServiceConfig | ResolvedService,
+    host: Host,
+    conn: SSHConnection,
+    version: str,
+    *,
+    prune: bool = False,
 ) -> tuple[str | None, rel.HealthResult, list[str]]:
     """Switch to ``version`` and restart; then the health check, whose first probe (for a
     command check) rides in the same round trip; with ``prune``, once healthy, remove releases
     beyond ``keep_releases`` (never the new or the previous one; in the same round trip when
     the first probe passes). Returns (previous, health, pruned). Raises as ``rel.activate``."""
+    svc = _model(service)
     path = svc.deploy_path_for(host)
     values = _values(svc, host)
     restart = shellsafe.render_command(svc.restart, values)
@@ -448,36 +430,45 @@ def _switch_and_check(
     return previous, health, pruned
 
 
+@dataclass(frozen=True)
+class Activation:
+    """A host switched to the new release and healthy: what it had before, what was pruned."""
+
+    previous: str | None
+    pruned: list[str]
+
+
 def _activate(
-    cfg: OpsConfig, service: str, environment: str, host_name: str, version: str, sha256: str
-) -> tuple[str | None, list[str]]:
-    """One host of :func:`activate_releases`; returns its previous release and what was
-    pruned."""
-    host = _host(cfg, environment, host_name)
-    svc = cfg.service(service)
-    subject = f"{service}/{environment}/{host_name}"
-    with host_connection(host) as conn:
-        try:
-            previous, health, pruned = _switch_and_check(svc, host, conn, version, prune=True)
-        except rel.RestartFailed as exc:
-            audit("deploy.switch", subject, version=version, previous=exc.previous)
-            raise HostDeployFailed(f"{host_name}: {exc}") from None
+    service: ResolvedService,
+    environment: str,
+    host: Host,
+    conn: SSHConnection,
+    version: str,
+    sha256: str,
+) -> Activation:
+    """One host of :func:`activate_releases`."""
+    subject = f"{service.name}/{environment}/{host.name}"
+    try:
+        previous, health, pruned = _switch_and_check(service, host, conn, version, prune=True)
+    except rel.RestartFailed as exc:
+        audit("deploy.switch", subject, version=version, previous=exc.previous)
+        raise HostDeployFailed(f"{host.name}: {exc}") from None
     audit("deploy.switch", subject, version=version, previous=previous)
     if not health.healthy:
         raise HostDeployFailed(
-            f"{host_name}: health check failed after {health.attempts} attempts ({health.detail})"
+            f"{host.name}: health check failed after {health.attempts} attempts ({health.detail})"
         )
     records().record_release(
-        service=service,
+        service=service.name,
         environment=environment,
-        host=host_name,
+        host=host.name,
         version=version,
         sha256=sha256,
         deployed_by=actor(),
         run_id=run_id(),
-        fence=fence_for(service_target(service, environment)),
+        fence=fence_for(service_target(service.name, environment)),
     )
-    return previous, pruned
+    return Activation(previous, pruned)
 
 
 @task(
@@ -487,39 +478,35 @@ def _activate(
     task_run_name="activate-{environment}-{label}",
 )
 def activate_releases(
-    service: str,
+    service: ResolvedService,
     environment: str,
-    host_names: list[str],
+    hosts: list[Host],
     version: str,
     sha256: str,
     label: str = "batch",
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, HostOutcome[Activation]]:
     """On every host of a batch at once: switch ``current`` to the staged release, restart,
     health check, record it as current (each host audited as ``deploy.switch``), then remove
     releases beyond ``keep_releases`` (never the new or the previous one, so a rollback always
     has its target).
 
-    Never raises for one host: returns host -> ``{"previous": <release or None>, "pruned":
-    [...]}``, or ``{"error": "<type>: <message>"}`` — HostDeployFailed when the restart or
-    health check failed (the host is switched and needs the rollback), a connection error
-    when the host may or may not have been switched (the rollback reads the host to find out).
+    Never raises for one host: returns host -> its outcome, an :class:`Activation` or the
+    error — HostDeployFailed when the restart or health check failed (the host is switched and
+    needs the rollback), a connection error when the host may or may not have been switched
+    (the rollback reads the host to find out).
     """
-    cfg = ops_config()
     logger = get_run_logger()
 
-    def one(env: str, host_name: str) -> dict[str, Any]:
-        previous, pruned = _activate(cfg, service, env, host_name, version, sha256)
-        logger.info("%s: %s -> %s, healthy", host_name, previous or "(first install)", version)
-        return {"previous": previous, "pruned": pruned}
+    def one(host: Host, conn: SSHConnection) -> Activation:
+        done = _activate(service, environment, host, conn, version, sha256)
+        logger.info("%s: %s -> %s, healthy", host.name, done.previous or "(first install)", version)
+        return done
 
-    out: dict[str, dict[str, Any]] = {}
-    for h, o in _on_hosts(one, [(environment, h) for h in host_names]).items():
-        if isinstance(o, Exception):
-            logger.warning("%s: %s: %s", h, type(o).__name__, o)
-            out[h] = {"error": f"{type(o).__name__}: {o}"}
-        else:
-            out[h] = o
-    return out
+    outcomes = _on_fleet(one, hosts)
+    for h, o in outcomes.items():
+        if not o.ok:
+            logger.warning("%s: %s", h, o.failure)
+    return outcomes
 
 
 @task(
@@ -529,19 +516,21 @@ def activate_releases(
     retries=1,
     retry_delay_seconds=0.5,
     retry_condition_fn=retry_on_transient,
-    task_run_name="rollback-{host_name}",
+    task_run_name="rollback-{host.name}",
 )
 def rollback_host(
-    service: str, environment: str, host_name: str, to_version: str | None, from_version: str
+    service: ResolvedService,
+    environment: str,
+    host: Host,
+    to_version: str | None,
+    from_version: str,
 ) -> str:
     """Put the host back on ``to_version`` (None: remove ``current`` of a first install):
     switch, restart, health check, record. Idempotent. Raises on failure (the flow marks the
     host and notifies); returns a one-line description."""
-    cfg = ops_config()
-    host = _host(cfg, environment, host_name)
-    svc = cfg.service(service)
+    svc = service.config
     path = svc.deploy_path_for(host)
-    subject = f"{service}/{environment}/{host_name}"
+    subject = f"{service.name}/{environment}/{host.name}"
     with host_connection(host) as conn:
         now = rel.current_release(conn, path)
         health = None
@@ -554,19 +543,19 @@ def rollback_host(
         else:
             _, health, _ = _switch_and_check(svc, host, conn, to_version)
         if health is not None and not health.healthy:
-            raise HostDeployFailed(f"{host_name}: unhealthy after rollback ({health.detail})")
+            raise HostDeployFailed(f"{host.name}: unhealthy after rollback ({health.detail})")
     if to_version is not None:
         records().record_release(
-            service=service,
+            service=service.name,
             environment=environment,
-            host=host_name,
+            host=host.name,
             version=to_version,
             deployed_by=actor(),
             run_id=run_id(),
-            fence=fence_for(service_target(service, environment)),
+            fence=fence_for(service_target(service.name, environment)),
         )
     audit("deploy.rollback", subject, to=to_version, rolled_back=from_version)
-    return f"{host_name}: {from_version} -> {to_version or '(removed: first install)'}"
+    return f"{host.name}: {from_version} -> {to_version or '(removed: first install)'}"
 
 
 def roll_back_hosts(
@@ -577,17 +566,28 @@ def roll_back_hosts(
     flag_run_id: str | None,
 ) -> tuple[list[str], list[str]]:
     """Roll ``hosts`` ((environment, host) -> the release to go back to) back in parallel with
-    ``rollback_host`` tasks on fresh connections; call it from inside a flow. A host whose
-    rollback fails is audited (``deploy.rollback_failed``) and its ``version`` release flagged
-    ``rollback_failed`` under ``flag_run_id``. Returns (what was put back, ``host: error`` of
-    each failure); never raises for a host."""
-    close_connections()
-    futures = {
-        key: rollback_host.submit(service, key[0], key[1], previous, version)
-        for key, previous in hosts.items()
-    }
-    done, failed = [], []
-    for (env, host), fut in futures.items():
+    ``rollback_host`` tasks on fresh connections (the run's fleet is closed first: a host that
+    went down mid-step starts over); call it from inside a flow that opened its run context. A
+    host whose rollback fails (or is no longer in the config) is audited
+    (``deploy.rollback_failed``) and its ``version`` release flagged ``rollback_failed`` under
+    ``flag_run_id``. Returns (what was put back, ``host: error`` of each failure); never raises
+    for a host."""
+    ctx = run_context()
+    ctx.fleet.close()
+    resolved = ctx.service(service)
+    futures: dict[tuple[str, str], Any] = {}
+    failed: list[str] = []
+    unknown: dict[tuple[str, str], str] = {}
+    for key, previous in hosts.items():
+        try:
+            host = ctx.host(key[1], key[0])
+        except NotFound as exc:
+            unknown[key] = f"{type(exc).__name__}: {exc}"
+            continue
+        futures[key] = rollback_host.submit(resolved, key[0], host, previous, version)
+    done = []
+    whys: dict[tuple[str, str], str] = dict(unknown)
+    for key, fut in futures.items():
         fut.wait()
         if fut.state.is_completed():
             done.append(fut.result())
@@ -597,17 +597,18 @@ def roll_back_hosts(
             fut.result()
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
-        failed.append(f"{host}: {why}")
-        audit("deploy.rollback_failed", f"{service}/{env}/{host}", error=why, version=version)
+        whys[key] = why
+    for (env, host_name), why in whys.items():
+        failed.append(f"{host_name}: {why}")
+        audit("deploy.rollback_failed", f"{service}/{env}/{host_name}", error=why, version=version)
         records().flag_release(
             service=service,
             environment=env,
-            host=host,
+            host=host_name,
             version=version,
             state="rollback_failed",
             run_id=flag_run_id,
         )
-    close_connections()
     return done, failed
 
 
@@ -617,34 +618,33 @@ def roll_back_hosts(
     task_run_name="{kind}-checks-{environment}",
     timeout_seconds=STEP_TIMEOUT_S,
 )
-def check_hosts(service: str, environment: str, host_names: list[str], kind: str) -> list[str]:
+def check_hosts(
+    service: ResolvedService, environment: str, hosts: list[Host], kind: str
+) -> list[str]:
     """Run the service's ``integration_tests`` or ``smoke_checks`` (default: its health check)
     against every host in parallel.
 
     Raises PolicyViolation naming every failing host and check; returns the evidence lines."""
-    cfg = ops_config()
-    svc = cfg.service(service)
+    svc = service.config
     checks = (svc.integration_tests if kind == "integration" else svc.smoke_checks) or [
         svc.health_check
     ]
 
-    def one(env: str, host_name: str) -> list[str]:
-        host = _host(cfg, env, host_name)
+    def one(host: Host, conn: SSHConnection) -> list[str]:
         evidence = []
-        with host_connection(host) as conn:
-            for check in checks:
-                result = _check(svc, host, conn, check)
-                what = (check.url and svc.render(check.url, host)) or check.command
-                if not result.healthy:
-                    raise PolicyViolation(f"{kind} check {what} failed: {result.detail}")
-                evidence.append(f"{host_name}: {what}: {result.detail}")
+        for check in checks:
+            result = _check(svc, host, conn, check)
+            what = (check.url and svc.render(check.url, host)) or check.command
+            if not result.healthy:
+                raise PolicyViolation(f"{kind} check {what} failed: {result.detail}")
+            evidence.append(f"{host.name}: {what}: {result.detail}")
         return evidence
 
-    outcomes = _on_hosts(one, [(environment, h) for h in host_names])
-    failed = {h: str(o) for h, o in outcomes.items() if isinstance(o, Exception)}
+    outcomes = _on_fleet(one, hosts)
+    failed = {h: str(o.error) for h, o in outcomes.items() if not o.ok}
     if failed:
         raise PolicyViolation(group_failures(failed))
-    return [line for o in outcomes.values() if isinstance(o, list) for line in o]
+    return [line for o in outcomes.values() if o.ok and o.value for line in o.value]
 
 
 # -- crash recovery --------------------------------------------------------------------------

@@ -46,6 +46,11 @@ _HELD: dict[str, list[RunLocks]] = {}
 def fence_for(target: str) -> Fence | None:
     """The fence the current flow run holds on ``target`` (None when it holds no lease on it:
     a task called outside a locking flow writes unchecked)."""
+    from tasks.context import current_context
+
+    ctx = current_context()
+    if ctx is not None and ctx.fence(target) is not None:
+        return ctx.fence(target)
     rid = run_id()
     if rid is None:
         return None
@@ -121,6 +126,9 @@ class RunLocks:
         if rid is None:
             raise RuntimeError("RunLocks must be taken inside a flow run")
         self._run_id = rid
+        from tasks.context import current_context
+
+        ctx = current_context()
         rec = self._rec or records()
         settings = ops_config().locks
         policy: LockPolicy = settings.policy(self.procedure)
@@ -142,6 +150,8 @@ class RunLocks:
                 )
                 with _registry_lock:
                     self.fences.update({f.target: f for f in won})
+                if ctx is not None:
+                    ctx.hold(won)
                 if self.fences and self._renewer is None:
                     self._start_renewer(rec, ttl, settings.renew_interval.total_seconds())
                 if busy is None:
@@ -276,6 +286,11 @@ class RunLocks:
             if self.fences:
                 freed = rec.release_leases(list(self.fences.values()))
         finally:
+            from tasks.context import current_context
+
+            ctx = current_context()
+            if ctx is not None:
+                ctx.drop(self.fences)
             with _registry_lock:
                 held = _HELD.get(self._run_id, [])
                 if self in held:
@@ -294,18 +309,22 @@ class RunLocks:
 
 
 def locked(targets: Callable[..., Iterable[str]]) -> Callable[[F], F]:
-    """Decorate a flow function (under ``@flow``) so that it runs holding the leases on
-    ``targets(**its arguments)``, taken before its body reads anything and released when it
-    returns or raises (LockBusy, before the body runs, when the policy gives up waiting)."""
+    """Decorate a flow function (under ``@flow``) so that it runs in its run context
+    (``tasks.context``: the frozen config, records, fleet, store, identity — opened first) and
+    holding the leases on ``targets(**its arguments)``, taken before its body reads anything
+    and released when it returns or raises (LockBusy, before the body runs, when the policy
+    gives up waiting)."""
+    from tasks.context import open_run_context
 
     def wrap(fn: F) -> F:
         signature = inspect.signature(fn)
         run_locks = RunLocks
+        opener = open_run_context
 
         def inner(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            with run_locks(targets(**bound.arguments)):
+            with opener(), run_locks(targets(**bound.arguments)):
                 return fn(*args, **kwargs)
 
         # Prefect resolves the flow's (string) annotations in the function's globals: give

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import io
@@ -45,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Generic, Protocol, Self, TypeVar
+from typing import IO, Any, Protocol, Self, TypeVar
 
 import paramiko
 
@@ -63,6 +64,7 @@ from kmpops.errors import (
     NotFound,
     UnsafeValueError,
 )
+from kmpops.outcomes import HostOutcome
 
 __all__ = [
     "CommandResult",
@@ -1139,23 +1141,6 @@ def _collect(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes, 
 
 
 @dataclass
-class HostOutcome(Generic[T]):
-    """The outcome of one step on one host: its value or the error it raised."""
-
-    host: str
-    ok: bool
-    value: T | None
-    error: BaseException | None
-    duration_s: float
-
-    def unwrap(self) -> T:
-        """The value, or raise the error."""
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
-
-
-@dataclass
 class _Slot:
     host: Any
     connection: SSHConnection | None = None
@@ -1204,14 +1189,60 @@ class Fleet:
             slot.connection = self._connect(slot.host)
         return slot.connection
 
+    def host(self, name: str) -> Any:
+        """The host model ``name`` was built from; raises NotFound for an unknown host."""
+        try:
+            return self._slots[name].host
+        except KeyError:
+            raise NotFound(f"host {name} is not in this fleet") from None
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[SSHConnection]:
+        """The connection to host ``name``, held for the block (one user at a time per host,
+        like a ``run()`` step); raises NotFound for an unknown host."""
+        self.host(name)
+        slot = self._slots[name]
+        with slot.lock:
+            yield self.connection(name)
+
+    def warm(self, hosts: Sequence[str] | None = None) -> None:
+        """Start connecting to ``hosts`` (default: all) in the background and return at once,
+        so the handshakes overlap whatever the caller does next; a step on a host waits for
+        its handshake (one user at a time per host). A host that cannot be reached is not
+        reported here: its first step connects again and says why. Only inside ``with fleet``
+        (otherwise nothing happens); raises NotFound for a name not in the fleet."""
+        names = list(self._slots) if hosts is None else list(hosts)
+        for name in names:
+            self.host(name)
+        pool = self._pool
+        if pool is None:
+            return
+        for name in names:
+            pool.submit(self._run_one, name, lambda n: self.connection(n).connect())
+
+    def run_on(
+        self, step: Callable[[Any, SSHConnection], T], *, hosts: Sequence[str] | None = None
+    ) -> dict[str, HostOutcome[T]]:
+        """As :meth:`run`, with ``step(host, connection)``: the host model too."""
+        return self._run_many(
+            hosts, lambda name: step(self._slots[name].host, self.connection(name))
+        )
+
     def run(
         self, step: Callable[[SSHConnection], T], *, hosts: Sequence[str] | None = None
     ) -> dict[str, HostOutcome[T]]:
         """Call ``step(connection)`` once per host (all, or ``hosts``) and collect outcomes.
 
         Returns ``{host name: HostOutcome}`` in the order asked. Never raises for a host's
-        failure (connect errors included); raises NotFound for a name not in the fleet.
+        failure (connect errors included); raises NotFound for a name not in the fleet. Each
+        step runs in a copy of the caller's context variables (a workflow engine's run context,
+        a logger's fields reach it).
         """
+        return self._run_many(hosts, lambda name: step(self.connection(name)))
+
+    def _run_many(
+        self, hosts: Sequence[str] | None, call: Callable[[str], T]
+    ) -> dict[str, HostOutcome[T]]:
         names = list(self._slots) if hosts is None else list(hosts)
         for name in names:
             if name not in self._slots:
@@ -1225,7 +1256,10 @@ class Fleet:
                 max_workers=min(self.max_workers, len(names)), thread_name_prefix="fleet"
             )
         try:
-            futures = {name: pool.submit(self._run_one, name, step) for name in names}
+            futures = {
+                name: pool.submit(contextvars.copy_context().run, self._run_one, name, call)
+                for name in names
+            }
             return {name: future.result() for name, future in futures.items()}
         finally:
             if own_pool:
@@ -1233,12 +1267,12 @@ class Fleet:
                 if not self._entered:
                     self.close()
 
-    def _run_one(self, name: str, step: Callable[[SSHConnection], T]) -> HostOutcome[T]:
+    def _run_one(self, name: str, call: Callable[[str], T]) -> HostOutcome[T]:
         started = time.monotonic()
         slot = self._slots[name]
         with slot.lock:
             try:
-                value = step(self.connection(name))
+                value = call(name)
             except Exception as exc:
                 return HostOutcome(name, False, None, exc, time.monotonic() - started)
         return HostOutcome(name, True, value, None, time.monotonic() - started)

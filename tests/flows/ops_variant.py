@@ -26,3 +26,27 @@ def ops_yaml_variant(
         return path
 
     return apply
+
+
+def config_variant(cfg: Any, changes: dict[str, Any]) -> Any:
+    """A copy of the validated config ``cfg`` with ``changes`` applied — no YAML written:
+    ``{"environments.production.policy.approval_required": False}`` (dotted paths through
+    models and mappings; a value ``DROP`` removes a mapping's key). Hand it to a run with
+    ``tasks.context.config_override``. The copy is not validated again: change only what
+    stays valid."""
+    for dotted, value in changes.items():
+        cfg = _replace(cfg, dotted.split("."), value)
+    return cfg
+
+
+DROP = object()
+
+
+def _replace(obj: Any, parts: list[str], value: Any) -> Any:
+    head, rest = parts[0], parts[1:]
+    if isinstance(obj, dict):
+        if not rest and value is DROP:
+            return {k: v for k, v in obj.items() if k != head}
+        return {**obj, head: _replace(obj[head], rest, value) if rest else value}
+    new = _replace(getattr(obj, head), rest, value) if rest else value
+    return obj.model_copy(update={head: new})

@@ -7,6 +7,7 @@ Approvals are answered from a thread while the flow waits (``resume_flow_run``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -445,8 +446,23 @@ def test_sshd_killed_mid_rollout(stack, baseline, use_config):
     assert not release.exists() or (release / ".kmpops-sha256").exists()
 
 
-def test_dry_run_changes_nothing(stack, baseline, use_config):
-    use_config(lambda d: None)
+@pytest.fixture
+def use_config_object(ops_config):
+    """Run with a variant of the stack's validated config, handed over as an object (no YAML
+    written): ``use_config_object({"dotted.path": value, ...})``."""
+    from tasks.context import config_override
+    from tests.flows.ops_variant import config_variant
+
+    with contextlib.ExitStack() as stack:
+
+        def apply(changes: dict | None = None):
+            return stack.enter_context(config_override(config_variant(ops_config, changes or {})))
+
+        yield apply
+
+
+def test_dry_run_changes_nothing(stack, baseline, use_config_object):
+    use_config_object()
     before = snapshot(stack)
     dirs = {h.name: sorted(os.listdir(Path(h.root) / "srv/web/releases")) for h in stack.hosts}
     state = run_deploy(version="6.0.0", dry_run=True)
@@ -484,8 +500,8 @@ def test_bad_version_refused_before_anything(version):
 @pytest.mark.parametrize(
     ("field", "message"), [("service", "unknown service"), ("environment", "unknown environment")]
 )
-def test_unknown_service_or_environment(stack, baseline, use_config, field, message):
-    use_config(lambda d: None)
+def test_unknown_service_or_environment(stack, baseline, use_config_object, field, message):
+    use_config_object()
     before = snapshot(stack)
     state = run_deploy(version="6.0.0", **{field: "nope"})
     assert state.is_failed() and message in failure_text(state)
@@ -516,13 +532,17 @@ def test_freeze_refusal_and_emergency_override(stack, baseline, use_config):
     assert {v for k, v in snapshot(stack).items() if k.startswith("prd")} == {"6.0.0"}
 
 
-def test_old_releases_are_pruned_once_a_host_is_healthy(stack, baseline, use_config):
-    def mutate(d):
-        no_staging(d)
-        quick(d, approval_required=False)
-        d["services"]["web"]["keep_releases"] = 2
+def test_old_releases_are_pruned_once_a_host_is_healthy(stack, baseline, use_config_object):
+    from tests.flows.ops_variant import DROP
 
-    use_config(mutate)
+    use_config_object(
+        {
+            "environments.staging": DROP,
+            "environments.production.policy.approval_required": False,
+            "services.web.analysis": [],
+            "services.web.keep_releases": 2,
+        }
+    )
     prod = [h for h in stack.hosts if h.environment == "production"]
     before = snapshot(stack)
     state = run_deploy(version="7.0.0", bake_seconds=0)
