@@ -230,14 +230,19 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
     def start_sshd() -> None:
         from kmpops.stack import sshd
 
+        deploy_user = spec.deploy_user if os.getuid() == 0 else None
+        if deploy_user:  # before any daemon starts: a root it cannot enter is refused here
+            from kmpops.stack.deploy_user import check_reachable, ensure_user
+
+            check_reachable(root, ensure_user(deploy_user))
         started = sshd.start_fleet(root, [h.name for h in hosts], [h.port for h in hosts])
         info.key_file = str(started[0].key_file)
         info.known_hosts = str(started[0].known_hosts)
         for host in hosts:
             _seed_host_config(Path(host.root), host)
-        if spec.deploy_user and os.getuid() == 0:
-            _prepare_deploy_user(spec.deploy_user, root, hosts)
-            info.deploy_user = spec.deploy_user
+        if deploy_user:
+            _prepare_deploy_user(deploy_user, hosts)
+            info.deploy_user = deploy_user
         if spec.bastion:
             bastion = sshd.start_bastion(root, spec.bastion_port or base + BASTION_OFFSET)
             info.bastion = {
@@ -408,7 +413,7 @@ def _seed_host_config(host_root: Path, host: StackHost) -> None:
         (etc / "features.yaml").write_text("features:\n  new_checkout: false\n")
 
 
-def _prepare_deploy_user(name: str, root: Path, hosts: list[StackHost]) -> None:
+def _prepare_deploy_user(name: str, hosts: list[StackHost]) -> None:
     """Create the deploy user (once per machine) and give it what a deploy user owns on a
     real host: the deploy root (``srv``), the service's configuration (``etc/web``, restored by
     restore-configuration), its scratch (``tmp``) and its authorized_keys (provision-access
@@ -416,7 +421,6 @@ def _prepare_deploy_user(name: str, root: Path, hosts: list[StackHost]) -> None:
     from kmpops.stack import deploy_user
 
     user = deploy_user.ensure_user(name)
-    deploy_user.check_reachable(root / "hosts", user)
     for host in hosts:
         host_root = Path(host.root)
         deploy_user.give_to([host_root / "srv", host_root / "etc" / "web", host_root / "tmp"], user)
