@@ -185,7 +185,9 @@ def check_sudo(conn: _Runner, host: Host, commands: Sequence[Sequence[str]]) -> 
             unchecked.append(text)
             continue
         why = refusal(result.stderr) or (
-            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no rule allows it"
+            result.stderr.strip().splitlines()[-1]
+            if result.stderr.strip()
+            else "sudo -n -l lists no rule for it"
         )
         raise refused_error(conn.name, become.user, text, why)
     return unchecked
