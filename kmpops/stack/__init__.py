@@ -417,7 +417,8 @@ def _prepare_deploy_user(name: str, hosts: list[StackHost]) -> None:
     """Create the deploy user (once per machine) and give it what a deploy user owns on a
     real host: the deploy root (``srv``), the service's configuration (``etc/web``, restored by
     restore-configuration), its scratch (``tmp``) and its authorized_keys (provision-access
-    edits it). The host's sshd files and keys stay root's."""
+    edits it; ``etc/`` is group-writable and sticky for that). The host's sshd files and keys
+    stay root's."""
     from kmpops.stack import deploy_user
 
     user = deploy_user.ensure_user(name)
@@ -427,6 +428,11 @@ def _prepare_deploy_user(name: str, hosts: list[StackHost]) -> None:
         keys = host_root / "etc" / "authorized_keys"
         if keys.exists():
             os.chown(keys, user.pw_uid, user.pw_gid)
+        # authorized_keys is replaced by rename (temp file beside it), so the deploy user
+        # needs to write to etc/; sticky, like /tmp: it can replace only its own files, never
+        # sshd's config or host key.
+        os.chown(host_root / "etc", 0, user.pw_gid)
+        os.chmod(host_root / "etc", 0o1775)  # noqa: S103 - group only, sticky
 
 
 def _install_sudo_rules(info: StackInfo) -> Path:

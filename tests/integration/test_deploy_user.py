@@ -147,3 +147,33 @@ def test_a_root_the_deploy_user_cannot_enter_is_refused_before_anything_starts(t
         assert not list(root.glob("hosts/*/run/sshd.pid"))
     finally:
         stack.down(root)
+
+
+def test_a_restart_refused_after_the_switch_names_the_command(stack, prd1, tmp_path):
+    """A first install cannot be asked about beforehand (``current/control`` does not exist
+    until the switch): the refusal then comes from the restart itself, and names it."""
+    from kmpops import release as rel
+    from kmpops import shellsafe
+    from kmpops.become import sudo_argv
+    from kmpops.errors import CommandFailed
+    from kmpops.stack.sample_service import build_release
+
+    _, host = prd1
+    path = f"{host.vars['root']}/srv/become-probe"
+    tarball = build_release("1.0.0", tmp_path)
+    words = [f"{path}/current/control", "restart", "--port", "1"]
+    restart = shellsafe.join(sudo_argv(words, Become()))
+    expected = f"sudo -n refused to run '{' '.join(words)}' as root (sudo: a password is required)"
+    with SSHConnection.from_host(host) as conn:
+        try:
+            rel.stage_release(conn, path, "1.0.0", tarball, rel.file_sha256(tarball))
+            assert check_sudo(conn, host, [words]) == [" ".join(words)]  # not checkable yet
+            with pytest.raises(rel.RestartFailed) as err:
+                rel.activate(conn, path, "1.0.0", restart=restart)
+            assert err.value.previous is None
+            assert expected in str(err.value) and "host prd-1" in str(err.value)
+            with pytest.raises(CommandFailed) as err:
+                rel.restart_service(conn, restart)
+            assert expected in str(err.value)
+        finally:
+            conn.run(["rm", "-rf", path], timeout=30)
