@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_DEBS := openssh-server openssh-client postgresql prometheus
+DEMO_DEBS := openssh-server openssh-client postgresql prometheus sudo
 TEST_DEBS := $(DEMO_DEBS) chromium
 PYTEST_ARGS ?=
 # two pytest-xdist workers, whole files each, a local stack each (tests/conftest.py)
@@ -55,4 +55,5 @@ bench: system-deps $(BIN)/kmpops
 
 clean: stack-down
 	@d=$$(cat var/stack/postgres/cluster-dir 2>/dev/null); case "$$d" in /var/lib/kmpops/pg-*) rm -rf "$$d";; esac
+	@h=$$(readlink var/stack/hosts 2>/dev/null); case "$$h" in /var/lib/kmpops/hosts-*) rm -rf "$$h";; esac
 	rm -rf var

@@ -439,3 +439,46 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command("sudoers")
+def sudoers(
+    environment: Annotated[str, typer.Argument(help="the environment whose hosts need the rules")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    login_user: Annotated[
+        str | None, typer.Option(help="the deploy user, if not the hosts' user in ops.yaml")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="validate the text with visudo -cf")] = True,
+) -> None:
+    """Print the sudo rules the environment's hosts need: one line per host and become command
+    (the service's restart by default), exact arguments, NOPASSWD, nothing else.
+
+    Install on each host with ``visudo -cf FILE && install -m 0440 FILE /etc/sudoers.d/kmpops``.
+    Exits 1 naming the problem for an unknown environment, a command sudoers cannot express
+    exactly, or (``--check``, when visudo is installed here) text visudo refuses.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    from kmpops.become import sudoers_rules
+
+    try:
+        cfg = load_config(config)
+        text = sudoers_rules(cfg, environment, login_user=login_user)
+    except ConfigError as err:
+        _fail(f"{config}: {'; '.join(err.problems)}")
+        return
+    except (KeyError, KmpOpsError) as err:
+        _fail(f"sudoers {environment}: {err.args[0] if err.args else err}")
+        return
+    if check and shutil.which("visudo"):
+        with tempfile.NamedTemporaryFile("w", suffix=".sudoers") as fh:
+            fh.write(text)
+            fh.flush()
+            done = subprocess.run(
+                ["visudo", "-cf", fh.name], capture_output=True, text=True, timeout=30, check=False
+            )
+        if done.returncode != 0:
+            _fail(f"visudo refused the rules: {(done.stdout + done.stderr).strip()}")
+    typer.echo(text, nl=False)

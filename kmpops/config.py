@@ -157,6 +157,13 @@ class Host(Strict):
     agent: bool = Field(default=False, description="offer the ssh-agent's keys ($SSH_AUTH_SOCK)")
     agent_socket: Path | None = Field(default=None, description="the agent's socket (agent: true)")
     jump: list[JumpHost] = Field(default_factory=list, description="bastion hops, in order")
+    become: bool = Field(
+        default=False,
+        description="run the services' become_commands as become_user through sudo -n "
+        "(default: the environment's become)",
+    )
+    become_user: Name = "root"
+    become_method: Literal["sudo"] = "sudo"
 
     @field_validator("address")
     @classmethod
@@ -270,6 +277,11 @@ class HostDefaults(Strict):
     agent_socket: Path | None = None
     known_hosts: Path | None = None
     jump: list[JumpHost] | None = None
+    become: bool | None = None
+    become_user: Name | None = None
+
+
+_BECOME_FIELDS = ("become", "become_user", "become_method")
 
 
 class InventorySource(Strict):
@@ -288,6 +300,34 @@ class Environment(Strict):
     hosts: list[Host] = Field(default_factory=list)
     policy: Policy = Policy()
     inventory: InventorySource | None = None
+    become: bool = Field(
+        default=False,
+        description="privilege escalation for the services' become_commands on every host "
+        "(a host's own become, become_user, become_method win); sudo -n only, never a prompt",
+    )
+    become_user: Name = "root"
+    become_method: Literal["sudo"] = "sudo"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hosts_inherit_become(cls, data: Any) -> Any:
+        """A host without its own ``become*`` fields takes the environment's (like Ansible's
+        group vars); the hosts are validated afterwards, with the rest."""
+        if not isinstance(data, dict) or not any(k in data for k in _BECOME_FIELDS):
+            return data
+        inherited = {k: data[k] for k in _BECOME_FIELDS if k in data}
+        hosts = []
+        for host in data.get("hosts") or []:
+            if isinstance(host, dict):
+                hosts.append({**inherited, **host})
+            elif isinstance(host, Host):
+                own = host.model_fields_set & set(_BECOME_FIELDS)
+                hosts.append(
+                    host.model_copy(update={k: v for k, v in inherited.items() if k not in own})
+                )
+            else:
+                hosts.append(host)
+        return {**data, "hosts": hosts}
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> Environment:
@@ -347,6 +387,12 @@ class ServiceConfig(Strict):
     )
     block_address: str | None = Field(
         default=None, description="command that blocks ``{address}`` on a host (containment)"
+    )
+    become_commands: list[Literal["restart", "drain", "undrain", "block_address"]] = Field(
+        default_factory=lambda: ["restart"],
+        description="which of these commands run through sudo -n as the host's become_user on "
+        "hosts with become: true (each must then be one simple command starting with an "
+        "absolute path, so that a sudo rule can name it exactly)",
     )
     logs: dict[Name, str] = Field(
         default_factory=dict,
@@ -823,6 +869,30 @@ class OpsConfig(Strict):
                     "sum by (instance) (rate(http_requests_total[1m])), and/or scrape: "
                     "{counter: {metric: ...}, per: {metric: ...}} for use without Prometheus"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _become_commands_are_simple(self) -> OpsConfig:
+        """Where any host has become, every become command must be one sudo can match."""
+        if not any(h.become for env in self.environments.values() for h in env.hosts):
+            return self
+        from kmpops.shellsafe import render_argv
+
+        for name, svc in self.services.items():
+            for kind in svc.become_commands:
+                template = getattr(svc, kind)
+                if template is None:
+                    continue
+                sample = {k: "x" for k in _PLACEHOLDER_RE.findall(template)}
+                try:
+                    argv = render_argv(template, sample)
+                except UnsafeValueError as exc:
+                    raise ValueError(f"services.{name}.{kind} (a become command): {exc}") from None
+                if not (argv[0].startswith("/") or template.startswith("{")):
+                    raise ValueError(
+                        f"services.{name}.{kind} (a become command): {template!r} must start "
+                        "with an absolute path (a sudo rule names the program by its full path)"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -71,6 +71,11 @@ class AuthenticationFailed(ConnectorError):
     """The host refused our key."""
 
 
+class PrivilegeRefused(ConnectorError):
+    """``sudo -n`` refused a command (no rule lets the login user run it without a password);
+    the message names the host, the command and the user it was to run as. Never retried."""
+
+
 class CommandFailed(ConnectorError):
     """A command exited with a non-zero status; ``result`` holds its output."""
 

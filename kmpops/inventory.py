@@ -20,9 +20,11 @@ Ansible variable                                   ops.yaml host field
 other names (identifiers, str/int/bool values)     ``vars``
 =================================================  ==========================================
 
-``ansible_become*`` and interpreter/shell settings are reported as not mapped (kmp-ops does not
-use them this round). A password in the inventory (``ansible_password``, ``ansible_ssh_pass``,
-``ansible_become_password``…), an unknown ``ansible_*`` variable, a bad port, an unsafe name or
+``ansible_become`` / ``ansible_become_user`` map to ``become`` / ``become_user`` and
+``ansible_become_method`` must be ``sudo`` (kmp-ops becomes through ``sudo -n`` only);
+``ansible_become_flags`` and interpreter/shell settings are reported as not mapped. A password
+in the inventory (``ansible_password``, ``ansible_ssh_pass``, ``ansible_become_password``…),
+an unknown ``ansible_*`` variable, a bad port, an unsafe name or
 address, a non-scalar value for a mapped field or a malformed line is an :class:`InventoryError`
 naming the file's line. Nothing is half-mapped: the first problem stops the import.
 """
@@ -77,10 +79,8 @@ _SECRET_KEYS = (
 )
 # Known to Ansible, meaningless or not yet supported in kmp-ops: reported, not mapped.
 _NOT_MAPPED = {
-    "ansible_become": "privilege escalation (become) is not supported yet",
-    "ansible_become_user": "privilege escalation (become) is not supported yet",
-    "ansible_become_method": "privilege escalation (become) is not supported yet",
-    "ansible_become_flags": "privilege escalation (become) is not supported yet",
+    "ansible_become_flags": "kmp-ops always runs sudo -n (no prompt) and takes no other flags",
+    "ansible_become_exe": "kmp-ops runs the sudo in the login user's PATH",
     "ansible_python_interpreter": "kmp-ops runs no Python on hosts",
     "ansible_shell_type": "kmp-ops uses the login shell",
     "ansible_shell_executable": "kmp-ops uses the login shell",
@@ -560,6 +560,22 @@ def _checked_user(value: Any, where: str) -> str:
     return value
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _checked_bool(value: Any, where: str, key: str) -> bool:
+    """Ansible's booleans: true/false, yes/no, on/off, 1/0 (any case), or a YAML bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InventoryError(f"{where}: {key} {value!r} is not a boolean (true/false, yes/no)")
+
+
 def _checked_path(value: Any, where: str, base: Path | None) -> str:
     if not isinstance(value, str) or not value or "\n" in value or "\x00" in value:
         raise InventoryError(f"{where}: {value!r} is not a file path")
@@ -599,6 +615,17 @@ def _map_host(
             hops = _jump_from_args(value, at)
             if hops:
                 entry["jump"] = hops
+        elif key == "ansible_become":
+            entry["become"] = _checked_bool(value, at, key)
+        elif key == "ansible_become_user":
+            entry["become_user"] = _checked_user(value, at)
+        elif key == "ansible_become_method":
+            if value != "sudo":
+                raise InventoryError(
+                    f"{at}: ansible_become_method {value!r} is not supported (kmp-ops becomes "
+                    "through sudo -n only)"
+                )
+            entry["become_method"] = "sudo"
         elif key == "ansible_connection":
             if value not in _CONNECTIONS:
                 raise InventoryError(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from kmpops import shellsafe
+from kmpops.become import refusal, refused_shell_command
 from kmpops.errors import CommandFailed, IntegrityError, NotFound, UnsafeValueError
 
 __all__ = [
@@ -335,6 +336,9 @@ def activate(
         err = result.stderr.strip().splitlines()
         own = err[:-1] or lines[lines.index(marker) + 1 :]
         tail = " ".join(x.strip() for x in [*own[-5:], *err[-1:]] if x.strip())[-300:]
+        why = refusal(result.stderr)
+        if why is not None:  # sudo -n said no: name the command, not only sudo's words
+            tail = str(refused_shell_command(conn.name, str(restart), why)).split(": ", 1)[1]
         raise RestartFailed(
             f"host {conn.name}: restart failed after switching to {version}: {tail}",
             result,
@@ -370,6 +374,9 @@ def restart_service(conn: RemoteHost, command: str, *, timeout: float = 60.0) ->
     result = conn.run(command, timeout=timeout)
     if result.exit_status != 0:
         tail = (result.stderr or result.stdout).strip()[-300:]
+        why = refusal(result.stderr)
+        if why is not None:
+            tail = str(refused_shell_command(conn.name, command, why)).split(": ", 1)[1]
         raise CommandFailed(
             f"host {conn.name}: restart failed (exit {result.exit_status}): {tail}", result
         )

@@ -19,6 +19,7 @@ __all__ = [
     "check_command_template",
     "join",
     "quote",
+    "render_argv",
     "render_command",
     "validate_absolute_path",
     "validate_name",
@@ -200,3 +201,51 @@ def render_command(template: str, values: Mapping[str, str | int]) -> str:
             raise UnsafeValueError(f"command template placeholder {{{field}}} has no value")
         parts.append(quote(values[field]))
     return "".join(parts)
+
+
+# A word of a command run without a shell (through sudo): placeholders and these characters only.
+_ARGV_LITERAL = re.compile(r"[A-Za-z0-9._+@%/=:,-]*")
+
+
+def render_argv(template: str, values: Mapping[str, str | int]) -> list[str]:
+    """The words of a simple command template with ``{name}`` placeholders filled in.
+
+    For commands that run without a shell in between (``sudo -n -- argv``), where a sudo rule
+    must match the exact words: the template is split on whitespace, and each word may hold only
+    letters, digits, ``._+@%/=:,-`` and placeholders (no quotes, ``$``, backslashes, globs,
+    ``;``, ``&&``, ``|`` or redirections, which would need a shell). A value is one word (it is
+    never split) and may not contain a NUL or newline. Raises UnsafeValueError naming the
+    template and the offending word or placeholder.
+    """
+    words = template.split()
+    if not words:
+        raise UnsafeValueError(f"command template {template!r} is empty")
+    argv: list[str] = []
+    for word in words:
+        parts: list[str] = []
+        try:
+            parsed = list(string.Formatter().parse(word))
+        except ValueError as exc:
+            raise UnsafeValueError(f"command template {template!r} is malformed: {exc}") from exc
+        for literal, field, spec, conversion in parsed:
+            if not _ARGV_LITERAL.fullmatch(literal):
+                raise UnsafeValueError(
+                    f"command {template!r}: {word!r} needs a shell (quotes, $, globs, ;, |, "
+                    "redirections); a command run through sudo must be one simple command of "
+                    "plain words"
+                )
+            parts.append(literal)
+            if field is None:
+                continue
+            if not field or not field.isidentifier() or spec or conversion:
+                raise UnsafeValueError(
+                    f"command template placeholder {{{field}}} is not a plain name"
+                )
+            if field not in values:
+                raise UnsafeValueError(f"command template placeholder {{{field}}} has no value")
+            value = str(values[field])
+            if any(ch in value for ch in "\x00\n\r"):
+                raise UnsafeValueError(f"{{{field}}}: {value!r} contains a NUL or newline")
+            parts.append(value)
+        argv.append("".join(parts))
+    return argv

@@ -33,8 +33,8 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from kmpops import become, shellsafe
 from kmpops import release as rel
-from kmpops import shellsafe
 from kmpops.config import HealthCheck, Host, OpsConfig, ServiceConfig
 from kmpops.connectors.ssh import SSHConnection
 from kmpops.context import ResolvedService
@@ -347,6 +347,7 @@ def stage_releases(
         for attempt in range(1, _STAGE_ATTEMPTS + 1):
             try:
                 staged = rel.stage_release(conn, path, version, tarball, artifact.sha256)
+                become.check_sudo(conn, host, become.service_become_argvs(service.config, host))
                 return "staged" if staged else "present"
             except TransientError as exc:
                 if attempt == _STAGE_ATTEMPTS:
@@ -398,7 +399,7 @@ def _switch_and_check(
     svc = _model(service)
     path = svc.deploy_path_for(host)
     values = _values(svc, host)
-    restart = shellsafe.render_command(svc.restart, values)
+    restart = become.service_command(svc, "restart", host, values)
     check = svc.health_check
     started = time.monotonic()
     if check.command is None:
@@ -536,7 +537,9 @@ def rollback_host(
         health = None
         if now == to_version:
             if now is not None:
-                rel.restart_service(conn, shellsafe.render_command(svc.restart, _values(svc, host)))
+                rel.restart_service(
+                    conn, become.service_command(svc, "restart", host, _values(svc, host))
+                )
                 health = _check(svc, host, conn, svc.health_check)
         elif to_version is None:
             rel.remove_current(conn, path)

@@ -51,6 +51,7 @@ from typing import IO, Any, Protocol, Self, TypeVar
 import paramiko
 
 from kmpops import shellsafe
+from kmpops.become import Become, refusal, refused_error, sudo_argv
 from kmpops.config import SecretRef
 from kmpops.connectors._closing import Closing
 from kmpops.errors import (
@@ -869,8 +870,15 @@ class SSHConnection(Closing):
         check: bool = False,
         stdin: bytes | IO[bytes] | None = None,
         env: Mapping[str, str] | None = None,
+        become: Become | None = None,
     ) -> CommandResult:
         """Run ``command`` on the host and return its result.
+
+        With ``become`` (``kmpops.become.Become``) the command, which must then be a sequence of
+        words, runs as ``sudo -n -u USER -- WORDS``: sudo never prompts (``-n``) and the session
+        has no terminal (no pty is ever requested), so a command no sudo rule allows fails at
+        once with PrivilegeRefused naming the host, the command and the user. ``env`` does not
+        reach a become command (sudo resets the environment).
 
         A sequence is quoted word by word (``shellsafe.join``); a string is passed to the
         remote shell as is and must come from code (or ``shellsafe.render_command``), never
@@ -888,6 +896,15 @@ class SSHConnection(Closing):
         read, as ``release.stage_release`` does with the sha256; the connection stays usable),
         HostUnreachable if the transport is lost, plus the connect errors.
         """
+        if become is not None:
+            if isinstance(command, str):
+                raise UnsafeValueError("a become command must be a sequence of words")
+            asked = shellsafe.join(command)
+            result = self.run(sudo_argv(command, become), timeout=timeout, stdin=stdin, env=env)
+            why = refusal(result.stderr) if result.exit_status != 0 else None
+            if why is not None:
+                raise refused_error(self.name, become.user, asked, why)
+            return result.check() if check else result
         text = command if isinstance(command, str) else shellsafe.join(command)
         remote = text
         if env:

@@ -10,6 +10,7 @@ Ports are ``port_base + offset`` (see docs/architecture.md).
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,9 @@ class StackSpec:
     components: tuple[str, ...] = COMPONENTS
     bastion: bool = False  # hosts reached through a bastion sshd at port_base + 250
     bastion_port: int | None = None  # instead of port_base + 250
+    # the non-root user ops.yaml logs in as (created on this machine; sudo for the restart);
+    # None, or a stack not run by root: log in as root as before
+    deploy_user: str | None = "kmpdeploy"
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENTS)
@@ -91,6 +95,8 @@ class StackInfo:
     records_url: str = ""
     started_s: float = 0.0
     bastion: dict[str, Any] | None = None
+    deploy_user: str = ""  # "" : the hosts are reached as root
+    sudoers: str = ""  # the stack's file in /etc/sudoers.d
 
     def host(self, name: str) -> StackHost:
         """The stack host called ``name``."""
@@ -202,12 +208,19 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
     t0 = time.monotonic()
     base = spec.port_base
     names = _host_names(spec)
+    deploy_user = spec.deploy_user if os.getuid() == 0 else None
+    hosts_dir = root / "hosts"
+    if deploy_user and "sshd" in spec.components:
+        # before any daemon starts: host roots where the deploy user can reach them
+        from kmpops.stack.deploy_user import ensure_user, place_hosts
+
+        hosts_dir = place_hosts(root, ensure_user(deploy_user))
     hosts = [
         StackHost(
             name=name,
             environment=env,
             port=base + 1 + i,
-            root=str(root / "hosts" / name),
+            root=str(hosts_dir / name),
             web_port=base + 501 + i,
         )
         for i, (name, env) in enumerate(names)
@@ -229,6 +242,9 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
         info.known_hosts = str(started[0].known_hosts)
         for host in hosts:
             _seed_host_config(Path(host.root), host)
+        if deploy_user:
+            _prepare_deploy_user(deploy_user, hosts)
+            info.deploy_user = deploy_user
         if spec.bastion:
             bastion = sshd.start_bastion(root, spec.bastion_port or base + BASTION_OFFSET)
             info.bastion = {
@@ -285,6 +301,8 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
     _write_approver_tokens(root)
     _write_audit_key(root)
     _write_ops_yaml(info)
+    if info.deploy_user:
+        info.sudoers = str(_install_sudo_rules(info))
     info.started_s = round(time.monotonic() - t0, 2)
     _write(info)
     return info
@@ -397,6 +415,46 @@ def _seed_host_config(host_root: Path, host: StackHost) -> None:
         (etc / "features.yaml").write_text("features:\n  new_checkout: false\n")
 
 
+def _prepare_deploy_user(name: str, hosts: list[StackHost]) -> None:
+    """Create the deploy user (once per machine) and give it what a deploy user owns on a
+    real host: the deploy root (``srv``), the service's configuration (``etc/web``, restored by
+    restore-configuration), its scratch (``tmp``) and its authorized_keys (provision-access
+    edits it; ``etc/`` is group-writable and sticky for that). The host's sshd files and keys
+    stay root's."""
+    from kmpops.stack import deploy_user
+
+    user = deploy_user.ensure_user(name)
+    for host in hosts:
+        host_root = Path(host.root)
+        deploy_user.give_to([host_root / "srv", host_root / "etc" / "web", host_root / "tmp"], user)
+        keys = host_root / "etc" / "authorized_keys"
+        if keys.exists():
+            os.chown(keys, user.pw_uid, user.pw_gid)
+        # authorized_keys is replaced by rename (temp file beside it), so the deploy user
+        # needs to write to etc/; sticky, like /tmp: it can replace only its own files, never
+        # sshd's config or host key.
+        os.chown(host_root / "etc", 0, user.pw_gid)
+        os.chmod(host_root / "etc", 0o1775)  # noqa: S103 - group only, sticky
+
+
+def _install_sudo_rules(info: StackInfo) -> Path:
+    """Install the sudo rules of the stack's ops.yaml (``kmpops sudoers ENV`` for each
+    environment), plus the sample service's restart without ``--port`` (the form some test
+    variants configure); visudo-checked. Returns the file."""
+    from kmpops.become import sudoers_rules
+    from kmpops.config import load_config
+    from kmpops.stack import deploy_user
+
+    cfg = load_config(info.ops_yaml)
+    extra: dict[str, list[list[str]]] = {}
+    for env in cfg.environments.values():
+        for host in env.hosts:
+            path = cfg.service("web").deploy_path_for(host)
+            extra[host.name] = [[f"{path}/current/control", "restart"]]
+    text = "".join(sudoers_rules(cfg, env, extra=extra) for env in cfg.environments)
+    return deploy_user.install_sudoers(Path(info.root), text)
+
+
 def _plain(value: Any) -> dict[str, Any]:
     data = asdict(value) if hasattr(value, "__dataclass_fields__") else dict(value)
     return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
@@ -428,7 +486,7 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "name": h.name,
             "address": "127.0.0.1",
             "port": h.port,
-            "user": "root",
+            "user": info.deploy_user or "root",
             "key_file": info.key_file,
             "known_hosts": info.known_hosts,
             "vars": {
@@ -543,6 +601,9 @@ def _write_ops_yaml(info: StackInfo) -> None:
             "configuration": {"schedule": "0 */6 * * *", "retention": "7d", "type": "incremental"},
         },
     }
+    if info.deploy_user:  # the deploy user restarts the service as root through sudo -n
+        for env in cfg["environments"].values():
+            env["become"] = True
     if info.s3:
         cfg["storage"] = {
             "backend": "s3",
@@ -680,6 +741,10 @@ def down(root: Path) -> list[str]:
     sshd.stop_fleet(root)
     stopped.append("sshd")
     _stop_sample_services(root)
+    if os.getuid() == 0:
+        from kmpops.stack import deploy_user
+
+        deploy_user.remove_sudoers(root)  # `up` installs them again
     return stopped
 
 

@@ -89,7 +89,7 @@ class SSHHostInfo:
 def host_info(root: Path, name: str, port: int) -> SSHHostInfo:
     """The :class:`SSHHostInfo` of host ``name`` of the fleet under ``root`` (no I/O)."""
     root = Path(root).resolve()
-    host_root = root / "hosts" / name
+    host_root = (root / "hosts").resolve() / name  # hosts/ may point where a deploy user reaches
     return SSHHostInfo(
         name=name,
         port=port,

@@ -159,6 +159,13 @@ def make_env(
             "rto": "10m",
         }
     }
+    # Configuration files owned by other users (the tests' 65534) are backed up and restored
+    # with their owners, which needs root on the host: this environment logs in as root, as a
+    # configuration-management login would, instead of the stack's deploy user.
+    for environment in base["environments"].values():
+        environment["become"] = False
+        for host in environment["hosts"]:
+            host["user"] = "root"
     config_rel = f"etc/bk-{uid}"
     base["services"]["web"]["config_paths"] = ["{root}/" + config_rel]
     ops_yaml = tmp_path / "ops.yaml"

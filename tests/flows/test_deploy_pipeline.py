@@ -676,8 +676,8 @@ def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_conf
     """prd-1's previous release vanishes while batch 2 fails its health check: the rollback of
     prd-1 cannot land, so the host is audited, its release flagged and a critical notification
     sent; every other host is back."""
+    from kmpops import become
     from kmpops import release as rel
-    from kmpops import shellsafe
     from kmpops.connectors.ssh import SSHConnection
     from tasks.common import ops_config, records
 
@@ -726,7 +726,8 @@ def test_a_rollback_that_fails_is_flagged_and_notified(stack, baseline, use_conf
     cfg = ops_config()
     svc, host = cfg.service("web"), cfg.host("prd-1")[1]
     path = svc.deploy_path_for(host)
-    restart = shellsafe.render_command(svc.restart, {**host.template_values(), "deploy_path": path})
+    values = {**host.template_values(), "deploy_path": path}
+    restart = become.service_command(svc, "restart", host, values)  # sudo -n, as deploys do
     with SSHConnection.from_host(host) as conn:
         rel.switch_current(conn, path, before["prd-1"], restart=restart)
     assert snapshot(stack) == before

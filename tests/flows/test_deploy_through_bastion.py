@@ -1,11 +1,14 @@
 """deploy-pipeline on the session stack's hosts reached only through a bastion that accepts
-nothing but a CA-signed user key: a deploy, then a bad release rolled back, every connection
-seen in the bastion's log."""
+nothing but a CA-signed user key, logged in as the stack's non-root deploy user that restarts
+the service as root through sudo -n: a deploy, then a bad release rolled back, every connection
+seen in the bastion's log; a command no sudo rule allows stops the rollout before anything is
+switched, naming the command and the host."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 from pathlib import Path
 
@@ -38,7 +41,8 @@ def bastion(stack, tmp_path_factory):
     key.chmod(0o600)
     shutil.copyfile(f"{stack.key_file}.pub", keys / "id_ed25519.pub")
     new_key_pair(root / "user_ca", "user-ca")
-    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+    # the hop logs in as the hosts' user: the stack's non-root deploy user
+    user = stack.deploy_user or __import__("pwd").getpwuid(os.getuid()).pw_name
     cert = sign_key(
         root / "user_ca", keys / "id_ed25519.pub", identity="kmpops-deploy", principals=[user]
     )
@@ -69,7 +73,7 @@ def releases(stack, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bastion-releases")
     store = open_store(load_config(stack.ops_yaml).storage, resolve_secret)
-    for version, variant in {"11.0.0": "good", "11.1.0": "unhealthy"}.items():
+    for version, variant in {"11.0.0": "good", "11.1.0": "unhealthy", "11.2.0": "good"}.items():
         tarball = build_release(version, out, variant=variant)
         put = store.put_bytes(f"releases/web/{version}.tar.gz", tarball.read_bytes())
         for gate, record in ci_evidence(version, put.sha256).items():
@@ -99,6 +103,17 @@ def through_bastion(stack, bastion, tmp_path, monkeypatch):
     return [h for h in stack.hosts if h.environment == "production"]
 
 
+def service_uid(host_root: str) -> int:
+    """The real uid of the sample service's process on a host (from its pid file)."""
+    pid = (Path(host_root) / "srv" / "web" / "shared" / "run" / "web.pid").read_text().strip()
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def owner(path: Path) -> str:
+    return pwd.getpwuid(path.lstat().st_uid).pw_name
+
+
 def forwarded(bastion, port: int) -> int:
     return bastion["info"].log_file.read_text().count(f"target 127.0.0.1 port {port}")
 
@@ -120,6 +135,19 @@ def test_deploy_and_rollback_through_the_bastion(stack, bastion, releases, throu
     )
     assert state.is_completed(), state.message
     assert {h.name: current_of(h.root) for h in hosts} == {h.name: "11.0.0" for h in hosts}
+    # Logged in as the deploy user, which owns what it deployed; the restart ran as root, which
+    # the deploy user can only have done through sudo.
+    assert stack.deploy_user == "kmpdeploy"
+    for h in hosts:
+        web = Path(h.root) / "srv" / "web"
+        assert {owner(web / "current"), owner(web / "releases" / "11.0.0" / "app.py")} == {
+            "kmpdeploy"
+        }
+        assert service_uid(h.root) == 0
+        assert (
+            "Accepted publickey for kmpdeploy from 127.0.0.1"
+            in (Path(h.root) / "log" / "sshd.log").read_text()
+        )
     middle = {h.name: forwarded(bastion, h.port) for h in hosts}
     assert all(middle[name] > before[name] for name in middle), (before, middle)
     # A release that fails its health check: rolled back, through the bastion as well.
@@ -129,8 +157,44 @@ def test_deploy_and_rollback_through_the_bastion(stack, bastion, releases, throu
     )
     assert state.is_failed()
     assert {h.name: current_of(h.root) for h in hosts} == {h.name: "11.0.0" for h in hosts}
+    # the rollback restarted 11.0.0 through sudo again: a new root process serves it
+    assert {service_uid(h.root) for h in hosts} == {0}
     after = {h.name: forwarded(bastion, h.port) for h in hosts}
     assert any(after[name] > middle[name] for name in after), (middle, after)
     # The bastion saw the certificate, never the plain key.
     log = bastion["info"].log_file.read_text()
     assert "ED25519-CERT" in log and "kmpops-deploy" in log
+
+
+def test_a_command_no_sudo_rule_allows_stops_the_rollout_naming_it(
+    stack, bastion, releases, through_bastion
+):
+    """The restart is changed to a command the installed rules do not name: sudo -n refuses it
+    while the release is staged, before any host is switched, and the failure names the
+    command and the host (sudo never waits for a password: no terminal, -n)."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    hosts = through_bastion
+    path = Path(os.environ["KMPOPS_CONFIG"])
+    data = yaml.safe_load(path.read_text())
+    data["services"]["web"]["restart"] = "/usr/bin/true restart --port {web_port}"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = {h.name: current_of(h.root) for h in hosts}
+    state = deploy_pipeline(
+        DeployRequest(
+            service="web",
+            version="11.2.0",
+            allow_first_install=True,
+            bake_seconds=0,
+            requested_by="dave",
+        ),
+        return_state=True,
+    )
+    assert state.is_failed()
+    message = state.message or ""
+    assert "rollout stopped while staging batch 1/" in message and "none of it switched" in message
+    # one reason for every host, then the hosts (group_failures folds names and numbers)
+    assert "PrivilegeRefused: host <host>: sudo -n refused to run '/usr/bin/true restart" in message
+    assert "as root (sudo -n -l lists no rule for it)" in message
+    assert message.endswith(": " + ", ".join(h.name for h in hosts[: len(hosts) // 2]))
+    assert {h.name: current_of(h.root) for h in hosts} == before

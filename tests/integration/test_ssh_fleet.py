@@ -8,6 +8,7 @@ import gzip
 import io
 import os
 import pwd
+import shutil
 import subprocess
 import tarfile
 import time
@@ -27,7 +28,7 @@ from kmpops.stack.sshd import (
     start_fleet,
     stop_fleet,
 )
-from tests.conftest import PORT_BASE
+from tests.conftest import PORT_BASE, STACK_ROOT
 
 BASTION_PORT = PORT_BASE + 805
 HOST_PORTS = [PORT_BASE + 806, PORT_BASE + 807]
@@ -470,7 +471,9 @@ def test_inventory_import_command(fleet, tmp_path):
     assert [h.name for h in cfg.environments["production"].hosts] == ["fl-1", "fl-2"]
     # The report names what it mapped and what it could not, with the line.
     assert "production: 2 hosts from group production" in done.stderr
-    assert f"not mapped {inventory}:16: ansible_become (fl-1)" in done.stderr
+    assert f"not mapped {inventory}:17: ansible_python_interpreter (fl-1)" in done.stderr
+    assert "become=True" in done.stderr.split("mapped fl-1:")[1].splitlines()[0]
+    assert all(h.become for h in cfg.environments["production"].hosts)
     assert "mapped fl-2: " in done.stderr and "jump via 1 hop(s)" in done.stderr
     with SSHConnection.from_host(cfg.environments["production"].hosts[0]) as conn:
         assert conn.run(["printenv", "KMPOPS_HOST"], check=True).stdout == "fl-1\n"
@@ -498,11 +501,14 @@ def test_inventory_with_an_unsafe_value_is_refused(tmp_path):
     assert done.stdout == ""
 
 
-def test_local_stack_with_a_bastion(tmp_path):
+def test_local_stack_with_a_bastion():
     from kmpops import stack
     from kmpops.config import load_config
 
-    root = tmp_path / "stack"
+    # In the repository, not under pytest's 0700 temporary directory: the stack's deploy user
+    # must be able to enter the host roots (sshd reads its authorized_keys as that user).
+    root = STACK_ROOT.with_name(f"{STACK_ROOT.name}-bastion")
+    shutil.rmtree(root, ignore_errors=True)
     spec = stack.StackSpec(
         root=root,
         port_base=PORT_BASE + 809,  # hosts at +810, +811
@@ -521,13 +527,19 @@ def test_local_stack_with_a_bastion(tmp_path):
             ("prd-2", PORT_BASE + 812),
         ]
         with Fleet(hosts) as fl:
-            outcomes = fl.run(lambda c: c.run(["printenv", "KMPOPS_HOST"], check=True).stdout)
-        assert {n: o.value for n, o in outcomes.items()} == {"prd-1": "prd-1\n", "prd-2": "prd-2\n"}
+            outcomes = fl.run(
+                lambda c: c.run("printenv KMPOPS_HOST; id -un", check=True).stdout.split()
+            )
+        assert {n: o.value for n, o in outcomes.items()} == {
+            "prd-1": ["prd-1", "kmpdeploy"],
+            "prd-2": ["prd-2", "kmpdeploy"],
+        }
         log = Path(info.bastion["log"]).read_text()
         for port in (PORT_BASE + 810, PORT_BASE + 811):
             assert f"target 127.0.0.1 port {port}" in log
     finally:
         stack.down(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_inventory_host_without_a_key_is_named(tmp_path):

@@ -103,7 +103,11 @@ VALUE_CASES = [
     ("h1 ansible_ssh_user=ops", {"user": "ops"}, None),
     ("h1 ansible_ssh_private_key_file=/k/id", {"key_file": "/k/id"}, None),
     ("h1 ansible_connection=ssh", {}, None),
-    ("h1 ansible_become=yes", {}, "ansible_become"),
+    ("h1 ansible_become=yes", {"become": True}, None),
+    ("h1 ansible_become=False", {"become": False}, None),
+    ("h1 ansible_become_user=postgres", {"become_user": "postgres"}, None),
+    ("h1 ansible_become_method=sudo", {"become_method": "sudo"}, None),
+    ("h1 ansible_become_flags=-H", {}, "ansible_become_flags"),
     ("h1 ansible_python_interpreter=/usr/bin/python3", {}, "ansible_python_interpreter"),
     ("h1 rack=r12 slot=3", {"vars": {"rack": "r12", "slot": 3}}, None),
     ("h1 canary=true", {"vars": {"canary": "true"}}, None),
@@ -154,6 +158,13 @@ ERROR_CASES = [
     ("prod:\n  hosts:\n    h1:\n      pw: !vault |\n        1234\n", "yaml", "inv:4:"),
     ("prod:\n  hosts: [h1, h2]\n", "yaml", "inv:2: prod.hosts must be a mapping"),
     ("prod: [\n", "yaml", "malformed YAML"),
+    (
+        "[prod]\nh1 ansible_become_method=su\n",
+        "ini",
+        "inv:2: ansible_become_method 'su' is not supported (kmp-ops becomes through sudo -n",
+    ),
+    ("[prod]\nh1 ansible_become=maybe\n", "ini", "inv:2: ansible_become 'maybe' is not a boolean"),
+    ("[prod]\nh1 ansible_become_user='a b'\n", "ini", "inv:2: user 'a b' is not a safe user"),
 ]
 
 
