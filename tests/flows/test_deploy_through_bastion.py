@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,17 @@ def forwarded(bastion, port: int) -> int:
     return bastion["info"].log_file.read_text().count(f"target 127.0.0.1 port {port}")
 
 
+def forwarded_beyond(bastion, hosts, before: dict[str, int], timeout: float = 15.0) -> dict:
+    """Per host, the bastion's count of forwards to it, once every host's count went past
+    ``before`` (each session's sshd child writes its own log line: wait for it, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {h.name: forwarded(bastion, h.port) for h in hosts}
+        if all(now[n] > before[n] for n in now) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
 def test_deploy_and_rollback_through_the_bastion(stack, bastion, releases, through_bastion):
     from flows.deploy_pipeline import DeployRequest, deploy_pipeline
 
@@ -148,7 +160,7 @@ def test_deploy_and_rollback_through_the_bastion(stack, bastion, releases, throu
             "Accepted publickey for kmpdeploy from 127.0.0.1"
             in (Path(h.root) / "log" / "sshd.log").read_text()
         )
-    middle = {h.name: forwarded(bastion, h.port) for h in hosts}
+    middle = forwarded_beyond(bastion, hosts, before)
     assert all(middle[name] > before[name] for name in middle), (before, middle)
     # A release that fails its health check: rolled back, through the bastion as well.
     state = deploy_pipeline(

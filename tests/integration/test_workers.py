@@ -212,6 +212,13 @@ def _variant(stack: Any, records_url: str, path: Path) -> None:
     """The stack's ops.yaml with records on PostgreSQL and two copies of the sample service."""
     data = yaml.safe_load(Path(stack.ops_yaml).read_text())
     data["records"]["url"] = records_url
+    # a records store of its own anchors to checkpoints of its own: the session's other
+    # stores write theirs under the stack's prefix, and a foreign head reads as a truncation
+    checkpoints = data["records"].get("checkpoints")
+    if checkpoints and checkpoints.get("backend") == "s3":
+        checkpoints["prefix"] = f"audit-checkpoints-workers-{uuid.uuid4().hex[:8]}/"
+    elif checkpoints:
+        checkpoints["path"] = str(path.with_name("audit-checkpoints.jsonl"))
     for env in data["environments"].values():
         for i, host in enumerate(env["hosts"]):
             for service, offset in SERVICES.items():
