@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         for fl in discover():
             plan = plans.get(fl.name, Plan())
             how = plan.cron or (f"every {plan.interval:g}s" if plan.interval else None)
-            events = {"alert": ALERT_EVENT, "deploy-crashed": "a crashed deploy-pipeline run"}
+            events = {
+                "alert": ALERT_EVENT,
+                "deploy-crashed": "a crashed deploy-pipeline run",
+                "change-request-crashed": "a crashed change-request run",
+            }
             how = how or (f"on {events[plan.trigger]}" if plan.trigger else "manual")
             print(f"{fl.name:28s} {how}")
         return

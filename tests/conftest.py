@@ -84,6 +84,38 @@ def stack() -> Iterator[object]:
         local_stack.down(STACK_ROOT)
 
 
+def give_to_deploy_user(stack: object, *paths: Path) -> None:
+    """Hand files a test planted (as root) on a host back to the stack's deploy user.
+
+    On a real host the service tree under ``srv`` belongs to the deploy user; a test that
+    plants releases or logs there as root must give them back, or the deploy user's next
+    mkdir/prune in that tree fails with ``Permission denied``. Each path is created if missing
+    and chowned recursively; a stack without a deploy user (not run as root) changes nothing.
+    """
+    name = getattr(stack, "deploy_user", "")
+    if not name:
+        return
+    import pwd
+
+    from kmpops.stack.deploy_user import give_to
+
+    give_to([Path(p) for p in paths], pwd.getpwnam(name))
+
+
+@pytest.fixture(autouse=True)
+def _service_trees_stay_the_deploy_users(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the stack, every host's ``srv`` and ``tmp`` are the deploy
+    user's again: a file one test planted as root never breaks a later test's deploy."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    info = request.getfixturevalue("stack")
+    for host in getattr(info, "hosts", []):
+        root = Path(host.root)
+        if root.is_dir():
+            give_to_deploy_user(info, root / "srv", root / "tmp")
+
+
 def _flush_prefect_logs() -> None:
     """Ship queued run logs while the stack's Prefect server is still up."""
     import sys

@@ -32,6 +32,7 @@ __all__ = [
     "ci_evidence",
     "down",
     "load",
+    "pid_files",
     "status",
     "up",
 ]
@@ -133,14 +134,30 @@ def _ports(spec: StackSpec) -> dict[int, str]:
     return ports
 
 
+def pid_files(root: Path) -> list[Path]:
+    """Every pid file of the stack under ``root``, sorted, as paths under ``root``.
+
+    That includes the host roots :func:`kmpops.stack.deploy_user.place_hosts` moved outside the
+    checkout (``root/hosts`` is then a symlink, which a recursive glob does not enter): their
+    pid files are named through the symlink, so ``relative_to(root)`` holds for every one.
+    """
+    if not root.is_dir():
+        return []
+    found = set(root.rglob("*.pid"))
+    hosts = root / "hosts"
+    if hosts.is_symlink() and hosts.is_dir():
+        target = hosts.resolve()
+        found.update(hosts / p.relative_to(target) for p in target.rglob("*.pid"))
+    return sorted(found)
+
+
 def _live_pid_files(root: Path) -> dict[Path, int]:
-    """The pid files under ``root`` that name a live process."""
+    """The pid files under ``root`` (:func:`pid_files`) that name a live process."""
     live: dict[Path, int] = {}
-    if root.is_dir():
-        for pid_file in root.rglob("*.pid"):
-            pid = read_pid(pid_file)
-            if pid is not None:
-                live[pid_file] = pid
+    for pid_file in pid_files(root):
+        pid = read_pid(pid_file)
+        if pid is not None:
+            live[pid_file] = pid
     return live
 
 
@@ -760,7 +777,7 @@ def status(root: Path) -> dict[str, Any]:
     """Which processes of the stack under ``root`` are alive, by pid file."""
     root = root.resolve()
     alive: dict[str, Any] = {}
-    for pid_file in sorted(root.rglob("*.pid")):
+    for pid_file in pid_files(root):
         rel = str(pid_file.relative_to(root))
         alive[rel] = read_pid(pid_file) is not None
     return alive

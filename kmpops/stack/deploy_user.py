@@ -31,6 +31,7 @@ __all__ = [
     "ensure_user",
     "give_to",
     "install_sudoers",
+    "remove_placed_hosts",
     "remove_sudoers",
     "remove_user",
     "sudoers_file",
@@ -195,3 +196,20 @@ def place_hosts(root: Path, user: pwd.struct_passwd) -> Path:
     check_reachable(target, user)
     link.symlink_to(target, target_is_directory=True)
     return target
+
+
+def remove_placed_hosts(root: Path) -> bool:
+    """Delete the host roots :func:`place_hosts` put under /var/lib/kmpops for ``root`` (and
+    the ``root/hosts`` symlink); True if there were any. A plain ``root/hosts`` directory is
+    left alone (it goes with ``root``). Stop the stack first."""
+    import shutil
+
+    link = Path(root).resolve() / "hosts"
+    if not link.is_symlink():
+        return False
+    target = link.resolve()
+    link.unlink()
+    if target.parent != EXTERNAL_HOME or not target.name.startswith("hosts-"):
+        return False  # not one of ours: never delete what the link happens to point at
+    shutil.rmtree(target, ignore_errors=True)
+    return True

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,25 @@ def ops_yaml_variant(
         return path
 
     return apply
+
+
+@contextlib.contextmanager
+def sudo_rules(config: Path) -> Iterator[Path]:
+    """Install the sudo rules ``kmpops sudoers ENV`` prints for every environment of the ops.yaml
+    at ``config`` — what an operator does after adding a service whose restart runs as root —
+    as a sudoers file of its own (validated with ``visudo -cf``); yields its path and removes
+    it on exit. The session stack's own rules cover only the services of its ops.yaml."""
+    from kmpops.become import sudoers_rules
+    from kmpops.config import load_config
+    from kmpops.stack.deploy_user import install_sudoers, remove_sudoers
+
+    cfg = load_config(config)
+    text = "\n".join(sudoers_rules(cfg, env) for env in cfg.environments) + "\n"
+    installed = install_sudoers(config.parent, text)
+    try:
+        yield installed
+    finally:
+        remove_sudoers(config.parent)
 
 
 def config_variant(cfg: Any, changes: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ from flows.maintenance import (
     maintenance_weekly,
     releases_to_prune,
 )
+from tests.conftest import give_to_deploy_user
 from tests.flows.ops_variant import ops_yaml_variant
 
 pytestmark = [pytest.mark.stack, pytest.mark.prefect]
@@ -49,7 +50,7 @@ def test_weekly_reports_then_prunes_old_releases_and_records_disk_usage(stack, v
         data["services"]["probe"] = {
             "deploy_path": "{root}/srv/probe",
             "keep_releases": 2,
-            "restart": "true",
+            "restart": "/bin/true",
             "health_check": {"command": "true"},
         }
 
@@ -63,6 +64,7 @@ def test_weekly_reports_then_prunes_old_releases_and_records_disk_usage(stack, v
         d.mkdir(parents=True, exist_ok=True)
         os.utime(d, (now - 1000 + i * 100, now - 1000 + i * 100))
     (deploy / "current").symlink_to("releases/1.0.5")
+    give_to_deploy_user(stack, deploy)  # the deploy user prunes what it owns
     opts = WeeklyOptions(environment="staging", services=["probe"])
     dry = maintenance_weekly(opts)
     pruning = {r["host"]: r for r in parts_of(dry)["release pruning"]["pruning"]}
@@ -92,6 +94,7 @@ def test_daily_flags_log_volume_and_runs_every_part(stack) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     big = log_dir / "maintenance-test.log"
     big.write_bytes(b"x" * (3 * 1024 * 1024))
+    give_to_deploy_user(stack, Path(host.root) / "srv" / "web")
     try:
         result = maintenance_daily(DailyOptions(log_volume_warning_mb=2))
     finally:

@@ -21,13 +21,14 @@ pytestmark = [pytest.mark.stack, pytest.mark.prefect]
 
 RELEASES = {"C1.0": "good", "C2.0": "good", "C3.0": "good", "C4.0": "unhealthy"}
 
-#: the web health check, plus: on a host whose root holds ``hold``, say so (``held``) and wait
-#: (up to 15 s) for ``go`` — how a test keeps one host's command in flight for as long as it
-#: needs to, without timing anything
+#: the web health check, plus: on a host whose ``tmp/`` holds ``hold``, say so (``held``) and
+#: wait (up to 15 s) for ``go`` — how a test keeps one host's command in flight for as long as it
+#: needs to, without timing anything (tmp/: the deploy user may write there)
 HOLDING_HEALTH = (
     "{deploy_path}/current/control health --port {web_port} && "
-    "if [ -f {root}/hold ]; then touch {root}/held; "
-    "for i in $(seq 150); do [ -f {root}/go ] && break; sleep 0.1; done; rm -f {root}/hold; fi"
+    "if [ -f {root}/tmp/hold ]; then touch {root}/tmp/held; "
+    "for i in $(seq 150); do [ -f {root}/tmp/go ] && break; sleep 0.1; done; "
+    "rm -f {root}/tmp/hold; fi"
 )
 
 
@@ -124,8 +125,8 @@ def test_another_run_in_the_same_process_does_not_close_a_deploys_connections(
     preprod = [h for h in stack.hosts if h.environment == "staging"]  # the stack's name for them
     held = preprod[0]
     for name in ("hold", "held", "go"):
-        Path(held.root, name).unlink(missing_ok=True)
-    Path(held.root, "hold").touch()
+        Path(held.root, "tmp", name).unlink(missing_ok=True)
+    Path(held.root, "tmp", "hold").touch()
     states: list = []
 
     def deploy() -> None:
@@ -146,7 +147,7 @@ def test_another_run_in_the_same_process_does_not_close_a_deploys_connections(
     thread = threading.Thread(target=deploy, daemon=True)
     thread.start()
     try:
-        wait_for(Path(held.root, "held"))  # the deploy's health command is in flight there
+        wait_for(Path(held.root, "tmp", "held"))  # the deploy's health command is in flight there
         other = deploy_pipeline(
             DeployRequest(
                 service="web",
@@ -158,7 +159,7 @@ def test_another_run_in_the_same_process_does_not_close_a_deploys_connections(
         )
         assert other["status"] == "dry_run"
     finally:
-        Path(held.root, "go").touch()
+        Path(held.root, "tmp", "go").touch()
         thread.join(120)
     assert not thread.is_alive()
     (state,) = states

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,21 @@ import pytest
 from kmpops.config import load_config
 from kmpops.stack import postgres
 from kmpops.stack._proc import pid_alive, port_open
+from kmpops.stack.deploy_user import remove_placed_hosts
 
 PORT_BASE = 28000
+
+
+def _pid_files(root: Path) -> list[Path]:
+    """Every pid file under ``root``, symlinks followed: a root the deploy user cannot enter
+    (pytest's mode-700 tmp) keeps its host roots under /var/lib/kmpops behind ``root/hosts``."""
+    found: dict[str, Path] = {}
+    for current, _dirs, files in os.walk(root, followlinks=True):
+        for name in files:
+            if name.endswith(".pid"):
+                path = Path(current, name)
+                found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
 
 
 def _kmpops(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,19 +59,20 @@ def test_stack_up_status_down(tmp_path: Path) -> None:
         status = _kmpops("stack", "status", *common)
         assert status.returncode == 0
         assert status.stdout.count("up  ") == 3
-        pids = [int(p.read_text()) for p in root.rglob("*.pid")]
+        pids = [int(p.read_text()) for p in _pid_files(root)]
         assert len(pids) == 3 and all(pid_alive(p) for p in pids)
         again = _kmpops("stack", "up", *common, "--port-base", str(PORT_BASE), "--hosts", "2",
                         "--staging-hosts", "1", "--without", "s3", "--without", "postgres",
                         "--without", "prefect", "--without", "prometheus")  # fmt: skip
         assert again.returncode == 0, again.stderr  # idempotent
         assert audit_key.read_text() == key_before  # events tagged with it stay verifiable
-        assert sorted(int(p.read_text()) for p in root.rglob("*.pid")) == sorted(pids)
+        assert sorted(int(p.read_text()) for p in _pid_files(root)) == sorted(pids)
     finally:
         down = _kmpops("stack", "down", *common)
     assert down.returncode == 0, down.stderr
     assert not any(pid_alive(p) for p in pids)
-    assert list(root.rglob("*.pid")) == []
+    assert list(_pid_files(root)) == []
+    remove_placed_hosts(root)
 
 
 def test_unknown_component_is_refused(tmp_path: Path) -> None:
@@ -97,7 +112,8 @@ def _holder(port: int, wait_for: int = 0) -> subprocess.Popen[str]:
 
 
 def _live_pids(root: Path) -> list[int]:
-    return [int(p.read_text()) for p in root.rglob("*.pid") if pid_alive(int(p.read_text()))]
+    """Live pids of the stack's pid files (:func:`_pid_files`)."""
+    return [int(p.read_text()) for p in _pid_files(root) if pid_alive(int(p.read_text()))]
 
 
 def test_a_busy_port_is_refused_naming_its_holder_and_nothing_starts(tmp_path: Path) -> None:
@@ -147,6 +163,7 @@ def test_a_start_that_fails_part_way_stops_everything_it_started(tmp_path: Path)
         holder.wait()
         stack.down(root)
         postgres.remove(root)
+        remove_placed_hosts(root)
 
 
 def test_postgres_starts_under_a_mode_700_directory(tmp_path: Path) -> None:

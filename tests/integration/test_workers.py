@@ -15,6 +15,7 @@ hosts, on ports of this module's range, so nothing the rest of the suite reads i
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -34,6 +35,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.flows.ops_variant import sudo_rules
 from tests.serving import stop_process
 
 pytestmark = [pytest.mark.stack]
@@ -325,7 +327,9 @@ def fleet(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flee
     workers: dict[str, subprocess.Popen[bytes]] = {}
     fleet = Fleet(api, env, records_url, config, workers, logs, deployed_at)
     fleet.hosts = {h.name: h.root for h in stack.hosts if h.environment == "staging"}
+    rules = contextlib.ExitStack()  # svc-a and svc-b restart as root: their sudo rules
     try:
+        rules.enter_context(sudo_rules(config))
         for name in WORKERS:
             with (logs / f"{name}.log").open("wb") as out:
                 workers[name] = subprocess.Popen(
@@ -354,6 +358,7 @@ def fleet(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flee
             if automation["name"] == ZOMBIE_AUTOMATION:
                 httpx.delete(f"{api}/automations/{automation['id']}", timeout=10)
         _stop_services(fleet)
+        rules.close()
 
 
 # -- tests ----------------------------------------------------------------------------------

@@ -302,7 +302,8 @@ def test_sftp_upload_to_a_stopped_server_fails_within_bound(stack: Any, tmp_path
     ops_yaml.write_text(yaml.safe_dump(cfg_data, sort_keys=False))
     cfg = load_config(ops_yaml)
     _, host = cfg.host("stg-2")
-    remote = f"{stack.host('stg-2').root}/upload-{os.urandom(4).hex()}.bin"
+    # tmp/: the deploy user may write there (the host's root directory is root's)
+    remote = f"{stack.host('stg-2').root}/tmp/upload-{os.urandom(4).hex()}.bin"
     sshd_pid = int((Path(stack.host("stg-2").root) / "run" / "sshd.pid").read_text().strip())
     source = _StallingSource(sshd_pid)
     with SSHConnection.from_host(host, **cfg.timeouts.ssh_options()) as conn:
