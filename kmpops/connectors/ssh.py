@@ -979,24 +979,43 @@ class SSHConnection(Closing):
 
     # -- files ------------------------------------------------------------------------------
 
-    def _ensure_sftp(self) -> paramiko.SFTPClient:
+    def _ensure_sftp(self, purpose: str = "") -> paramiko.SFTPClient:
+        """The connection's SFTP session, opened (bounded by ``sftp_timeout``) when needed.
+
+        ``purpose`` ("read of /etc/x") names what the session was opened for in errors. Raises
+        CommandTimeout when the server does not answer the negotiation, HostUnreachable when
+        the subsystem cannot be started.
+        """
         transport = self._ensure_transport()
+        where = f"{self._where}: {purpose}:" if purpose else f"{self._where}:"
+        channel: paramiko.Channel | None = None
         with self._lock:
             if self._sftp is not None and self._sftp.get_channel().get_transport() is transport:
                 return self._sftp
+            # paramiko's from_transport() would wait for the server's version packet forever
+            # (a stopped sftp-server); the channel gets its timeout before the negotiation, so
+            # opening is bounded like every request after it.
             try:
-                self._sftp = paramiko.SFTPClient.from_transport(transport)
+                channel = transport.open_session(timeout=self.sftp_timeout)
+                channel.settimeout(self.sftp_timeout)
+                channel.invoke_subsystem("sftp")
+                self._sftp = paramiko.SFTPClient(channel)
+            except TimeoutError as exc:
+                if channel is not None:
+                    channel.close()
+                raise CommandTimeout(
+                    f"{where} opening SFTP timed out after {self.sftp_timeout:g}s "
+                    "(the SFTP server did not answer)"
+                ) from exc
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise HostUnreachable(f"{self._where}: cannot open SFTP: {exc}") from exc
-            if self._sftp is None:
-                raise ConnectorError(f"{self._where}: SFTP subsystem refused")
-            # every request (and every send into a full window) gives up after this long
-            self._sftp.get_channel().settimeout(self.sftp_timeout)
+                if channel is not None:
+                    channel.close()
+                raise HostUnreachable(f"{where} cannot open SFTP: {exc}") from exc
             return self._sftp
 
     @contextlib.contextmanager
     def _sftp_errors(self, what: str, remote: str) -> Iterator[paramiko.SFTPClient]:
-        sftp = self._ensure_sftp()
+        sftp = self._ensure_sftp(f"{what} {remote}")
         try:
             yield sftp
         except FileNotFoundError as exc:
