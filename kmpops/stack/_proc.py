@@ -149,6 +149,56 @@ def wait_for_port(
     raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+def listening_ports() -> set[int]:
+    """Every TCP port in LISTEN state on this machine (any address), from /proc/net/tcp{,6}."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(maxsplit=4)
+            if len(fields) >= 4 and fields[3] == "0A":  # 0A = LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_for_ports(waits: Sequence[tuple[int, str, Path | None]], *, timeout: float = 30.0) -> None:
+    """Wait until every ``(port, what, pid_file)`` listens, all at once: one read of the
+    kernel's socket tables per tick, not one connection per port (500 daemons in one loop).
+
+    Like :func:`wait_for_port`, the pid a pid file names when the wait starts is followed: its
+    exit fails the wait at once. Raises StackError naming the first daemon that exited or, at
+    ``timeout``, the ones that never listened (at most five named, and how many in all).
+    """
+    deadline = time.monotonic() + timeout
+    pending: dict[int, tuple[str, int | None]] = {}
+    for port, what, pid_file in waits:
+        pid = None
+        if pid_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text().strip())
+        pending[port] = (what, pid)
+    while pending:
+        listening = listening_ports()
+        pending = {p: v for p, v in pending.items() if p not in listening}
+        for port, (what, pid) in pending.items():
+            if pid is not None and not pid_alive(pid):
+                _reap(pid)
+                if port not in listening_ports():
+                    raise StackError(f"{what} exited before listening on 127.0.0.1:{port}")
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            named = ", ".join(f"{w} (127.0.0.1:{p})" for p, (w, _) in list(pending.items())[:5])
+            raise StackError(
+                f"{len(pending)} did not listen within {timeout:.0f}s: {named}"
+                + (" ..." if len(pending) > 5 else "")
+            )
+        time.sleep(0.05)
+
+
 def _listening_inodes(port: int) -> set[str]:
     """Socket inodes in LISTEN state on ``port`` (any local address), from /proc/net/tcp{,6}."""
     inodes: set[str] = set()
