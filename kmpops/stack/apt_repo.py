@@ -196,7 +196,9 @@ def publish_repo(
     """Copy ``debs`` into the flat repository ``repo`` and (re)write its ``Packages`` index
     (``dpkg-scanpackages``; an empty index without it when there is nothing to index) and its
     ``Release`` (Origin, Label, Suite from ``spec``; ``Date`` = ``date``, default now — what
-    a patch's age is measured from; the index's size and SHA256). Idempotent; returns ``repo``.
+    a patch's age is measured from; the index's size and SHA256). apt keeps the Release it
+    already has when a new one's Date is older (replay protection): a repository published
+    again needs a Date no older than the last. Idempotent; returns ``repo``.
     Raises StackError if packages are to be indexed and dpkg-scanpackages is missing or fails."""
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)

@@ -105,8 +105,13 @@ def packages(stack, machine_before, tmp_path_factory):
         ],
         apt_repo.STACK_REPOS["main"],
     )
+    # dated 40 days ago (apt keeps the Release it has when a new one is older, so a later
+    # publication must carry a Date no older than this one)
     apt_repo.publish_repo(
-        security, [debs[("kmp-libssl", "3.0.1-2")]], apt_repo.STACK_REPOS["security"]
+        security,
+        [debs[("kmp-libssl", "3.0.1-2")]],
+        apt_repo.STACK_REPOS["security"],
+        date=datetime.now(UTC) - timedelta(days=40),
     )
     base = [debs[("kmp-tool", "1.0-1")], debs[("kmp-agent", "2.0-1")]]
     base.append(debs[("kmp-libssl", "3.0.1-1")])
@@ -460,7 +465,7 @@ def test_overdue_security_patch_appears_in_compliance_report(stack, packages, va
     variant(lambda d: None)
     for host in stack.hosts:
         apt_repo.install_directly(Path(host.root), [packages["debs"][("kmp-zlib", "1.2-1")]])
-    # the security repository's Release is 30 days old: its update is past the 7-day SLA
+    # the security repository's new Release is 30 days old: its update is past the 7-day SLA
     apt_repo.publish_repo(
         packages["security"],
         [packages["debs"][("kmp-zlib", "1.2-2")]],

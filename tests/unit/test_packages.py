@@ -42,7 +42,8 @@ The following packages will be upgraded:
   kmp-agent kmp-libssl kmp-tool
 Inst kmp-agent [2.0-1] (2.1-1 Debian:bookworm [all])
 Inst kmp-libssl [3.0.1-1] (3.0.1-2 Debian-Security:bookworm-security [all])
-Inst libc6 [2.36-9+deb12u3] (2.36-9+deb12u4 Debian:12.5/stable, Debian-Security:12/stable-security [amd64])
+Inst libc6 [2.36-9+deb12u3] (2.36-9+deb12u4 Debian:12.5/stable, \
+Debian-Security:12/stable-security [amd64])
 Inst linux-image-6.1.0-18-amd64 (6.1.76-1 Debian-Security:12/stable-security [amd64])
 Conf kmp-agent (2.1-1 Debian:bookworm [all])
 """
