@@ -332,9 +332,10 @@ def test_missing_sudo_rule_fails_fast_naming_the_command(stack, packages, varian
 
 
 def test_security_update_rolled_out_in_batches(stack, packages, baseline, variant) -> None:
+    """Staging is judged by the web service's own staging tests and analysis (Prometheus)."""
     from tasks.common import records
 
-    variant(no_analysis)
+    variant(lambda d: None)
     answering = answer_approval(stack, [("alice", "approve")])
     state = run_patch(kind="security")
     answering.join(30)
@@ -362,6 +363,9 @@ def test_security_update_rolled_out_in_batches(stack, packages, baseline, varian
     actions = [e.action for e in records().audit_events(run_id=run_id)]
     for action in ("patch.requested", "patch.assessed", "patch.host", "patch.completed"):
         assert action in actions
+    analyses = records().audit_events(action="deploy.analysis", run_id=run_id)
+    assert [a.details["outcome"] for a in analyses] == ["passed"]
+    assert any("analysis of web on staging" in n for n in result["notes"])
     # the next look shows the reboot the libssl update asked for, and nothing security pending
     again = run_patch(kind="security", dry_run=True).result()
     assert set(again["reboot_required"]) == {h.name for h in stack.hosts}
