@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DEBS := openssh-server openssh-client postgresql prometheus sudo
-TEST_DEBS := $(DEMO_DEBS) chromium
+# dpkg-dev: dpkg-scanpackages, which indexes the local apt repositories the patch tests fill
+TEST_DEBS := $(DEMO_DEBS) chromium dpkg-dev
 PYTEST_ARGS ?=
 # two pytest-xdist workers, whole files each, a local stack each (tests/conftest.py)
 PYTEST_WORKERS ?= 2

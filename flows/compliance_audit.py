@@ -12,6 +12,11 @@ Checks (severity in brackets):
 * no secret literal in ops.yaml: every secret field is a reference [critical]
 * sshd accepts only public-key authentication (what the daemon offers to a client that
   tries the ``none`` method: the effective configuration, not a file that may be stale) [critical]
+* security patches within SLA: no host of an environment with ``packages`` has a pending
+  security update older than ``packages.policy.security_sla_days`` (age from the repository's
+  Release date, else from when kmp-ops first saw it pending), read from the hosts' real
+  package manager [critical]; each overdue update also fires the ``security_patch_sla`` alert
+  (the alert-rule state machine of evaluate-alerts: notification on the severity's routes)
 
 A markdown evidence report and a table artifact are published; the outcome is appended to the
 audit chain. The run fails (PolicyViolation) on a failed critical check only when
@@ -34,6 +39,7 @@ from kmpops.config import SECRET_REF_RE, OpsConfig
 from kmpops.errors import PolicyViolation
 from kmpops.plans.retention import BackupFact, RetentionPolicy, plan_retention
 from tasks.common import audit, config_path, ops_config, records, retry_on_transient
+from tasks.context import in_run_context
 from tasks.reports import CheckResult, markdown_table, publish_report
 
 APPROVED_OUTCOMES = ("approved", "timed_out:approve")
@@ -51,6 +57,9 @@ class CompliancePolicy(BaseModel):
     check_hosts: bool = Field(default=True, description="probe every host's sshd over the network")
     fail_on_critical: bool = Field(
         default=False, description="fail the run when a critical check fails"
+    )
+    check_patches: bool = Field(
+        default=True, description="read every host's pending security updates (patch SLA)"
     )
 
 
@@ -298,6 +307,76 @@ def host_checks(probes: dict[str, dict[str, Any] | BaseException]) -> list[Check
     return results
 
 
+def check_patch_sla(now: datetime) -> list[CheckResult]:
+    """Per host of every environment with ``packages``: no pending security update past the
+    environment's SLA. Reads the hosts' package managers (lists refreshed, nothing installed)
+    and evaluates the ``security_patch_sla`` alert from the same facts."""
+    from kmpops.packages import overdue_security
+    from tasks.alerting import evaluate_patch_sla
+    from tasks.common import notify
+    from tasks.context import run_context
+    from tasks.patch import read_package_states
+
+    ctx = run_context()
+    envs = {n: e for n, e in ctx.config.environments.items() if e.packages and e.hosts}
+    if not envs:
+        return []
+    results: list[CheckResult] = []
+    states = []
+    for name, env in envs.items():
+        try:
+            states += list(read_package_states(name, list(env.hosts)).values())
+        except Exception as exc:
+            results.append(
+                CheckResult(
+                    "security patches within SLA",
+                    False,
+                    subject=name,
+                    evidence=f"could not read the hosts' packages: {type(exc).__name__}: {exc}",
+                )
+            )
+    sla = {n: e.packages.policy.security_sla_days for n, e in envs.items() if e.packages}
+    overdue, ages = overdue_security(
+        states, sla_days=sla, first_seen=records().pending_first_seen(), now=now
+    )
+    for state in states:
+        mine = [o for o in overdue if o.host == state.host]
+        pending = ", ".join(f"{u.package} {u.candidate}" for u in state.security) or "none"
+        evidence = (
+            "; ".join(
+                f"{o.package} {o.candidate} pending {o.age_days:g} days since its "
+                f"{o.measured_from} {o.since.date().isoformat()} (SLA {o.sla_days} days)"
+                for o in mine
+            )
+            if mine
+            else f"pending security updates: {pending} (SLA {sla[state.environment]} days)"
+        )
+        results.append(
+            CheckResult(
+                "security patches within SLA",
+                not mine,
+                subject=state.host,
+                evidence=evidence,
+                details={"overdue": [o.package for o in mine]},
+            )
+        )
+    severity = max(
+        (e.packages.policy.alert_severity for e in envs.values() if e.packages),
+        key=("info", "warning", "critical").index,
+    )
+    samples = [
+        (
+            {"environment": st.environment, "host": st.host, "package": u.package},
+            round(days - sla[st.environment], 3),
+        )
+        for st, u, days in ages
+    ]
+    evaluation = evaluate_patch_sla(samples, severity, now)
+    for msg in evaluation.messages:
+        notify(msg.severity, msg.title, msg.body, msg.dedup_key)
+    return results
+
+
 def render_report(results: list[CheckResult], now: datetime) -> str:
     """The evidence report in markdown: summary, failures first, then every check."""
     failed = [r for r in results if not r.ok]
@@ -320,6 +399,7 @@ def render_report(results: list[CheckResult], now: datetime) -> str:
 
 
 @flow(name="compliance-audit")
+@in_run_context
 def compliance_audit(policy: CompliancePolicy | None = None) -> dict[str, Any]:
     """Run every compliance check, publish the evidence, record the outcome on the audit chain.
 
@@ -347,6 +427,8 @@ def compliance_audit(policy: CompliancePolicy | None = None) -> dict[str, Any]:
             except Exception as exc:
                 probes[name] = exc
         results += host_checks(probes)
+    if policy.check_patches:
+        results += check_patch_sla(now)
     failed = [r for r in results if not r.ok]
     critical = [r for r in failed if r.severity == "critical"]
     publish_report(

@@ -225,8 +225,10 @@ def sudoers_rules(
 
     One ``User_Alias``-free line per (host, command), commented with the host's name, so one
     file can serve every host of the environment (each host matches its own lines; the paths
-    differ per host only if the hosts' vars differ). ``extra`` adds commands by host name (the
-    package manager's, for instance). ``login_user`` replaces the hosts' ``user`` (a fleet
+    differ per host only if the hosts' vars differ). An environment with ``packages`` gets the
+    package manager's root commands (``PackageManager.sudo_rules``: the refresh word for word,
+    install and downgrade as sudo regular expressions over ``NAME=VERSION`` words). ``extra``
+    adds commands by host name. ``login_user`` replaces the hosts' ``user`` (a fleet
     where the deploy user differs from ops.yaml's). Raises UnsafeValueError for a word sudoers
     cannot express exactly, NotFound-like KeyError for an unknown environment. Hosts without
     become get no lines (a comment says so). Validate the result with ``visudo -cf`` before
@@ -267,6 +269,13 @@ def sudoers_rules(
             words = " ".join(_sudoers_word(w, what=label) for w in argv)
             lines.append(f"# {host.name}: {label}")
             lines.append(f"{user} ALL=({target}) NOPASSWD: {words}")
+        if env.packages is not None:
+            from kmpops.packages import PackageManager
+
+            manager = PackageManager(env.packages, host.template_values())
+            for spec in manager.sudo_rules():
+                lines.append(f"# {host.name}: package manager ({env.packages.manager})")
+                lines.append(f"{user} ALL=({target}) NOPASSWD: {spec}")
     return "\n".join(lines) + "\n"
 
 

@@ -294,12 +294,113 @@ class InventorySource(Strict):
     defaults: HostDefaults = HostDefaults()
 
 
+class PackageCommands(Strict):
+    """A package manager other than apt (``packages.manager: command``): one command template
+    per operation, each one simple command of plain words (run without a shell; placeholders
+    from the host's vars), the first an absolute path.
+
+    ``pending`` prints one line per pending update: ``NAME INSTALLED CANDIDATE security|other
+    [RELEASED]`` (RELEASED an ISO date, optional); ``installed`` one line per installed package:
+    ``NAME VERSION [ok|broken]``. ``install`` and ``downgrade`` hold the word ``{packages}``,
+    replaced by one word per package (``package_format``, default ``{package}={version}``).
+    ``refresh``, ``install`` and ``downgrade`` run as root through become; ``pending`` and
+    ``installed`` as the login user."""
+
+    refresh: str | None = None
+    pending: str
+    installed: str
+    install: str
+    downgrade: str | None = None
+    package_format: str = "{package}={version}"
+
+    @model_validator(mode="after")
+    def _shape(self) -> PackageCommands:
+        from kmpops.shellsafe import render_argv
+
+        for name in ("refresh", "pending", "installed", "install", "downgrade"):
+            template = getattr(self, name)
+            if template is None:
+                continue
+            sample = {k: "x" for k in _PLACEHOLDER_RE.findall(template)}
+            try:
+                argv = render_argv(template, sample)
+            except UnsafeValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if not argv[0].startswith("/"):
+                raise ValueError(f"{name}: {template!r} must start with an absolute path")
+            if name in ("install", "downgrade") and "{packages}" not in template.split():
+                raise ValueError(f"{name}: {template!r} needs the word {{packages}}")
+        if set(_PLACEHOLDER_RE.findall(self.package_format)) != {"package", "version"}:
+            raise ValueError("package_format needs {package} and {version}")
+        return self
+
+
+class PatchPolicy(Strict):
+    """How fast updates must be applied: a pending security update older than
+    ``security_sla_days`` (from its repository's Release date, else from when kmp-ops first
+    saw it pending) is a compliance finding and fires the ``security_patch_sla`` alert."""
+
+    security_sla_days: int = Field(default=7, ge=0, le=3650)
+    alert_severity: Literal["critical", "warning", "info"] = "warning"
+
+
+class PackagesConfig(Strict):
+    """The hosts' package manager (``environments.<env>.packages``), for patch-hosts.
+
+    ``apt`` (the default) runs ``apt_get`` / ``dpkg_query``; ``apt_config`` (a path template,
+    e.g. ``{root}/etc/apt/kmpops-apt.conf``) is passed as ``-c`` to every apt command and
+    ``dpkg_admindir`` as dpkg-query's ``--admindir`` (a host with its own package state; omit
+    both on a real host). ``command`` runs ``commands``. Commands that change packages run as
+    root through the host's become (``sudo -n``; ``kmpops sudoers ENV`` prints their exact
+    rules). ``services`` are health-checked after each host is patched (default: every
+    service); ``reboot_required_file`` is what tells a host needs a reboot."""
+
+    manager: Literal["apt", "command"] = "apt"
+    apt_get: str = "/usr/bin/apt-get"
+    dpkg_query: str = "/usr/bin/dpkg-query"
+    apt_config: str | None = None
+    dpkg_admindir: str | None = None
+    commands: PackageCommands | None = None
+    reboot_required_file: str = "/var/run/reboot-required"
+    services: list[Name] | None = None
+    timeout: Duration = timedelta(minutes=15)
+    policy: PatchPolicy = PatchPolicy()
+
+    @field_validator("apt_get", "dpkg_query")
+    @classmethod
+    def _program(cls, value: str) -> str:
+        from kmpops.shellsafe import validate_absolute_path
+
+        try:
+            return validate_absolute_path(value, what="program")
+        except UnsafeValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("apt_config", "dpkg_admindir", "reboot_required_file")
+    @classmethod
+    def _paths(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_path_template(value, what="path")
+        return value
+
+    @model_validator(mode="after")
+    def _manager(self) -> PackagesConfig:
+        if self.manager == "command" and self.commands is None:
+            raise ValueError("manager command needs commands")
+        if self.manager == "apt" and self.commands is not None:
+            raise ValueError("commands are for manager: command (apt's are built in)")
+        return self
+
+
 class Environment(Strict):
     """A set of hosts with one policy (development, staging, production)."""
 
     hosts: list[Host] = Field(default_factory=list)
     policy: Policy = Policy()
     inventory: InventorySource | None = None
+    packages: PackagesConfig | None = Field(
+        default=None, description="the hosts' package manager and patch policy (patch-hosts)"
+    )
     become: bool = Field(
         default=False,
         description="privilege escalation for the services' become_commands on every host "

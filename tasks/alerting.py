@@ -266,11 +266,23 @@ def evaluate_rule(rule_name: str, at: datetime | None = None) -> RuleEvaluation:
     Idempotent per evaluation time. Raises NotFound (unknown rule), QueryError, and
     MetricsUnavailable after retries (the stored state is then unchanged)."""
     cfg = ops_config()
-    rec = records()
     (rule,) = alert_rules(cfg, [rule_name])
     spec = cfg.alerts[rule_name]
     now = at or datetime.now(UTC)
     samples = _query(cfg, rule)
+    return _evaluate_samples(cfg, rule, samples, now, opens_incident(rule.severity, spec.incident))
+
+
+def _evaluate_samples(
+    cfg: OpsConfig,
+    rule: AlertRule,
+    samples: Mapping[LabelSet, float | None],
+    now: datetime,
+    opens: bool,
+) -> RuleEvaluation:
+    """The body of :func:`evaluate_rule` once the samples are known: evaluate with the stored
+    state, decide the due messages, save, audit the changes."""
+    rec = records()
     stored = load_alert_states(rec, rule.name)
     previous = {ls: s.state for ls, s in stored.items()}
     states, transitions = evaluate(rule, samples, previous, now)
@@ -326,7 +338,7 @@ def evaluate_rule(rule_name: str, at: datetime | None = None) -> RuleEvaluation:
     return RuleEvaluation(
         rule=rule.name,
         severity=rule.severity,
-        opens_incident=opens_incident(rule.severity, spec.incident),
+        opens_incident=opens,
         at=now.isoformat(),
         samples=len(samples),
         changes=changes,
@@ -374,3 +386,34 @@ def emit_alert_firing(payload: Mapping[str, Any]) -> str | None:
 def change_as_dict(change: AlertChange) -> dict[str, Any]:
     """A change as a plain dict (for artifacts)."""
     return asdict(change)
+
+
+PATCH_SLA_RULE = "security_patch_sla"
+"""The alert rule kmp-ops evaluates from the hosts' pending security updates: one alert per
+(environment, host, package), its value the days past the environment's patch SLA."""
+
+
+@task(
+    timeout_seconds=STEP_TIMEOUT_S,
+    name="evaluate-patch-sla",
+    cache_policy=NO_CACHE,
+)
+def evaluate_patch_sla(
+    samples: list[tuple[dict[str, str], float]],
+    severity: str = "warning",
+    at: datetime | None = None,
+) -> RuleEvaluation:
+    """The ``security_patch_sla`` alert rule, evaluated like every configured rule (pending →
+    firing → resolved, state kept in the records store, one notification per state change,
+    reminders, silences): ``samples`` are (labels, days past the SLA) of every pending security
+    update (negative: still within it); the rule fires above 0. An update no longer pending
+    resolves its alert. Never opens an incident (a person patches)."""
+    rule = AlertRule(
+        name=PATCH_SLA_RULE,
+        query="days a pending security update is past its environment's patch SLA",
+        threshold=0.0,
+        comparison=">",
+        severity=severity,
+    )
+    values = {labelset(labels): value for labels, value in samples}
+    return _evaluate_samples(ops_config(), rule, values, at or datetime.now(UTC), False)

@@ -396,3 +396,16 @@ def release_dead_run_locks(dead_run_id: str, why: str) -> list[str]:
             ", ".join(lease.target for lease in held)[:500],
         )
     return [lease.target for lease in held]
+
+
+def patch_targets(environment: str) -> list[str]:
+    """patch-hosts: every host of staging (when the target is not staging and there is one)
+    and of ``environment``: a deploy or an access change of those hosts waits for it."""
+    cfg = ops_config()
+    cfg.environment(environment)
+    envs = (
+        ["staging", environment]
+        if environment != "staging" and "staging" in cfg.environments
+        else [environment]
+    )
+    return [rules.host_target(h.name) for env in envs for h in cfg.environment(env).hosts]

@@ -281,3 +281,43 @@ class Consumption(Base):
     run_id: Mapped[str | None] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(default=utcnow)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class PackageChangeRecord(Base):
+    """One package on one host in one patch-hosts run: the version before, the target, the
+    version read back after, and the outcome (``installed``, ``failed``, ``reverted``,
+    ``revert_failed``, ``flagged``)."""
+
+    __tablename__ = "package_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    environment: Mapped[str] = mapped_column(String(100), index=True)
+    host: Mapped[str] = mapped_column(String(100), index=True)
+    package: Mapped[str] = mapped_column(String(200), index=True)
+    from_version: Mapped[str | None] = mapped_column(String(200))
+    to_version: Mapped[str] = mapped_column(String(200))
+    after_version: Mapped[str | None] = mapped_column(String(200))
+    security: Mapped[bool] = mapped_column(default=False)
+    outcome: Mapped[str] = mapped_column(String(20), index=True)
+    batch: Mapped[str] = mapped_column(String(100), default="")
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class PendingUpdateRecord(Base):
+    """A pending update kmp-ops saw on a host: when first and last (a patch's age, where its
+    repository's Release date is unknown)."""
+
+    __tablename__ = "pending_updates"
+    __table_args__ = (UniqueConstraint("host", "package", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    environment: Mapped[str] = mapped_column(String(100))
+    host: Mapped[str] = mapped_column(String(100), index=True)
+    package: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    security: Mapped[bool] = mapped_column(default=False)
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)

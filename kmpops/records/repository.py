@@ -50,6 +50,8 @@ from kmpops.records.models import (
     IncidentEvent,
     Lease,
     LeaseGrant,
+    PackageChangeRecord,
+    PendingUpdateRecord,
     Release,
     Verification,
     utcnow,
@@ -562,6 +564,104 @@ class Records:
             q = q.where(Consumption.key.startswith(prefix, autoescape=True))
         with self.session() as s:
             return list(s.scalars(q))
+
+    # -- packages ---------------------------------------------------------------------------
+
+    def record_package_change(
+        self,
+        *,
+        run_id: str | None,
+        environment: str,
+        host: str,
+        package: str,
+        from_version: str | None,
+        to_version: str,
+        after_version: str | None,
+        outcome: str,
+        security: bool = False,
+        batch: str = "",
+        actor: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> PackageChangeRecord:
+        """Record what one package did on one host in a patch run (one row per outcome: an
+        installed-then-reverted package has both rows)."""
+        return self._add(
+            PackageChangeRecord,
+            run_id=run_id,
+            environment=environment,
+            host=host,
+            package=package,
+            from_version=from_version,
+            to_version=to_version,
+            after_version=after_version,
+            outcome=outcome,
+            security=security,
+            batch=batch,
+            actor=actor,
+            details=_jsonable(details or {}),
+        )
+
+    def package_changes(
+        self, *, run_id: str | None = None, host: str | None = None
+    ) -> list[PackageChangeRecord]:
+        """Recorded package changes, oldest first, optionally of one run and/or host."""
+        q = select(PackageChangeRecord).order_by(PackageChangeRecord.id)
+        if run_id is not None:
+            q = q.where(PackageChangeRecord.run_id == run_id)
+        if host is not None:
+            q = q.where(PackageChangeRecord.host == host)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def observe_pending_updates(
+        self,
+        *,
+        environment: str,
+        host: str,
+        updates: Sequence[tuple[str, str, bool]],
+        at: datetime,
+    ) -> dict[tuple[str, str], datetime]:
+        """Note the pending updates ``(package, version, security)`` of ``host`` seen ``at``;
+        returns (package, version) -> when each was first seen (idempotent; a concurrent
+        observer of the same update loses the insert and reads the winner's row)."""
+        first: dict[tuple[str, str], datetime] = {}
+        for package, version, security in updates:
+            for _attempt in range(2):
+                try:
+                    with self.session() as s:
+                        row = s.scalars(
+                            select(PendingUpdateRecord).where(
+                                PendingUpdateRecord.host == host,
+                                PendingUpdateRecord.package == package,
+                                PendingUpdateRecord.version == version,
+                            )
+                        ).first()
+                        if row is None:
+                            row = PendingUpdateRecord(
+                                environment=environment,
+                                host=host,
+                                package=package,
+                                version=version,
+                                security=security,
+                                first_seen=at,
+                                last_seen=at,
+                            )
+                            s.add(row)
+                        else:
+                            row.last_seen = max(row.last_seen, at)
+                        first[(package, version)] = row.first_seen
+                    break
+                except SAIntegrityError:
+                    continue
+        return first
+
+    def pending_first_seen(self, host: str | None = None) -> dict[tuple[str, str, str], datetime]:
+        """(host, package, version) -> first seen, for every pending update observed."""
+        q = select(PendingUpdateRecord)
+        if host is not None:
+            q = q.where(PendingUpdateRecord.host == host)
+        with self.session() as s:
+            return {(r.host, r.package, r.version): r.first_seen for r in s.scalars(q)}
 
     # -- backups ----------------------------------------------------------------------------
 

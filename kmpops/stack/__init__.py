@@ -145,6 +145,9 @@ class StackInfo:
     bastion: dict[str, Any] | None = None
     deploy_user: str = ""  # "" : the hosts are reached as root
     sudoers: str = ""  # the stack's file in /etc/sudoers.d
+    # each host's private apt/dpkg state and the stack's repositories (kmpops.stack.apt_repo):
+    # {"repos": {name: dir}}; None where apt/dpkg are missing or the stack does not run as root
+    apt: dict[str, Any] | None = None
 
     def host(self, name: str) -> StackHost:
         """The stack host called ``name``."""
@@ -306,6 +309,7 @@ def _start(spec: StackSpec, root: Path) -> StackInfo:
         info.known_hosts = str(started[0].known_hosts)
         for host in hosts:
             _seed_host_config(Path(host.root), host)
+        info.apt = _prepare_packages(root, hosts)
         if deploy_user:
             _prepare_deploy_user(deploy_user, hosts)
             info.deploy_user = deploy_user
@@ -477,6 +481,20 @@ def _seed_host_config(host_root: Path, host: StackHost) -> None:
     if not conf.exists():
         conf.write_text(f"# web service on {host.name}\nlisten_port = {host.web_port}\n")
         (etc / "features.yaml").write_text("features:\n  new_checkout: false\n")
+
+
+def _prepare_packages(root: Path, hosts: list[StackHost]) -> dict[str, Any] | None:
+    """Give every host a real, private Debian package database and the stack's (empty) local
+    repositories to patch it from (``kmpops.stack.apt_repo``), as root only and only where
+    apt-get and dpkg exist; None otherwise (ops.yaml then has no ``packages``)."""
+    import shutil
+
+    if os.getuid() != 0 or not (shutil.which("apt-get") and shutil.which("dpkg")):
+        return None
+    from kmpops.stack import apt_repo
+
+    apt_repo.prepare_stack(root, [Path(h.root) for h in hosts])
+    return {"repos": {name: str(apt_repo.stack_repo(root, name)) for name in apt_repo.STACK_REPOS}}
 
 
 def _prepare_deploy_user(name: str, hosts: list[StackHost]) -> None:
@@ -668,6 +686,15 @@ def _write_ops_yaml(info: StackInfo) -> None:
     if info.deploy_user:  # the deploy user restarts the service as root through sudo -n
         for env in cfg["environments"].values():
             env["become"] = True
+    if info.apt:  # each host's private package state (kmpops.stack.apt_repo)
+        for env in cfg["environments"].values():
+            env["packages"] = {
+                "manager": "apt",
+                "apt_config": "{root}/etc/apt/kmpops-apt.conf",
+                "dpkg_admindir": "{root}/var/lib/dpkg",
+                "reboot_required_file": "{root}/var/run/reboot-required",
+                "policy": {"security_sla_days": 7},
+            }
     if info.s3:
         cfg["storage"] = {
             "backend": "s3",
