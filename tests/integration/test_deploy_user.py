@@ -51,9 +51,13 @@ def test_the_installed_rules_are_root_only_and_valid(stack):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in rules.read_text().splitlines() if not line.startswith("#")]
-    # one rule per host for the restart with its port (what ops.yaml renders), one without
-    assert len(lines) == 2 * len(stack.hosts)
-    assert all(line.startswith("kmpdeploy ALL=(root) NOPASSWD: /") for line in lines)
+    # one rule per host for the restart with its port (what ops.yaml renders), one without;
+    # three for the package manager (apt-get update, install and downgrade of NAME=VERSION)
+    restart = [line for line in lines if "/srv/web/current/control" in line]
+    packages = [line for line in lines if "apt-get" in line]
+    assert len(restart) == 2 * len(stack.hosts) and len(packages) == 3 * len(stack.hosts)
+    assert len(restart) + len(packages) == len(lines)
+    assert all(line.startswith("kmpdeploy ALL=(root) NOPASSWD: ") for line in lines)
 
 
 def test_sudo_refuses_at_once_what_no_rule_names(stack, prd1):
@@ -88,7 +92,9 @@ def test_kmpops_sudoers_prints_the_rules_the_stack_installed(stack):
     printed = [line for line in done.stdout.splitlines() if not line.startswith("#")]
     installed = set(Path(stack.sudoers).read_text().splitlines())
     prd = [h for h in stack.hosts if h.environment == "production"]
-    assert len(printed) == len(prd) and set(printed) <= installed
+    restart = [line for line in printed if "/srv/web/current/control" in line]
+    assert len(restart) == len(prd) and set(printed) <= installed
+    assert len([line for line in printed if "apt-get" in line]) == 3 * len(prd)
     for h in prd:
         assert f"# WARNING {h.name}: {h.root}/srv/web/current/control lies under" in done.stdout
     unknown = subprocess.run(
