@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_DEBS := openssh-server openssh-client postgresql prometheus sudo
-# dpkg-dev: dpkg-scanpackages, which indexes the local apt repositories the patch tests fill
-TEST_DEBS := $(DEMO_DEBS) chromium dpkg-dev
+# dpkg-dev: dpkg-scanpackages, which indexes the stack's local apt repositories (patch-hosts)
+DEMO_DEBS := openssh-server openssh-client postgresql prometheus sudo dpkg-dev
+TEST_DEBS := $(DEMO_DEBS) chromium
 PYTEST_ARGS ?=
 # two pytest-xdist workers, whole files each, a local stack each (tests/conftest.py)
 PYTEST_WORKERS ?= 2

@@ -486,10 +486,12 @@ def _seed_host_config(host_root: Path, host: StackHost) -> None:
 def _prepare_packages(root: Path, hosts: list[StackHost]) -> dict[str, Any] | None:
     """Give every host a real, private Debian package database and the stack's (empty) local
     repositories to patch it from (``kmpops.stack.apt_repo``), as root only and only where
-    apt-get and dpkg exist; None otherwise (ops.yaml then has no ``packages``)."""
+    apt-get, dpkg and dpkg-scanpackages (dpkg-dev) exist; None otherwise (ops.yaml then has
+    no ``packages``)."""
     import shutil
 
-    if os.getuid() != 0 or not (shutil.which("apt-get") and shutil.which("dpkg")):
+    tools = ("apt-get", "dpkg", "dpkg-scanpackages")
+    if os.getuid() != 0 or not all(shutil.which(t) for t in tools):
         return None
     from kmpops.stack import apt_repo
 
