@@ -107,7 +107,8 @@ def wait_for_answer(stack: Any, run_id: str, approver: str, timeout: float = 30)
 
 def open_resume_dialog(page: Any, ui_url: str, run_id: str) -> Any:
     """Open the paused run in the UI and its Resume dialog; returns the dialog locator."""
-    page.goto(f"{ui_url.rstrip('/')}/runs/flow-run/{run_id}")
+    # the UI's first load compiles nothing but fetches a lot: bounded, not by the default 30 s
+    page.goto(f"{ui_url.rstrip('/')}/runs/flow-run/{run_id}", timeout=120_000)
     page.get_by_role("button", name="Resume").click()
     dialog = page.get_by_role("dialog")
     dialog.wait_for()

@@ -47,7 +47,8 @@ def context_variant(data: dict) -> None:
     web = data["services"]["web"]
     web.pop("analysis", None)
     web.pop("staging_tests", None)
-    web["health_check"] = {"command": HOLDING_HEALTH, "retries": 1}
+    # the held probe waits (up to 15 s) for the other run to end: its timeout is longer
+    web["health_check"] = {"command": HOLDING_HEALTH, "retries": 1, "timeout": 30}
 
 
 @pytest.fixture(scope="module")

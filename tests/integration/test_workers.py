@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.stack]
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "kmp-ops"
+#: one API call to the Prefect server (a loaded 2-core machine answers some in 10-20 s)
+API_S = 60
 WORKERS = ("kmp-ops-worker-a", "kmp-ops-worker-b")
 WORKER_LIMIT = 3  # concurrent runs per worker (`--limit`): a burst spreads over both
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY: Prefect 3.9's minimum
@@ -86,7 +88,7 @@ def cli(fleet_env: dict[str, str], *argv: str, timeout: float = 120) -> str:
 
 
 def deployment_id(api: str, name: str) -> str:
-    response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=10)
+    response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=API_S)
     response.raise_for_status()
     return response.json()["id"]
 
@@ -96,14 +98,14 @@ def start_run(api: str, name: str, parameters: dict[str, Any]) -> str:
     response = httpx.post(
         f"{api}/deployments/{deployment_id(api, name)}/create_flow_run",
         json={"parameters": parameters},
-        timeout=10,
+        timeout=API_S,
     )
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
 def flow_run(api: str, run_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+    response = httpx.get(f"{api}/flow_runs/{run_id}", timeout=API_S)
     response.raise_for_status()
     return response.json()
 
@@ -122,14 +124,14 @@ def wait_final(api: str, run_ids: list[str], timeout: float) -> dict[str, dict[s
 
 
 def filter_runs(api: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    response = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200, **body}, timeout=10)
+    response = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200, **body}, timeout=API_S)
     response.raise_for_status()
     return response.json()
 
 
 def state_rows(api: str, run_id: str) -> list[dict[str, Any]]:
     """The run's states, oldest first."""
-    response = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=10)
+    response = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=API_S)
     response.raise_for_status()
     return sorted(response.json(), key=lambda s: s["timestamp"])
 
@@ -143,14 +145,14 @@ def submissions(api: str, since: datetime) -> dict[str, list[str]]:
         },
         "limit": 50,  # the API's page size
     }
-    response = httpx.post(f"{api}/events/filter", json=body, timeout=10)
+    response = httpx.post(f"{api}/events/filter", json=body, timeout=API_S)
     response.raise_for_status()
     page = response.json()
     events = list(page["events"])
     for _ in range(20):  # at most 1,000 events: far more than this module makes
         if not page.get("next_page"):
             break
-        response = httpx.get(page["next_page"], timeout=10)
+        response = httpx.get(page["next_page"], timeout=API_S)
         response.raise_for_status()
         page = response.json()
         events += page["events"]
@@ -270,7 +272,7 @@ def _records_database(stack: Any) -> str:
 def _wait_workers_online(api: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        response = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=10)
+        response = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=API_S)
         online = {w["name"] for w in response.json() if w.get("status") == "ONLINE"}
         if set(WORKERS) <= online:
             return
@@ -348,15 +350,15 @@ def fleet(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flee
         for proc in workers.values():
             stop_process(proc)
         for name in DEPLOYED:
-            response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=10)
+            response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=API_S)
             if response.status_code == 200:
                 dep = response.json()["id"]  # its trigger's automation first: it outlives it
-                httpx.delete(f"{api}/automations/owned-by/prefect.deployment.{dep}", timeout=10)
-                httpx.delete(f"{api}/deployments/{dep}", timeout=10)
-        automations = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
+                httpx.delete(f"{api}/automations/owned-by/prefect.deployment.{dep}", timeout=API_S)
+                httpx.delete(f"{api}/deployments/{dep}", timeout=API_S)
+        automations = httpx.post(f"{api}/automations/filter", json={}, timeout=API_S).json()
         for automation in automations:
             if automation["name"] == ZOMBIE_AUTOMATION:
-                httpx.delete(f"{api}/automations/{automation['id']}", timeout=10)
+                httpx.delete(f"{api}/automations/{automation['id']}", timeout=API_S)
         _stop_services(fleet)
         rules.close()
 
@@ -491,7 +493,7 @@ def test_a_worker_killed_mid_deploy_crashes_the_run_and_recovery_puts_the_hosts_
     (victim,) = [n for n, p in fleet.workers.items() if p.pid in ancestors(child)]
     os.kill(fleet.workers[victim].pid, signal.SIGKILL)  # the machine is gone: worker...
     os.kill(child, signal.SIGKILL)  # ...and the run's process, nothing of them runs again
-    fleet.workers[victim].wait(timeout=10)
+    fleet.workers[victim].wait(timeout=API_S)
     killed = time.monotonic()
     switched = {h for h, root in fleet.hosts.items() if current_of(root, "svc-a") == "2.0.0"}
     assert switched and flow_run(fleet.api, deploy)["state_type"] == "RUNNING"  # a zombie
@@ -551,7 +553,7 @@ def test_the_servers_scheduler_creates_a_run_that_a_worker_completes(fleet: Flee
     """evaluate-alerts' schedule in deployments/prefect.yaml (every 60 s): the server's
     scheduler creates the runs, nobody asks for them, a worker runs one to Completed."""
     dep = deployment_id(fleet.api, "evaluate-alerts")
-    schedules = httpx.get(f"{fleet.api}/deployments/{dep}", timeout=10).json()["schedules"]
+    schedules = httpx.get(f"{fleet.api}/deployments/{dep}", timeout=API_S).json()["schedules"]
     assert [s["schedule"].get("interval") for s in schedules] == [60.0]
     deadline = time.monotonic() + 150
     while True:
