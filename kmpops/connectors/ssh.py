@@ -357,12 +357,44 @@ def _agent_keys(endpoint: Endpoint, timeout: float) -> tuple[Any, list[paramiko.
     return agent, list(agent.get_keys())
 
 
+class _HostKeyTable:
+    """The pinned keys of a known_hosts file, looked up like ``paramiko.HostKeys`` did (exact
+    names and hashed ``|1|salt|hash`` names; a later line for the same name and key type
+    replaces an earlier one, as ``HostKeys.add``; a name's own lines before hashed ones), but
+    indexed by name: paramiko's ``add`` and ``load`` scan every entry already read, so parsing
+    a 500-host file cost 26 ms, once per connection (O(n^2) per deploy: the curve's bend at
+    250+ hosts, bench/README.md "growth")."""
+
+    def __init__(self) -> None:
+        self._plain: dict[str, dict[str, tuple[int, paramiko.PKey]]] = {}
+        self._hashed: list[tuple[int, str, paramiko.PKey]] = []
+        self._count = 0
+
+    def add(self, hostname: str, key: paramiko.PKey) -> None:
+        """Pin ``key`` for ``hostname`` (a name or a hashed name)."""
+        self._count += 1
+        if hostname.startswith("|1|"):
+            self._hashed.append((self._count, hostname, key))
+        else:
+            self._plain.setdefault(hostname, {})[key.get_name()] = (self._count, key)
+
+    def lookup(self, hostname: str) -> dict[str, paramiko.PKey] | None:
+        """Key type -> key pinned for ``hostname``, or None if no line names it."""
+        found: dict[str, tuple[int, paramiko.PKey]] = dict(self._plain.get(hostname, {}))
+        for order, pattern, key in self._hashed:
+            if key.get_name() not in found and _matches(pattern, hostname):
+                found[key.get_name()] = (order, key)
+        if not found:
+            return None
+        return {name: key for name, (_, key) in sorted(found.items(), key=lambda i: i[1][0])}
+
+
 @dataclass
 class _KnownHosts:
     """A known_hosts file: pinned keys, ``@cert-authority`` lines and ``@revoked`` keys."""
 
     path: Path
-    keys: paramiko.HostKeys
+    keys: _HostKeyTable
     authorities: list[tuple[str, paramiko.PKey]]
     revoked: list[paramiko.PKey]
 
@@ -401,17 +433,41 @@ def _matches(patterns: str, hostname: str) -> bool:
     return matched
 
 
+#: parsed known_hosts files by (path, sha256 of their bytes): each connection reads its file
+#: again (a key removed a moment ago is never trusted), parsing happens once per content
+_KNOWN_HOSTS_CACHE: dict[tuple[str, str], _KnownHosts] = {}
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
 def _read_known_hosts(path: Path) -> _KnownHosts:
-    """Parse ``path`` (a missing file is empty); ConnectorError if it cannot be read."""
-    keys = paramiko.HostKeys()
-    authorities: list[tuple[str, paramiko.PKey]] = []
-    revoked: list[paramiko.PKey] = []
+    """Parse ``path`` (a missing file is empty); ConnectorError if it cannot be read.
+
+    The file is read on every call; a content already parsed is not parsed again."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        text = ""
+        raw = b""
     except OSError as exc:
         raise ConnectorError(f"known_hosts file {path} is not readable") from exc
+    cache_key = (str(path), hashlib.sha256(raw).hexdigest())
+    with _KNOWN_HOSTS_LOCK:
+        cached = _KNOWN_HOSTS_CACHE.get(cache_key)
+    if cached is not None:
+        return cached
+    parsed = _parse_known_hosts(path, raw.decode("utf-8", errors="replace"))
+    with _KNOWN_HOSTS_LOCK:
+        if len(_KNOWN_HOSTS_CACHE) >= 64:  # a few files per process; never grows unbounded
+            _KNOWN_HOSTS_CACHE.clear()
+        _KNOWN_HOSTS_CACHE[cache_key] = parsed
+    return parsed
+
+
+def _parse_known_hosts(path: Path, text: str) -> _KnownHosts:
+    """The pinned keys, CAs and revoked keys of known_hosts ``text`` (read from ``path``);
+    ConnectorError naming the line of an unreadable CA or revoked key."""
+    keys = _HostKeyTable()
+    authorities: list[tuple[str, paramiko.PKey]] = []
+    revoked: list[paramiko.PKey] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -435,7 +491,7 @@ def _read_known_hosts(path: Path) -> _KnownHosts:
             continue
         if entry is not None:
             for host in entry.hostnames:
-                keys.add(host, entry.key.get_name(), entry.key)
+                keys.add(host, entry.key)
     return _KnownHosts(path, keys, authorities, revoked)
 
 
@@ -661,7 +717,7 @@ def _open_endpoint(
     try:
         options = transport.get_security_options()
         if ours is not None and len(ours):
-            first = ours.keys()[0]
+            first = next(iter(ours))
             options.key_types = [first, *(k for k in options.key_types if k != first)]
         elif authorities:
             # A CA vouches for this host: ask for its certificate first.
