@@ -62,7 +62,7 @@ from tasks.patch import (
     revert_packages,
 )
 from tasks.reports import markdown_table
-from tasks.verify import begin_analysis, run_analysis, run_staging_tests
+from tasks.verify import begin_analysis, mark_log_offsets, run_analysis, run_staging_tests
 
 __all__ = ["PatchFailed", "PatchRequest", "patch_hosts"]
 
@@ -229,9 +229,29 @@ def _put_back(run: _Run, env: str, names: list[str], label: str) -> list[str]:
     return lines
 
 
-def _verify_services(run: _Run, env: str, names: list[str], kind: str, staging: bool) -> None:
+def _mark_logs(run: _Run, env: str, names: list[str], staging: bool) -> dict[str, dict]:
+    """Before the packages change: each analysed service's log sizes (service -> measurement
+    -> host -> bytes), so the analysis counts only error lines written after the patch."""
+    if not staging:
+        return {}
+    out: dict[str, dict] = {}
+    for service in _services(run, env):
+        if run.ctx.service(service).config.analysis:
+            out[service] = mark_log_offsets(service, env, names)
+    return out
+
+
+def _verify_services(
+    run: _Run,
+    env: str,
+    names: list[str],
+    kind: str,
+    staging: bool,
+    log_offsets: dict[str, dict] | None = None,
+) -> None:
     """Health checks of the patched hosts' services; on staging also the service's staging
-    tests and analysis (when configured). Raises PolicyViolation on a failure."""
+    tests and analysis (when configured; its log measurements from ``log_offsets``, taken
+    before the patch). Raises PolicyViolation on a failure."""
     hosts = run.hosts(env, names)
     for service in _services(run, env):
         resolved = run.ctx.service(service)
@@ -241,7 +261,7 @@ def _verify_services(run: _Run, env: str, names: list[str], kind: str, staging: 
             raise PolicyViolation(f"{kind} checks of {service} failed on {env}: {exc}") from exc
         if not staging or not resolved.config.analysis:
             continue
-        start = begin_analysis(service, env, names)
+        start = begin_analysis(service, env, names, (log_offsets or {}).get(service))
         run_staging_tests(service, env, names)
         window = run.ctx.config.environment(env).policy.bake_time.total_seconds()
         report = run_analysis(start, window or None, f"patch staging {service}")
@@ -253,10 +273,11 @@ def _verify_services(run: _Run, env: str, names: list[str], kind: str, staging: 
 
 def _stage(run: _Run, env: str, names: list[str], label: str, kind: str, staging: bool) -> None:
     """Apply, read back and check one batch; on any failure put the batch back and raise."""
+    offsets = _mark_logs(run, env, names, staging)
     patched, failures = _apply(run, env, names, label)
     if not failures:
         try:
-            _verify_services(run, env, patched, kind, staging)
+            _verify_services(run, env, patched, kind, staging, offsets)
         except PolicyViolation as exc:
             failures.append(str(exc))
     if failures:
