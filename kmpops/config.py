@@ -1103,7 +1103,7 @@ def load_config(path: str | Path) -> OpsConfig:
     except OSError as err:
         raise ConfigError([f"(file): cannot read {path}: {err.strerror}"], str(path)) from None
     try:
-        # libyaml when present: a 500-host ops.yaml parses in 0.2 s instead of 3.7 s
+        # libyaml when present: a 500-host ops.yaml (200 kB) parses in 0.07 s instead of 0.83 s
         data = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
