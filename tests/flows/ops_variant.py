@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,27 @@ def _replace(obj: Any, parts: list[str], value: Any) -> Any:
         return {**obj, head: _replace(obj[head], rest, value) if rest else value}
     new = _replace(getattr(obj, head), rest, value) if rest else value
     return obj.model_copy(update={head: new})
+
+
+def first_install(config: Path, version: str = "1.0.0") -> dict[str, Any]:
+    """``version`` of the web service on every host of ``config``: a first install through
+    deploy-pipeline (requested by dave, bake 0), with ``KMPOPS_CONFIG`` pointing at ``config``
+    for the run only. Returns the pipeline's result; fails the test unless it deployed."""
+    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+
+    old = os.environ["KMPOPS_CONFIG"]
+    os.environ["KMPOPS_CONFIG"] = str(config)
+    try:
+        result = deploy_pipeline(
+            DeployRequest(
+                service="web",
+                version=version,
+                allow_first_install=True,
+                bake_seconds=0,
+                requested_by="dave",
+            )
+        )
+    finally:
+        os.environ["KMPOPS_CONFIG"] = old
+    assert result["status"] == "deployed", result
+    return result
