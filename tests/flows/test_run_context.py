@@ -88,23 +88,9 @@ def context_releases(stack, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def context_baseline(stack, context_releases, context_config) -> None:
     """C1.0 on every host (a first install where a host has nothing yet)."""
-    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from tests.flows.ops_variant import first_install
 
-    old = os.environ["KMPOPS_CONFIG"]
-    os.environ["KMPOPS_CONFIG"] = str(context_config)
-    try:
-        result = deploy_pipeline(
-            DeployRequest(
-                service="web",
-                version="C1.0",
-                allow_first_install=True,
-                bake_seconds=0,
-                requested_by="dave",
-            )
-        )
-    finally:
-        os.environ["KMPOPS_CONFIG"] = old
-    assert result["status"] == "deployed"
+    first_install(context_config, "C1.0")
 
 
 def wait_for(path: Path, seconds: float = 60) -> None:

@@ -100,23 +100,9 @@ def lock_releases(stack, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lock_baseline(stack, lock_releases, lock_config) -> None:
     """L1.0 on every production host (first install where the hosts have nothing yet)."""
-    from flows.deploy_pipeline import DeployRequest, deploy_pipeline
+    from tests.flows.ops_variant import first_install
 
-    old = os.environ["KMPOPS_CONFIG"]
-    os.environ["KMPOPS_CONFIG"] = str(lock_config)
-    try:
-        result = deploy_pipeline(
-            DeployRequest(
-                service="web",
-                version="L1.0",
-                allow_first_install=True,
-                bake_seconds=0,
-                requested_by="dave",
-            )
-        )
-    finally:
-        os.environ["KMPOPS_CONFIG"] = old
-    assert result["status"] == "deployed"
+    first_install(lock_config, "L1.0")
 
 
 DEPLOY_CODE = """
