@@ -124,6 +124,7 @@ def write_ops_yaml(info: stack.StackInfo, root: Path, batch: str) -> Path:
     cfg = yaml.safe_load(Path(info.ops_yaml).read_text())
     production = cfg["environments"]["production"]
     production["policy"] = {"approval_required": False, "batch_size": batch, "max_failures": 0}
+    production.pop("packages", None)  # not this bench's work; --ab-tree's older checkouts refuse it
     cfg["environments"] = {"production": production}
     cfg["records"] = {
         "url": f"sqlite:///{root / 'records.db'}",
