@@ -251,3 +251,24 @@ def test_fleet_keeps_connections_across_runs_and_subsets(hosts):
         boom = fleet.run(lambda c: 1 / 0, hosts=["prd-1"])
         assert isinstance(boom["prd-1"].error, ZeroDivisionError)
     assert not fleet.connection("prd-1").connected
+
+
+def test_an_idle_transport_wakes_once_a_second_and_close_ends_its_thread(hosts):
+    """paramiko's reader thread wakes every 0.1 s while nothing arrives: 500 kept-open
+    connections spent ~40 % of a deploy's control-node CPU on it. Ours wakes every
+    TRANSPORT_POLL_S, answers at once when data comes, and is gone right after close()."""
+    from kmpops.connectors.ssh import TRANSPORT_POLL_S
+
+    assert TRANSPORT_POLL_S >= 1.0
+    with Fleet(hosts, max_workers=4) as fleet:
+        transports = fleet.run(lambda c: c.connect()._transport)
+        for outcome in transports.values():
+            assert outcome.value.sock.gettimeout() == TRANSPORT_POLL_S
+        time.sleep(1.5)  # idle past one poll: the same connections still answer
+        again = fleet.run(lambda c: (c._transport, c.run("echo $((6*7))").stdout))
+        assert {h: o.value for h, o in again.items()} == {
+            h: (o.value, "42\n") for h, o in transports.items()
+        }
+    for outcome in transports.values():
+        outcome.value.join(timeout=10)
+        assert not outcome.value.is_alive(), "a transport thread outlived close()"
