@@ -253,10 +253,10 @@ def test_fleet_keeps_connections_across_runs_and_subsets(hosts):
     assert not fleet.connection("prd-1").connected
 
 
-def test_an_idle_transport_wakes_once_a_second_and_close_ends_its_thread(hosts):
+def test_an_idle_transport_wakes_once_a_second_and_still_answers(hosts):
     """paramiko's reader thread wakes every 0.1 s while nothing arrives: 500 kept-open
     connections spent ~40 % of a deploy's control-node CPU on it. Ours wakes every
-    TRANSPORT_POLL_S, answers at once when data comes, and is gone right after close()."""
+    TRANSPORT_POLL_S, and the same connection answers at once after idling past a poll."""
     from kmpops.connectors.ssh import TRANSPORT_POLL_S
 
     assert TRANSPORT_POLL_S >= 1.0
@@ -264,11 +264,73 @@ def test_an_idle_transport_wakes_once_a_second_and_close_ends_its_thread(hosts):
         transports = fleet.run(lambda c: c.connect()._transport)
         for outcome in transports.values():
             assert outcome.value.sock.gettimeout() == TRANSPORT_POLL_S
-        time.sleep(1.5)  # idle past one poll: the same connections still answer
+        time.sleep(TRANSPORT_POLL_S * 1.5)
         again = fleet.run(lambda c: (c._transport, c.run("echo $((6*7))").stdout))
         assert {h: o.value for h, o in again.items()} == {
             h: (o.value, "42\n") for h, o in transports.items()
         }
-    for outcome in transports.values():
-        outcome.value.join(timeout=10)
-        assert not outcome.value.is_alive(), "a transport thread outlived close()"
+
+
+class _SilentableRelay:
+    """A TCP relay to ``port`` on loopback that can go silent like a partitioned network:
+    after ``silence()`` it forwards nothing more and keeps every socket open (nothing is
+    answered, nothing is reset)."""
+
+    def __init__(self, listen_port: int, port: int) -> None:
+        import socket
+        import threading
+
+        self._quiet = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", listen_port))
+        self.port = listen_port
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            while not self._quiet.is_set():
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    return
+                if not data or self._quiet.is_set():
+                    return
+                dst.sendall(data)
+
+        def accept() -> None:
+            client, _ = self._server.accept()
+            upstream = socket.create_connection(("127.0.0.1", port))
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self._quiet.set()
+
+    def close(self) -> None:
+        for sock in [self._server, *self._sockets]:
+            sock.close()
+
+
+def test_close_ends_the_transport_thread_even_when_the_host_is_silent(hosts, tmp_path, monkeypatch):
+    """A host behind a network that went silent (nothing answers, nothing resets) leaves
+    paramiko's reader thread in recv after close() until its next poll; close() shuts the
+    socket down first, which ends the thread at once. The poll is set far past the join
+    below, so only the shutdown can pass this."""
+    import kmpops.connectors.ssh as ssh
+
+    monkeypatch.setattr(ssh, "TRANSPORT_POLL_S", 60.0)
+    relay = _SilentableRelay(PORT_BASE + 98, hosts[0].port)
+    try:
+        conn = _other_conn(
+            hosts[0], port=relay.port, known_hosts=tmp_path / "kh", allow_unknown_hosts=True
+        )
+        assert conn.run("echo up").stdout == "up\n"
+        transport = conn._transport
+        assert transport is not None and transport.sock.gettimeout() == 60.0
+        relay.silence()
+        conn.close()
+        transport.join(timeout=10)
+        assert not transport.is_alive(), "the transport thread outlived close()"
+    finally:
+        relay.close()
